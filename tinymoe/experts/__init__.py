@@ -1,0 +1,4 @@
+from .experts import Experts
+from .plan import Copy, ExpertPlan
+
+__all__ = ["Experts", "Copy", "ExpertPlan"]
