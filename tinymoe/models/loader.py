@@ -1,0 +1,76 @@
+"""Build a Transformer for a checkpoint and fill it tensor by tensor from its safetensors."""
+import torch
+from tqdm import tqdm
+
+from ..config import load_config
+from ..weights import Checkpoint, resolve
+from . import deepseek_moe, mixtral, qwen3_moe
+from .transformer import Transformer
+
+LAYOUTS = {"mixtral": mixtral.LAYOUT, "deepseek_moe": deepseek_moe.LAYOUT, "qwen3_moe": qwen3_moe.LAYOUT}
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)} or auto")
+    return _DTYPE_NAMES[name]
+
+
+def load_model(path_or_name, dtype=None, device=None, progress: bool = False) -> Transformer:
+    """A checkpoint directory, HF repo id in the local cache, or alias -> an eval-mode Transformer.
+
+    `dtype=None` keeps the checkpoint's own dtype. Peak memory stays near the weights' size:
+    the model is built on the meta device and each parameter is read straight into place."""
+    model_dir = resolve(path_or_name)
+    cfg = load_config(model_dir)
+    dtype = parse_dtype(dtype) or parse_dtype(cfg.dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    ckpt = Checkpoint(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    layout = LAYOUTS[cfg.family]
+    params = list(model.named_parameters())
+    try:
+        with torch.no_grad():
+            for name, param in tqdm(params, desc=f"loading {model_dir.name}", unit="tensor",
+                                    disable=not progress, leave=False):
+                _fill(param, name, ckpt, layout, cfg, dtype)
+    finally:
+        ckpt.close()
+    model.source_dir = model_dir
+    return model.eval()
+
+
+def _fill(param, name, ckpt, layout, cfg, dtype):
+    if name.startswith("model.layers."):
+        layer = int(name.split(".")[2])
+        names = layout.checkpoint_names(name, cfg.moe_layers[layer], cfg.num_experts)
+    else:
+        names = name
+    # Parameters are created in fp32 on meta; give each the target dtype before filling it.
+    param.data = torch.empty(param.shape, dtype=_param_dtype(name, dtype), device=param.device)
+    if name == "lm_head.weight" and name not in ckpt and cfg.tie_embeddings:
+        names = "model.embed_tokens.weight"
+    if isinstance(names, list):
+        for e, n in enumerate(names):
+            ckpt.read(n, out=param.data[e])
+    else:
+        ckpt.read(names, out=param.data)
+
+
+def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    # The prototype gate is small and computes in fp32: keep its parameters exact.
+    return torch.float32 if ".gate." in name and ".mlp." in name and not name.endswith("gate.weight") \
+        else dtype

@@ -1,0 +1,167 @@
+"""The transformer pieces every family shares: RMSNorm, RoPE, GQA attention, dense MLP, MoE block.
+
+Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...) so that
+loading is a name mapping, not a translation."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from ..experts import Experts
+from ..routing import GateRule, RouteContext
+from ..routing.prototype_gate import PrototypeGate
+from ..routing.topk import TopK
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Rotary:
+    """cos/sin tables for RoPE, grown on demand (max_position can be 128k)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+        self.cos = self.sin = torch.empty(0, head_dim // 2, device="cpu")
+
+    def __call__(self, positions: torch.Tensor):
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0] or self.cos.device != positions.device:
+            n = max(need, 2 * self.cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), self.inv_freq).to(positions.device)
+            self.cos, self.sin = freqs.cos(), freqs.sin()
+        return self.cos[positions], self.sin[positions]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True).transpose(1, 2)
+        else:
+            o = cache.attend(self.layer_idx, q.view(B * T, self.num_heads, self.head_dim),
+                             k.view(B * T, self.num_kv_heads, self.head_dim),
+                             v.view(B * T, self.num_kv_heads, self.head_dim))
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """gate -> router -> routed experts (+ shared experts). Routers are plugs (docs/DESIGN.md)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        E, I, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        proto = cfg.prototype_router
+        if proto:
+            self.gate = PrototypeGate(D, E, proto["latent_dim"], proto["temperature"])
+        else:
+            self.gate = nn.Linear(D, E, bias=False)
+        self.experts = Experts(torch.empty(E, I, D), torch.empty(E, I, D), torch.empty(E, D, I))
+        self.shared_experts = DenseMLP(D, cfg.shared_intermediate_size) if cfg.num_shared_experts else None
+        self.router = TopK()
+        self.ctx = RouteContext(layer_idx, cfg.num_layers, GateRule(E, cfg.top_k, cfg.renormalize))
+        self.recorder = None
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.router.route(self.gate(flat), flat, self.ctx)
+        if self.recorder is not None:
+            self.recorder.record(self.ctx.layer, ids)
+        out = self.experts(flat, ids, weights.to(flat.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view_as(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MoEBlock(cfg, layer_idx) if cfg.moe_layers[layer_idx] else \
+            DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, residual, cos, sin, cache):
+        # Residual adds are fused into the norms: x is the last sub-block's output.
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+
+
+class Transformer(nn.Module):
+    """forward(input_ids [B, T], positions [T] = arange(T), cache=None) -> logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def moe_blocks(self):
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
+
+    def hidden_states(self, input_ids, positions=None, cache=None):
+        T = input_ids.shape[-1]
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        cos, sin = self.rotary(positions.reshape(-1))
+        x, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, cos, sin, cache)
+        return self.model.norm(x, residual)[0]
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, positions=None, cache=None):
+        return self.logits(self.hidden_states(input_ids, positions, cache))

@@ -1,0 +1,208 @@
+"""Find a checkpoint (directory, Hugging Face cache, alias) and read its safetensors lazily."""
+import json
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+
+# We only ever copy out of the read-only mapping, never write through it.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+# Aliases: a Hugging Face repo id, or a model shipped inside the package.
+ALIASES = {
+    "mixtral": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "deepseek-moe": "deepseek-ai/deepseek-moe-16b-chat",
+    "qwen3-moe": "Qwen/Qwen3-30B-A3B",
+    "tiny": ASSETS / "tiny-mixtral",
+    "tiny-mixtral": ASSETS / "tiny-mixtral",
+    "tiny-deepseek": ASSETS / "tiny-deepseek",
+    "tiny-lpr": ASSETS / "tiny-lpr",
+}
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint; the message is one line."""
+
+
+def hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return list(dict.fromkeys(dirs))
+
+
+def _snapshot(cache: Path, repo: str) -> Path | None:
+    root = cache / ("models--" + repo.replace("/", "--"))
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        snap = root / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").is_file():
+            return snap
+    snaps = [p for p in (root / "snapshots").glob("*") if (p / "config.json").is_file()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A model argument -> the directory holding its config.json and safetensors."""
+    name = str(model)
+    target = ALIASES.get(name, name)
+    if isinstance(target, Path) or Path(target).exists():
+        path = Path(target)
+        if (path / "config.json").is_file():
+            return path
+        if path.is_dir():
+            raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        raise CheckpointError(f"model {name!r} not found at {path}")
+    if target.count("/") == 1:
+        looked = []
+        for cache in hf_cache_dirs():
+            snap = _snapshot(cache, target)
+            if snap is not None:
+                return snap
+            looked.append(str(cache / ("models--" + target.replace("/", "--"))))
+        raise CheckpointError(
+            f"model {name!r} ({target}) is not on this machine; looked in {', '.join(looked)}; "
+            f"on a connected machine run `huggingface-cli download {target}` and copy the cache here "
+            f"(or set HF_HOME)")
+    raise CheckpointError(
+        f"model {name!r} is neither a directory, a Hugging Face repo id (ORG/NAME) nor an alias "
+        f"({', '.join(ALIASES)})")
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class _SafetensorsFile:
+    """One .safetensors file, memory-mapped. We parse the header ourselves so that each tensor's
+    pages can be dropped once converted: peak memory stays near the loaded weights' size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"cannot open {path}: {e.strerror}") from None
+        size = os.fstat(self._fd).st_size
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (struct.error, ValueError) as e:
+            os.close(self._fd)
+            raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated header: {e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.tensors = header
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if self.data_start + end > size:
+            os.close(self._fd)
+            raise CheckpointError(
+                f"{path} is truncated: its header needs {self.data_start + end} bytes, the file has {size}")
+        self._mm = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
+
+    def read(self, name: str, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.tensors[name]
+        src_dtype = _DTYPES.get(info["dtype"])
+        if src_dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = (self.data_start + o for o in info["data_offsets"])
+        shape = info["shape"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * src_dtype.itemsize != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name} has {end - start} bytes for shape {shape}")
+        raw = torch.frombuffer(self._mm, dtype=src_dtype, count=numel, offset=start) if numel else \
+            torch.empty(0, dtype=src_dtype)
+        raw = raw.view(shape)
+        if out is not None:
+            out.copy_(raw)
+            tensor = out
+        else:
+            tensor = raw.to(dtype or src_dtype, copy=True)
+        self._drop_pages(start, end)
+        return tensor
+
+    def _drop_pages(self, start: int, end: int):
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        if end > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+            os.posix_fadvise(self._fd, lo, end - lo, os.POSIX_FADV_DONTNEED)
+
+    def close(self):
+        if self._mm is not None:
+            self._mm.close()
+        os.close(self._fd)
+
+
+class Checkpoint:
+    """Tensor name -> file for a single-file or sharded (model.safetensors.index.json) checkpoint."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid index ({e})") from None
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            if missing:
+                raise CheckpointError(f"{index} lists shard {missing[0]} which is missing from {self.dir}")
+            self._where = dict(weight_map)
+        elif single.is_file():
+            self._where = None
+        else:
+            raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {self.dir}")
+        self._files: dict[str, _SafetensorsFile] = {}
+        if self._where is None:
+            self._where = {name: single.name for name in self._file(single.name).tensors}
+
+    def _file(self, fname: str) -> _SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = _SafetensorsFile(self.dir / fname)
+        return self._files[fname]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def keys(self):
+        return self._where.keys()
+
+    def bytes(self) -> int:
+        return sum(os.path.getsize(self.dir / f) for f in set(self._where.values()))
+
+    def read(self, name: str, shape: tuple | None = None, dtype: torch.dtype | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor, checking it exists and has `shape` (or `out`'s shape)."""
+        fname = self._where.get(name)
+        if fname is None:
+            raise CheckpointError(f"checkpoint {self.dir} has no tensor {name}")
+        f = self._file(fname)
+        if name not in f.tensors:
+            raise CheckpointError(f"{f.path} has no tensor {name} (the index says it does)")
+        want = tuple(out.shape) if out is not None else shape
+        got = tuple(f.tensors[name]["shape"])
+        if want is not None and got != tuple(want):
+            raise CheckpointError(f"{f.path}: tensor {name} has shape {list(got)}, expected {list(want)}")
+        return f.read(name, dtype, out)
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
