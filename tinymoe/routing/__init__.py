@@ -2,7 +2,7 @@
 import inspect
 
 from .base import ROUTERS, GateRule, RouteContext, Router, register
-from . import topk  # noqa: F401  (registers)
+from . import topk, laser, prototype, rnq, bias, bounds  # noqa: F401  (register)
 
 
 def make_router(name: str, **opts) -> Router:
@@ -18,10 +18,19 @@ def make_router(name: str, **opts) -> Router:
 
 
 def install(model, name: str = "topk", calib=None, **opts):
-    """Give every MoE block of `model` a fresh router `name` (state reset)."""
+    """Give every MoE block of `model` a fresh router `name` (state reset). `calib` is a
+    calibration file path or a `Calibration` (routing/calibrate.py); routers read their layer."""
+    from .calibrate import Calibration, load_calibration
+    from ..experts.plan import ExpertPlan
+    if calib is not None and not isinstance(calib, Calibration):
+        calib = load_calibration(calib)
     for block in model.moe_blocks():
-        block.router = make_router(name, **opts)
+        router = make_router(name, **opts)
+        if "plan" in block.ctx.state and hasattr(block.experts, "apply_plan"):
+            block.experts.apply_plan(ExpertPlan.default(block.ctx.rule.num_experts))
         block.ctx.state.clear()
+        router.attach(block, calib.layer(block.ctx.layer) if calib is not None else None)
+        block.router = router
     return model
 
 

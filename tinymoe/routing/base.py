@@ -32,6 +32,11 @@ class Router:
     """Subclasses take keyword options only and implement `route`."""
     name = "?"
 
+    def attach(self, block, calib: dict | None) -> None:
+        """Called once per MoE block by `install`, before any `route`: read this layer's
+        calibration tensors (or None), look at the block's gate/experts (routing engineer,
+        additive)."""
+
     def route(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RouteContext):
         raise NotImplementedError
 

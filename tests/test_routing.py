@@ -1,0 +1,169 @@
+"""Routers and balance metrics on crafted gate logits (ALGORITHMS.md sections 1-6)."""
+import math
+
+import pytest
+import torch
+
+from tinymoe.experts.plan import Copy, ExpertPlan
+from tinymoe.routing import GateRule, RouteContext, make_router
+from tinymoe.routing import metrics
+from tinymoe.routing.laser import candidate_pools, greedy_chunked, greedy_reference, top_mass
+from tinymoe.routing.rnq import expert_bytes, plan_bytes, rnq_plan
+
+
+def ctx_for(E, k, renormalize=True):
+    return RouteContext(0, 1, GateRule(E, k, renormalize))
+
+
+def load_of(ids, E):
+    return torch.bincount(ids.reshape(-1), minlength=E)
+
+
+def test_topk_is_each_family_rule():
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    # Mixtral: softmax over the two chosen logits.
+    ids, w = make_router("topk").route(logits, None, ctx_for(8, 2, True))
+    two = logits.topk(2, dim=-1)
+    assert torch.equal(ids, two.indices)
+    torch.testing.assert_close(w, torch.softmax(two.values, -1))
+    # DeepSeek-MoE: the full softmax's probabilities of the chosen six, not renormalised.
+    ids, w = make_router("topk").route(logits, None, ctx_for(8, 6, False))
+    torch.testing.assert_close(w, torch.softmax(logits, -1).gather(1, logits.topk(6, -1).indices))
+
+
+def test_bad_router_name_and_option_are_one_line_errors():
+    with pytest.raises(ValueError, match="valid routers: .*laser"):
+        make_router("nope")
+    with pytest.raises(ValueError, match="valid options: .*t_fix"):
+        make_router("laser", tfix=0.1)
+
+
+def crafted(rows):
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+def test_laser_hand_worked_example():
+    # E=4, k=2, eps_high=0.7, t_fix=0.3, c=4. Worked by hand, token by token:
+    logits = crafted([
+        [0.50, 0.30, 0.10, 0.10],  # M=0.80 peaked: top-2 {0,1}; L=[1,1,0,0]
+        [0.32, 0.28, 0.25, 0.15],  # M=0.60 flat, pool all: least loaded {2,3}; L=[1,1,1,1]
+        [0.34, 0.30, 0.26, 0.10],  # flat, 0.10 < 0.3*0.34 drops 3; all L=1, by score {0,1}
+        [0.05, 0.40, 0.35, 0.20],  # M=0.75 peaked: {1,2}; L=[2,3,2,1]
+        [0.30, 0.05, 0.33, 0.32],  # flat, drops 1; 3 (L=1) then 2 over 0 by score; L=[2,3,3,2]
+        [0.27, 0.26, 0.25, 0.22],  # flat: L ties 0 and 3 at 2, 0 first by score
+    ])
+    expected = [{0, 1}, {2, 3}, {0, 1}, {1, 2}, {2, 3}, {0, 3}]
+    ctx = ctx_for(4, 2)
+    for exact in (True, False):
+        router = make_router("laser", eps_high=0.7, t_fix=0.3, c=4, exact=exact, chunk=1)
+        ids, w = router.route(logits, None, ctx)
+        assert [set(r) for r in ids.tolist()] == expected
+        probs = torch.softmax(logits.float(), -1)
+        torch.testing.assert_close(w, ctx.rule.weights(probs, ids))
+    assert ctx.state["flat"] == 8 and ctx.state["tokens"] == 12
+    # t_fix keeps only the best expert, so the pool refills by score to k: loads cannot pull away.
+    router = make_router("laser", eps_high=1.0, t_fix=0.9, exact=True)
+    ids, _ = router.route(crafted([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]), None, ctx_for(4, 2))
+    assert [set(r) for r in ids.tolist()] == [{3, 2}, {3, 2}]
+
+
+def test_laser_equals_topk_at_one_token_and_for_peaked_scores():
+    logits = torch.randn(1, 8)
+    a = make_router("laser", eps_high=0.99).route(logits, None, ctx_for(8, 2))[0]
+    assert set(a[0].tolist()) == set(logits.topk(2).indices[0].tolist())
+    logits = torch.randn(64, 8)
+    a = make_router("laser", eps_high=0.0).route(logits, None, ctx_for(8, 2))[0]
+    assert torch.equal(a, logits.topk(2, -1).indices)
+
+
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 6), (128, 8)])
+def test_fast_laser_within_two_percent_of_reference(E, k):
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(2048, E, generator=g) * (0.5 + seed * 0.75) + torch.randn(E, generator=g)
+        probs = torch.softmax(logits, -1)
+        mass = top_mass(probs, k)
+        flat = mass < mass.median()
+        pool, valid = candidate_pools(probs, k, min(E, 2 * k), 0.3)
+        ref = metrics.imbalance(load_of(greedy_reference(pool, valid, flat, k, E), E))
+        fast = metrics.imbalance(load_of(greedy_chunked(pool, valid, flat, k, E), E))
+        assert abs(fast / ref - 1) <= 0.02, (seed, fast, ref)
+        assert ref < metrics.imbalance(load_of(probs.topk(k).indices, E))
+
+
+def test_balanced_reaches_perfect_balance_and_random_is_uniform():
+    logits = torch.randn(96, 8) + torch.tensor([4.0, 3, 0, 0, 0, 0, 0, 0])  # skewed gate
+    ids, _ = make_router("balanced").route(logits, None, ctx_for(8, 2))
+    assert abs(metrics.imbalance(load_of(ids, 8)) - 1) <= 0.01
+    assert all(len(set(r)) == 2 for r in ids.tolist())
+    ids, _ = make_router("random", seed=1).route(torch.randn(4000, 8), None, ctx_for(8, 2))
+    assert metrics.imbalance(load_of(ids, 8)) < 1.1
+    assert all(len(set(r)) == 2 for r in ids.tolist())
+
+
+def test_bias_update_moves_load_away_from_the_hot_expert():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g) * 0.3 + torch.tensor([1.0, 0.5, 0, 0, 0, 0, 0, 0])
+    ctx, router = ctx_for(8, 2), make_router("bias", gamma=0.02)
+    first, _ = router.route(logits, None, ctx)
+    assert ctx.state["bias"][0] < 0 < ctx.state["bias"][7]
+    for _ in range(20):
+        ids, w = router.route(logits, None, ctx)
+    assert load_of(ids, 8)[0] < load_of(first, 8)[0]
+    assert metrics.imbalance(load_of(ids, 8)) < metrics.imbalance(load_of(first, 8))
+    torch.testing.assert_close(w, ctx.rule.weights(torch.softmax(logits, -1), ids))  # unbiased p
+
+
+def test_metric_functions_match_hand_values():
+    assert metrics.gini(torch.tensor([4, 0, 0, 0])) == pytest.approx(0.75)
+    assert metrics.gini(torch.tensor([2, 2, 2, 2])) == 0
+    assert metrics.imbalance(torch.tensor([4, 0, 0, 0])) == pytest.approx(4.0)
+    assert metrics.imbalance(torch.tensor([3, 1, 2, 2])) == pytest.approx(1.5)
+    assert metrics.minmax(torch.tensor([1, 2, 4])) == pytest.approx(0.25)
+    assert metrics.cv(torch.tensor([1.0, 3.0])) == pytest.approx(0.5)
+    # 4 experts on 2 devices, contiguous: [5+1, 1+1] -> I_dev = 6 / 4
+    dev = metrics.contiguous_placement(4, 2)
+    assert dev.tolist() == [0, 0, 1, 1]
+    assert metrics.imbalance(metrics.device_loads(torch.tensor([5, 1, 1, 1]), dev, 2)) == 1.5
+    # Balanced packing, two copies a device: 5 -> d0, 3 -> d1, 1 -> d1, then d1 is full: 1 -> d0.
+    assert metrics.balanced_placement(torch.tensor([5.0, 1, 1, 3]), 2).tolist() == [0, 1, 0, 1]
+    # alpha * tokens + beta * active, on the slowest device.
+    assert metrics.ep_step_time(torch.tensor([5, 1, 0, 1]), dev, 2, 2.0, 10.0) == 2 * 6 + 10 * 2
+
+
+def test_physical_loads_follow_the_dispatch_rule():
+    plan = ExpertPlan([Copy(0, "full"), Copy(1, "int4"), Copy(2), Copy(0, "int8"), Copy(0, "int8")])
+    ids = torch.tensor([0, 0, 1, 0, 2, 0, 0, 0, 1, 0])  # 7 on expert 0: full copy gets the extra one
+    sim = [0] * 5
+    for e in ids.tolist():  # the rule itself, one assignment at a time
+        cands = plan.copies_of(e)
+        best = min(cands, key=lambda i: (sim[i], plan.copies[i].precision != "full", i))
+        sim[best] += 1
+    assert metrics.physical_loads(load_of(ids, 3), plan).tolist() == sim == [3, 2, 1, 2, 2]
+
+
+def test_rnq_plan_respects_the_byte_budget_and_reduces_to_topk_without_replicas():
+    g = torch.Generator().manual_seed(0)
+    bytes_of = {p: expert_bytes(64, 96, p, 2) for p in ("full", "int8", "int4")}
+    for trial in range(20):
+        E = [8, 16, 64][trial % 3]
+        load = torch.rand(E, generator=g) ** 4 * 1000
+        importance = torch.rand(E, generator=g)
+        for replicas in (None, 1, 3, 100):
+            plan = rnq_plan(load, importance, bytes_of, "int8", "int4", replicas)
+            assert plan_bytes(plan, bytes_of) <= E * bytes_of["full"]
+            assert [c.expert for c in plan.copies[:E]] == list(range(E))
+            assert all(c.precision == "full" for c in plan.copies if len(plan.copies_of(c.expert)) > 1
+                       and plan.copies.index(c) == c.expert)  # replicated experts stay full
+        heavy = int(load.argmax())
+        assert len(rnq_plan(load, importance, bytes_of, replicas=1).copies_of(heavy)) == 2
+    plan = rnq_plan(load, importance, bytes_of, replicas=0)
+    assert plan == ExpertPlan.default(E)
+    ids = torch.softmax(torch.randn(256, E) + torch.randn(E), -1).topk(6).indices
+    assert metrics.imbalance(metrics.physical_loads(load_of(ids, E), plan)) == \
+        metrics.imbalance(load_of(ids, E))
+    # The replica takes half of the hot expert's assignments.
+    plan = rnq_plan(torch.tensor([10.0, 1, 1, 1]), torch.ones(4), bytes_of, replicas=1)
+    phys = metrics.physical_loads(torch.tensor([10, 2, 2, 2]), plan)
+    assert phys.tolist() == [5, 2, 2, 2, 5]
+    assert math.isclose(metrics.imbalance(phys), 5 / (16 / 5))

@@ -1,0 +1,163 @@
+"""One pass over calibration text that records, per MoE layer, what the routers need: top-k-mass
+quantiles (LASER thresholds), expert loads and Wanda-style importance (R&Q), and a post-hoc fit
+of latent prototypes (ALGORITHMS.md sections 2-4). Saved as one safetensors file."""
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .base import Router
+from .prototype_gate import prototype_scores
+
+MASS_LEVELS = 101  # quantiles of the top-k mass at 0, 0.01, ..., 1
+
+
+class Calibration:
+    """Per-layer tensors keyed by the block's layer index (`ctx.layer`), plus metadata."""
+
+    def __init__(self, layers: dict[int, dict[str, torch.Tensor]], meta: dict | None = None):
+        self.layers, self.meta = layers, meta or {}
+
+    def layer(self, idx: int) -> dict | None:
+        return self.layers.get(idx)
+
+    def save(self, path):
+        flat = {f"layers.{i}.{k}": v.contiguous() for i, d in self.layers.items() for k, v in d.items()}
+        save_file(flat, str(path), metadata={"tinymoe": json.dumps(self.meta)})
+
+
+def load_calibration(path) -> Calibration:
+    from safetensors import safe_open
+    try:
+        flat = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("tinymoe", "{}"))
+    except Exception as e:  # a missing or foreign file: one clear line
+        raise ValueError(f"cannot read calibration file {path}: {e}") from None
+    layers: dict[int, dict] = {}
+    for key, value in flat.items():
+        _, idx, name = key.split(".", 2)
+        layers.setdefault(int(idx), {})[name] = value
+    return Calibration(layers, meta)
+
+
+class _Collect(Router):
+    """Routes exactly like top-k while accumulating this layer's calibration statistics."""
+
+    def __init__(self, block, keep_rate: float):
+        self.block, self.keep_rate = block, keep_rate
+        E = block.ctx.rule.num_experts
+        ex = block.experts
+        self.mass, self.kept = [], []
+        self.load = torch.zeros(E, dtype=torch.float64)
+        self.sq_in = torch.zeros(E, ex.w_gate.shape[2], dtype=torch.float64)
+        self.sq_mid = torch.zeros(E, ex.w_gate.shape[1], dtype=torch.float64)
+
+    def route(self, logits, hidden, ctx):
+        rule = ctx.rule
+        probs = rule.probs(logits)
+        top = probs.topk(rule.top_k, dim=-1)
+        ids = top.indices
+        self.mass.append(top.values.sum(-1).cpu())
+        self.load += torch.bincount(ids.reshape(-1), minlength=rule.num_experts).double().cpu()
+        ex = self.block.experts
+        for e in ids.unique().tolist():
+            x = hidden[(ids == e).any(-1)].float()
+            h = F.silu(x @ ex.w_gate[e].float().T) * (x @ ex.w_up[e].float().T)
+            self.sq_in[e] += (x * x).sum(0).double().cpu()
+            self.sq_mid[e] += (h * h).sum(0).double().cpu()
+        keep = torch.rand(hidden.shape[0]) < self.keep_rate
+        self.kept.append(hidden[keep.to(hidden.device)].float().cpu())
+        return ids, rule.weights(probs, ids)
+
+    def importance(self) -> torch.Tensor:
+        """sum over w1, w3, w2 of sum_ij |W_ij| * ||X_j||_2 (X: inputs routed to the expert)."""
+        ex = self.block.experts
+        x_norm, h_norm = self.sq_in.sqrt().float(), self.sq_mid.sqrt().float()
+        w_in = ex.w_gate.detach().float().abs().sum(1) + ex.w_up.detach().float().abs().sum(1)  # [E, D]
+        w_mid = ex.w_down.detach().float().abs().sum(1)  # [E, I]
+        return (w_in * x_norm).sum(-1) + (w_mid * h_norm).sum(-1)
+
+
+@torch.no_grad()
+def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
+              fit_tokens: int = 4096, proto_steps: int = 300, latent_dim: int = 16,
+              progress=None, seed: int = 0) -> Calibration:
+    """Run the model (top-k routing) over `tokens` [N] in windows of `seq_len`, `batch` at a time."""
+    torch.manual_seed(seed)
+    tokens = tokens.reshape(-1)
+    windows = max(1, tokens.numel() // seq_len)
+    if tokens.numel() < 2:
+        raise ValueError("calibration text is empty after tokenisation")
+    rows = tokens[: windows * seq_len].view(windows, -1) if tokens.numel() >= seq_len else tokens[None]
+    blocks = list(model.moe_blocks())
+    keep_rate = min(1.0, fit_tokens / rows.numel())
+    saved = [(b.router, b.recorder) for b in blocks]
+    collectors = [_Collect(b, keep_rate) for b in blocks]
+    try:
+        for b, c in zip(blocks, collectors):
+            b.router, b.recorder = c, None
+        device = next(model.parameters()).device
+        for s in range(0, rows.shape[0], batch):
+            model(rows[s:s + batch].to(device))
+            if progress:
+                progress(min(batch, rows.shape[0] - s))
+    finally:
+        for b, (r, rec) in zip(blocks, saved):
+            b.router, b.recorder = r, rec
+    layers = {}
+    for b, c in zip(blocks, collectors):
+        mass = torch.cat(c.mass).float()
+        d = {"mass_quantiles": torch.quantile(mass, torch.linspace(0, 1, MASS_LEVELS)),
+             "load": c.load.float(), "importance": c.importance()}
+        if proto_steps > 0:
+            d.update(fit_prototypes(b.gate, torch.cat(c.kept), latent_dim, proto_steps))
+        layers[b.ctx.layer] = d
+    return Calibration(layers, {"tokens": int(rows.numel()), "seq_len": seq_len})
+
+
+def fit_prototypes(gate, x: torch.Tensor, latent_dim: int = 16, steps: int = 300,
+                   beta_div: float = 0.1, beta_bal: float = 1.0, lr: float = 1e-2,
+                   minibatch: int = 512) -> dict[str, torch.Tensor]:
+    """Fit LN, A, a, P (experts frozen) so that softmax(cos(mu, P) / tau) follows the gate, with
+    prototypes and latents pushed apart and soft expert usage pulled towards uniform."""
+    with torch.no_grad():
+        target = torch.softmax(gate(x.to(next(gate.parameters()).dtype)).float(), -1)
+    E, D = target.shape[1], x.shape[1]
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "norm.weight": torch.ones(D), "norm.bias": torch.zeros(D),
+        "encoder.weight": torch.randn(latent_dim, D, generator=g) / math.sqrt(D),
+        "encoder.bias": torch.zeros(latent_dim),
+        "prototypes": torch.randn(E, latent_dim, generator=g),
+        "log_tau": torch.tensor(math.log(0.1)),
+    }
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    eye_e = torch.eye(E)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, x.shape[0], (min(minibatch, x.shape[0]),), generator=g)
+            xb, pb = x[idx], target[idx]
+            s = prototype_scores(xb, params["norm.weight"], params["norm.bias"],
+                                 params["encoder.weight"], params["encoder.bias"], params["prototypes"])
+            logq = torch.log_softmax(s / params["log_tau"].exp(), -1)
+            kl = F.kl_div(logq, pb, reduction="batchmean")
+            pn = F.normalize(params["prototypes"], dim=-1)
+            mu = F.linear(F.silu(F.layer_norm(xb[:64], (D,), params["norm.weight"], params["norm.bias"])),
+                          params["encoder.weight"], params["encoder.bias"])
+            mn = F.normalize(mu, dim=-1)
+            div = ((pn @ pn.T - eye_e) ** 2).sum() / E ** 2 + \
+                ((mn @ mn.T - torch.eye(mn.shape[0])) ** 2).sum() / mn.shape[0] ** 2
+            usage = logq.exp().mean(0)
+            balance = E * (usage * usage).sum() - 1  # zero iff the batch's soft usage is uniform
+            loss = kl + beta_div * div + beta_bal * balance
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = {f"proto.{k}": v.detach().clone() for k, v in params.items() if k != "log_tau"}
+    out["proto.temperature"] = params["log_tau"].detach().exp().clone()
+    return out

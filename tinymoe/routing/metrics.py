@@ -1,0 +1,190 @@
+"""Balance metrics (ALGORITHMS.md sections 6-7) and the load recorder that feeds them.
+
+All metrics count routed experts only. Per-pass figures are computed on each forward pass and
+then averaged; pooled figures on the loads summed over the run (pooled is smaller)."""
+import time
+from collections import defaultdict
+
+import torch
+
+from ..experts.plan import ExpertPlan
+
+
+def imbalance(load: torch.Tensor) -> float:
+    """I = max / mean (1 is perfect). Also the LIS of R&Q when `load` is over physical copies."""
+    load = load.double()
+    mean = load.mean()
+    return float(load.max() / mean) if mean > 0 else 1.0
+
+
+def gini(load: torch.Tensor) -> float:
+    """sum_i (2i - E - 1) x_(i) / (E sum x), loads sorted ascending (i from 1)."""
+    x = load.double().sort().values
+    E, total = x.numel(), x.sum()
+    if total == 0:
+        return 0.0
+    i = torch.arange(1, E + 1, dtype=torch.float64)
+    return float(((2 * i - E - 1) * x).sum() / (E * total))
+
+
+def minmax(load: torch.Tensor) -> float:
+    top = load.max()
+    return float(load.min() / top) if top > 0 else 1.0
+
+
+def cv(load: torch.Tensor) -> float:
+    load = load.double()
+    mean = load.mean()
+    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def physical_loads(load: torch.Tensor, plan: ExpertPlan | None) -> torch.Tensor:
+    """Loads per physical copy under the dispatch rule (each assignment to the copy with the fewest
+    tokens so far in this pass, ties to full precision, then copy order). That rule fills an
+    expert's copies round-robin in tie order, so counts follow from the expert's total."""
+    if plan is None:
+        return load.clone()
+    out = torch.zeros(len(plan.copies), dtype=load.dtype)
+    for e in range(load.numel()):
+        idx = plan.copies_of(e)
+        idx.sort(key=lambda i: (plan.copies[i].precision != "full", i))
+        n, m = int(load[e]), len(idx)
+        for rank, i in enumerate(idx):
+            out[i] = n // m + (1 if rank < n % m else 0)
+    return out
+
+
+def contiguous_placement(num_copies: int, devices: int) -> torch.Tensor:
+    """Copy i on device i // ceil(P / G): E/G consecutive experts per device."""
+    per = -(-num_copies // devices)
+    return torch.arange(num_copies) // per
+
+
+def balanced_placement(weight: torch.Tensor, devices: int) -> torch.Tensor:
+    """EPLB-style balanced packing: heaviest copy first onto the lightest device with room, each
+    device holding at most ceil(P / G) copies."""
+    P = weight.numel()
+    cap = -(-P // devices)
+    device_of = torch.zeros(P, dtype=torch.int64)
+    total, count = [0.0] * devices, [0] * devices
+    for i in weight.double().argsort(descending=True, stable=True).tolist():
+        g = min((d for d in range(devices) if count[d] < cap), key=lambda d: (total[d], d))
+        device_of[i] = g
+        total[g] += float(weight[i])
+        count[g] += 1
+    return device_of
+
+
+def placement(plan: ExpertPlan | None, num_experts: int, devices: int,
+              copy_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Default: contiguous. With replicas: balanced packing by the expected per-copy load."""
+    P = num_experts if plan is None else len(plan.copies)
+    if P > num_experts and copy_weight is not None:
+        return balanced_placement(copy_weight, devices)
+    return contiguous_placement(P, devices)
+
+
+def device_loads(copy_load: torch.Tensor, device_of: torch.Tensor, devices: int) -> torch.Tensor:
+    return torch.zeros(devices, dtype=torch.float64).index_add_(0, device_of, copy_load.double())
+
+
+def ep_step_time(copy_load: torch.Tensor, device_of: torch.Tensor, devices: int,
+                 alpha: float, beta: float) -> float:
+    """Modelled expert-parallel layer time: max_g (alpha tokens_g + beta active_g); T_comm is
+    taken equal across routers and left out."""
+    tokens = device_loads(copy_load, device_of, devices)
+    active = device_loads((copy_load > 0).double(), device_of, devices)
+    return float((alpha * tokens + beta * active).max())
+
+
+@torch.no_grad()
+def measure_alpha_beta(experts, hidden_size: int, top_k: int = 1, repeats: int = 3,
+                       dtype=torch.float32) -> tuple[float, float]:
+    """Fit time = c + alpha * assignments + beta * active experts on this machine, by timing the
+    layer's own expert computation on crafted assignments. Seconds."""
+    E = experts.num_experts
+    rows, times = [], []
+    for n in (8, 32, 128):
+        for m in sorted({1, max(1, E // 2), E}):
+            if m > n:
+                continue
+            x = torch.randn(n, hidden_size, dtype=dtype)
+            ids = (torch.arange(n) % m).view(n, 1)
+            w = torch.ones(n, 1, dtype=dtype)
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                experts(x, ids, w)
+                best = min(best, time.perf_counter() - t)
+            rows.append([1.0, n, m])
+            times.append(best)
+    sol = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                             torch.tensor(times, dtype=torch.float64)[:, None]).solution.flatten()
+    return max(float(sol[1]), 1e-12), max(float(sol[2]), 0.0)
+
+
+class LoadRecorder:
+    """Attach to a model's MoE blocks (`block.recorder`) to record expert loads per layer and per
+    forward pass. `phase` tags the passes ("prefill", "decode", ...). Detached, it costs nothing."""
+
+    def __init__(self):
+        self.phase = "run"
+        self.passes = defaultdict(lambda: defaultdict(list))  # phase -> layer -> [load [E]]
+        self.num_experts, self.plans, self.ctxs = {}, {}, {}
+
+    def attach(self, model):
+        for block in model.moe_blocks():
+            block.recorder = self
+            self.num_experts[block.ctx.layer] = block.ctx.rule.num_experts
+            self.ctxs[block.ctx.layer] = block.ctx
+        return self
+
+    def detach(self, model):
+        for block in model.moe_blocks():
+            block.recorder = None
+
+    def record(self, layer: int, ids: torch.Tensor):
+        load = torch.bincount(ids.reshape(-1), minlength=self.num_experts[layer])
+        self.passes[self.phase][layer].append(load.cpu())
+
+    def reset(self):
+        self.passes.clear()
+
+    def pooled(self, phase: str) -> dict[int, torch.Tensor]:
+        return {layer: torch.stack(p).sum(0) for layer, p in self.passes[phase].items()}
+
+    def summary(self, phase: str, devices: int = 1, alpha: float = 1.0, beta: float = 0.0) -> dict:
+        """Per-pass metrics averaged over passes and layers, pooled I_agg, the flat-branch fraction
+        and the modelled EP time (sum over passes and layers)."""
+        per_pass = defaultdict(list)
+        ep_time = 0.0
+        for layer, loads in self.passes[phase].items():
+            state = self.ctxs[layer].state
+            plan, weight = state.get("plan"), state.get("copy_weight")
+            device_of = placement(plan, self.num_experts[layer], devices, weight)
+            for load in loads:
+                phys = physical_loads(load, plan)
+                per_pass["i"].append(imbalance(phys))
+                per_pass["i_dev"].append(imbalance(device_loads(phys, device_of, devices)))
+                per_pass["gini"].append(gini(phys))
+                per_pass["minmax"].append(minmax(phys))
+                per_pass["cv"].append(cv(phys))
+                ep_time += ep_step_time(phys, device_of, devices, alpha, beta)
+        pooled = [imbalance(physical_loads(load, self.ctxs[layer].state.get("plan")))
+                  for layer, load in self.pooled(phase).items()]
+        out = {key: sum(v) / len(v) for key, v in per_pass.items() if v}
+        out["i_agg"] = out.pop("i", float("nan"))
+        out["i_agg_pooled"] = sum(pooled) / len(pooled) if pooled else float("nan")
+        out["passes"] = max((len(v) for v in self.passes[phase].values()), default=0)
+        out["ep_time"] = ep_time
+        return out
+
+
+def flat_fraction(model) -> float | None:
+    """Share of routed tokens that took LASER's flat branch, over all MoE layers (None if no
+    router counted)."""
+    flat = tokens = 0
+    for block in model.moe_blocks():
+        flat += block.ctx.state.get("flat", 0)
+        tokens += block.ctx.state.get("tokens", 0)
+    return flat / tokens if tokens else None

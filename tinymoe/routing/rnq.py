@@ -1,0 +1,119 @@
+"""Replicate-and-Quantize (ALGORITHMS.md section 4): replicate heavy-hitter experts in a lower
+precision and pay for the replicas by quantising unimportant experts, within the layer's
+original weight bytes. The router's choice is the base router's; the plan changes only which
+physical copy serves each assignment (see `physical_loads` in metrics.py)."""
+import torch
+
+from ..experts.plan import PRECISIONS, Copy, ExpertPlan
+from .base import Router, register
+
+# Storage formats the byte budget counts: int8 per output channel with one scale; int4 in groups
+# along the input dimension with a scale and a zero point each (scales stored in 16 bits).
+SCALE_BYTES = 2
+INT4_GROUP = 32
+
+
+def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> int:
+    if precision == "full":
+        return rows * cols * full_itemsize
+    if precision == "int8":
+        return rows * cols + rows * SCALE_BYTES
+    if precision == "int4":
+        groups = -(-cols // INT4_GROUP)
+        return rows * cols // 2 + rows * groups * 2 * SCALE_BYTES
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def expert_bytes(hidden: int, inter: int, precision: str, full_itemsize: int) -> int:
+    """One SwiGLU expert: w1 and w3 are [I, D], w2 is [D, I] (rows = output channels)."""
+    return 2 * matrix_bytes(inter, hidden, precision, full_itemsize) + \
+        matrix_bytes(hidden, inter, precision, full_itemsize)
+
+
+def plan_bytes(plan: ExpertPlan, bytes_of: dict[str, int]) -> int:
+    return sum(bytes_of[c.precision] for c in plan.copies)
+
+
+def rnq_plan(load, importance, bytes_of: dict[str, int], replica: str = "int8",
+             quant: str = "int4", replicas: int | None = None) -> ExpertPlan:
+    """Greedy (as EPLB): add a `replica`-precision copy to the expert of largest load/copies, then
+    store the least important unreplicated experts in `quant` until the layer fits its original
+    bytes; stop when it no longer fits, after `replicas` extra copies, or (replicas=None) when no
+    copy carries more than the mean expert load. Copies 0..E-1 are the originals, in order."""
+    load = [float(x) for x in load]
+    E = len(load)
+    budget = E * bytes_of["full"]
+    least_important = sorted(range(E), key=lambda e: float(importance[e]))
+    copies, quantised = [1] * E, set()
+
+    def fit(copies):
+        quantised, used = set(), sum(bytes_of["full"] + (n - 1) * bytes_of[replica] for n in copies)
+        for e in least_important:
+            if used <= budget:
+                break
+            if copies[e] == 1:
+                quantised.add(e)
+                used += bytes_of[quant] - bytes_of["full"]
+        return quantised if used <= budget else None
+
+    mean = sum(load) / E
+    while replicas is None or sum(copies) - E < replicas:
+        e = max(range(E), key=lambda i: load[i] / copies[i])
+        if replicas is None and load[e] / copies[e] <= mean:
+            break
+        trial = copies[:e] + [copies[e] + 1] + copies[e + 1:]
+        q = fit(trial)
+        if q is None:
+            break
+        copies, quantised = trial, q
+    originals = [Copy(e, quant if e in quantised else "full") for e in range(E)]
+    extra = [Copy(e, replica) for e in range(E) for _ in range(copies[e] - 1)]
+    return ExpertPlan(originals + extra)
+
+
+@register("rnq")
+class ReplicateQuantize(Router):
+    """Options: base (the router whose choice is kept), replicas (extra copies per layer; default
+    until no copy is heavier than the mean expert), replica and quant precisions."""
+
+    def __init__(self, base: str = "topk", replicas: int | None = None,
+                 replica: str = "int8", quant: str = "int4"):
+        from . import make_router
+        for p in (replica, quant):
+            if p not in PRECISIONS[1:]:
+                raise ValueError(f"rnq: precision {p!r} is not one of {', '.join(PRECISIONS[1:])}")
+        if base == "rnq":
+            raise ValueError("rnq: base must be another router")
+        self.base = make_router(base)
+        self.replicas, self.replica, self.quant = replicas, replica, quant
+
+    def attach(self, block, calib):
+        if calib is None or "load" not in calib or "importance" not in calib:
+            raise ValueError("rnq needs a calibration file with expert loads and importance "
+                             "(run `tinymoe calibrate MODEL --data FILE --out calib.safetensors`, "
+                             "then pass --calib calib.safetensors)")
+        self.base.attach(block, calib)
+        ex = block.experts
+        E, inter, hidden = ex.w_gate.shape
+        itemsize = ex.w_gate.element_size()
+        bytes_of = {p: expert_bytes(hidden, inter, p, itemsize) for p in PRECISIONS}
+        plan = rnq_plan(calib["load"], calib["importance"], bytes_of, self.replica, self.quant,
+                        self.replicas)
+        block.ctx.state.update(plan=plan, plan_bytes=plan_bytes(plan, bytes_of),
+                               budget_bytes=E * bytes_of["full"],
+                               copy_weight=copy_weights(plan, calib["load"]))
+        apply = getattr(ex, "apply_plan", None)
+        if apply is not None:
+            apply(plan)
+
+    def route(self, logits, hidden, ctx):
+        return self.base.route(logits, hidden, ctx)
+
+
+def copy_weights(plan: ExpertPlan, load) -> torch.Tensor:
+    """Expected tokens per physical copy from calibration loads (for placing copies on devices)."""
+    n = torch.zeros(len(plan.copies))
+    counts = torch.bincount(torch.tensor([c.expert for c in plan.copies]))
+    for i, c in enumerate(plan.copies):
+        n[i] = float(load[c.expert]) / int(counts[c.expert])
+    return n
