@@ -1,0 +1,257 @@
+import os
+from dataclasses import dataclass
+
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+KV_CACHE_BYTES = 1 << 30  # default KV cache budget when kv_cache_tokens is not given
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]             # the generated tokens (an EOS that ended the request included)
+    finish_reason: str | None        # "stop" (EOS, stop token or stop string), "length", "abort"
+    num_cached_tokens: int           # prompt tokens served by the prefix cache
+    time_to_first_token: float       # seconds from arrival
+    latency: float                   # seconds from arrival to finish
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        span = self.latency - self.time_to_first_token
+        return (len(self.token_ids) - 1) / span if len(self.token_ids) > 1 and span > 0 else 0.0
+
+
+class Stream:
+    """Iterates over text pieces as they are generated; `.output` holds the RequestOutput once done.
+    Leaving the loop early aborts the request."""
+
+    def __init__(self, llm: "LLM", seq: Sequence):
+        self.llm, self.seq, self.output = llm, seq, None
+
+    def __iter__(self):
+        try:
+            while True:
+                if not self.seq.finished:
+                    self.llm.step()
+                piece = self.llm._take_text(self.seq)
+                if piece:
+                    yield piece
+                if self.seq.finished:
+                    break
+        finally:
+            if not self.seq.finished:
+                self.llm.abort(self.seq.seq_id)
+            self.output = self.llm._output(self.seq)
+
+
+class LLM:
+    """The engine: paged KV cache, continuous batching, sampling. `model` is a name, a path, or a
+    model from tinymoe.load_model (then pass `tokenizer=` for text prompts)."""
+
+    def __init__(self, model, router: str | None = "topk", dtype=None, device=None, *, tokenizer=None,
+                 calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
+                 kv_cache_tokens: int | None = None, max_model_len: int | None = None,
+                 prefix_caching: bool = True, progress: bool = False, **router_opts):
+        from .. import load_model, load_tokenizer, routing
+        self.tokenizer, self._tokenizer_error = tokenizer, "this LLM was given a model object without a tokenizer"
+        if isinstance(model, (str, os.PathLike)):
+            from ..weights import resolve
+            path = resolve(model)
+            model = load_model(path, dtype=dtype, device=device, **({"progress": True} if progress else {}))
+            if tokenizer is None:
+                try:
+                    self.tokenizer = load_tokenizer(path)
+                except (OSError, ValueError) as e:
+                    self._tokenizer_error = str(e)
+        elif dtype is not None or device is not None:
+            model = model.to(dtype=dtype, device=device)
+        self.model = model
+        if router is not None:
+            routing.install(model, router, calib=calib, **router_opts)
+        elif router_opts:
+            raise ValueError("router options given without a router")
+        cfg = model.config
+        self.eos_ids = set(cfg.eos_token_id) | set(getattr(self.tokenizer, "eos_ids", None) or [])
+
+        elem = next(model.parameters()).element_size()
+        bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+        if kv_cache_tokens is None:
+            kv_cache_tokens = min(max_num_seqs * cfg.max_position, max(KV_CACHE_BYTES // bytes_per_token, 1024))
+        if max_model_len is None:
+            max_model_len = min(cfg.max_position, kv_cache_tokens)
+        if max_model_len > cfg.max_position:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_position}")
+        # A lone sequence must always fit, so preemption can always make progress.
+        num_blocks = -(-max(kv_cache_tokens, max_model_len) // block_size)
+        self.max_model_len = max_model_len
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
+
+    # --- requests -----------------------------------------------------------------------------
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"a text prompt needs a tokenizer ({self._tokenizer_error}); pass token ids instead")
+            return self.tokenizer.encode(prompt, add_bos=True)
+        ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def _make(self, prompt, params: SamplingParams | None) -> Sequence:
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        return Sequence(ids, params or SamplingParams())
+
+    def _submit(self, seq: Sequence) -> int:
+        self._seqs[seq.seq_id] = seq
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def add_request(self, prompt, params: SamplingParams | None = None) -> int:
+        """Queue a request (text or token ids); returns its id. `step()` advances every request."""
+        return self._submit(self._make(prompt, params))
+
+    def abort(self, request_id: int):
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.status is Status.WAITING:
+            self.scheduler.waiting.remove(seq)
+        seq.finish("abort")
+        self.scheduler.reap()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled batch; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, seqs = self.runner.run(batch)
+        self.scheduler.advance(batch)
+        if seqs:
+            for seq, token in zip(seqs, sample(logits, seqs)):
+                seq.append(token)
+                self._check_stop(seq, token)
+        self.scheduler.reap()
+        done = [seq for seq, _ in batch if seq.finished]
+        for seq in done:
+            del self._seqs[seq.seq_id]
+        return [self._output(seq) for seq in done]
+
+    def _check_stop(self, seq: Sequence, token: int):
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return seq.finish("stop")
+        if seq.detokenizer is not None:
+            piece = seq.detokenizer.step(seq.token_ids)
+            if piece:
+                seq.text += piece
+                if p.stop and self._cut_at_stop(seq, len(piece)):
+                    return seq.finish("stop")
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish("length")
+
+    @staticmethod
+    def _cut_at_stop(seq: Sequence, new_chars: int) -> bool:
+        hits = []
+        for s in seq.params.stop:
+            i = seq.text.find(s, max(0, len(seq.text) - new_chars - len(s) + 1))
+            if i >= 0:
+                hits.append(i)
+        if hits:
+            seq.text = seq.text[:min(hits)]
+        return bool(hits)
+
+    def _take_text(self, seq: Sequence) -> str:
+        """Text not yet streamed; while running, holds back what could still become a stop string."""
+        start, end = seq.emitted, len(seq.text)
+        if not seq.finished and seq.params.stop:
+            end -= max(map(len, seq.params.stop)) - 1
+        if end <= start:
+            return ""
+        seq.emitted = end
+        return seq.text[start:end]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        now = seq.finish_time or 0.0
+        first = seq.first_token_time or now
+        return RequestOutput(seq.seq_id, seq.token_ids[:seq.num_prompt_tokens], seq.text, seq.output_ids,
+                             seq.finish_reason, seq.num_cached_prompt, first - seq.arrival_time,
+                             now - seq.arrival_time if seq.finish_time else 0.0)
+
+    # --- public API ---------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a list of prompts (each text or token ids), batched together."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                               and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if not isinstance(params, (list, tuple)):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        seqs = [self._make(p, sp) for p, sp in zip(prompts, params)]  # validate all before queueing any
+        for seq in seqs:
+            self._submit(seq)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+        try:
+            while not all(s.finished for s in seqs):
+                done = self.step()
+                if bar is not None:
+                    bar.update(sum(1 for o in done if o.request_id in {s.seq_id for s in seqs}))
+        finally:
+            if bar is not None:
+                bar.close()
+            for seq in seqs:
+                self.abort(seq.seq_id)  # no-op for finished ones; an interrupted call leaves nothing queued
+        return [self._output(s) for s in seqs]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Stream:
+        """Text pieces of one request as they are generated (other queued requests advance too)."""
+        return Stream(self, self._seqs[self.add_request(prompt, params)])
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` through the checkpoint's chat template, ready for a reply."""
+        if self.tokenizer is None:
+            raise ValueError(f"chat needs a tokenizer ({self._tokenizer_error})")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_bos=not _starts_with_bos(self.tokenizer, text))
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False):
+        """Reply to a conversation ([{"role": ..., "content": ...}, ...]); a Stream if `stream`."""
+        ids = self.chat_prompt(messages)
+        return self.stream(ids, params) if stream else self.generate(ids, params)[0]
+
+
+def _starts_with_bos(tokenizer, text: str) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos is None and getattr(tokenizer, "bos_id", None) is not None:
+        bos = tokenizer.decode([tokenizer.bos_id])
+    return bool(bos) and text.startswith(bos)
+
+
