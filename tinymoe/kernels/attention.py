@@ -1,0 +1,168 @@
+"""Paged KV cache: writing new keys/values into their slots, and decode attention through the
+block table (layout in docs/DESIGN.md). Torch twins and Triton kernels.
+
+k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot = block * block_size + offset.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import dispatch
+
+
+def store_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write k, v [N, KV, hd] into the caches at flat slots `slot_mapping` [N] (all valid)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """One new query per sequence: q [B, H, hd] attends to its context_lens[b] cached tokens."""
+    B, H, hd = q.shape
+    block_size, KV = k_cache.shape[1], k_cache.shape[2]
+    # only the blocks the longest sequence uses; the rest of the table may be padding
+    used = -(-int(context_lens.max()) // block_size)
+    blocks = block_tables[:, :used].long()
+    L = used * block_size
+    k = k_cache[blocks].view(B, L, KV, hd).transpose(1, 2)  # one gather: [B, KV, L, hd]
+    v = v_cache[blocks].view(B, L, KV, hd).transpose(1, 2)
+    # each KV head's group of query heads becomes its "query sequence": GQA without repeats
+    qg = q.view(B, KV, H // KV, hd)
+    mask = (torch.arange(L, device=q.device) < context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
+    return out.reshape(B, H, hd)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     block_size, stride_block, stride_slot, stride_head, KV, HD,
+                     BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    heads = tl.arange(0, BLOCK_KV)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < KV) & (cols < HD)
+    src = token.to(tl.int64) * KV * HD + heads * HD + cols
+    dst = (slot // block_size) * stride_block + (slot % block_size) * stride_slot + heads * stride_head + cols
+    k = tl.load(k_ptr + src, mask=mask)
+    v = tl.load(v_ptr + src, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_cache(k_cache, v_cache):
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(f"KV caches must both be [num_blocks, block_size, kv_heads, head_dim], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache must share strides with contiguous head_dim")
+
+
+def store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
+    _check_cache(k_cache, v_cache)
+    N, KV, hd = k.shape
+    if v.shape != k.shape or k_cache.shape[2:] != (KV, hd) or slot_mapping.shape != (N,):
+        raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
+                         f"{tuple(slot_mapping.shape)} do not fit a cache of {tuple(k_cache.shape)}")
+    if N:
+        _store_kv_kernel[(N,)](
+            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
+            k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), KV, hd,
+            BLOCK_KV=triton.next_power_of_2(KV), BLOCK_D=triton.next_power_of_2(hd))
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+                         scale, max_blocks, block_size, stride_block, stride_slot, stride_head,
+                         H, KV, HD,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (sequence, KV head): its group of H // KV query heads shares each K/V load."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    group = H // KV
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < group
+    d_mask = d < HD
+    q_rows = (b * H + kv_head * group + g).to(tl.int64) * HD
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = q.to(tl.float32) * scale
+
+    context_len = tl.load(context_lens_ptr + b)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores
+    l = tl.zeros([BLOCK_G], tl.float32)                # running sum of exp(score - m)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, context_len, BLOCK_N):
+        tok = start + tl.arange(0, BLOCK_N)
+        t_mask = tok < context_len
+        block = tl.load(block_tables_ptr + b.to(tl.int64) * max_blocks + tok // block_size, mask=t_mask, other=0)
+        offs = (block.to(tl.int64) * stride_block + (tok % block_size) * stride_slot
+                + kv_head * stride_head)[:, None] + d[None, :]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(out_ptr + q_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_mask[:, None] & d_mask[None, :])
+
+
+def _tile_tokens(block_g: int, block_d: int) -> int:
+    # keep the [G, N, D] fp32 product near 8K elements: registers, not local memory, on a GPU
+    return max(1, min(64, 8192 // (block_g * block_d)))
+
+
+def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
+    _check_cache(k_cache, v_cache)
+    B, H, hd = q.shape
+    KV = k_cache.shape[2]
+    if H % KV or k_cache.shape[3] != hd:
+        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} does not fit a cache of "
+                         f"{tuple(k_cache.shape)} (query heads must be a multiple of KV heads)")
+    if block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"paged_attention_decode: block_tables {tuple(block_tables.shape)} and "
+                         f"context_lens {tuple(context_lens.shape)} must have {B} rows")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if B:
+        block_g, block_d = triton.next_power_of_2(H // KV), triton.next_power_of_2(hd)
+        _paged_decode_kernel[(B, KV)](
+            q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), out,
+            scale, block_tables.shape[1], k_cache.shape[1],
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, KV, hd,
+            BLOCK_G=block_g, BLOCK_N=_tile_tokens(block_g, block_d), BLOCK_D=block_d)
+    return out
+
+
+store_kv = dispatch(store_kv_torch, store_kv_triton)
+paged_attention_decode = dispatch(paged_attention_decode_torch, paged_attention_decode_triton)
+
+
+def _aot_store(dtype: str, kv_heads: int, head_dim: int):
+    sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+           "slot_ptr": "*i64", "block_size": "i32", "stride_block": "i32", "stride_slot": "i32",
+           "stride_head": "i32", "KV": "i32", "HD": "i32", "BLOCK_KV": "constexpr", "BLOCK_D": "constexpr"}
+    return (f"store_kv_{dtype}_kv{kv_heads}_d{head_dim}", _store_kv_kernel, sig,
+            {"BLOCK_KV": kv_heads, "BLOCK_D": head_dim})
+
+
+def _aot_decode(dtype: str, group: int, head_dim: int):
+    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+           "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
+           "scale": "fp32", "max_blocks": "i32", "block_size": "i32", "stride_block": "i32",
+           "stride_slot": "i32", "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32",
+           "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+    return (f"paged_attention_decode_{dtype}_g{group}_d{head_dim}", _paged_decode_kernel, sig,
+            {"BLOCK_G": group, "BLOCK_N": _tile_tokens(group, head_dim), "BLOCK_D": head_dim})
+
+
+AOT_KERNELS = ([_aot_store(dtype, 8, 128) for dtype in ("bf16", "fp16", "fp32")]
+               + [_aot_decode(dtype, group, 128) for dtype in ("bf16", "fp16", "fp32") for group in (1, 4, 8)])
