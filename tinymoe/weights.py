@@ -3,15 +3,11 @@ import json
 import mmap
 import os
 import struct
-import warnings
 from pathlib import Path
 
 import torch
 
 ASSETS = Path(__file__).parent / "assets"
-
-# We only ever copy out of the read-only mapping, never write through it.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 # Aliases: a Hugging Face repo id, or a model shipped inside the package.
 ALIASES = {
@@ -111,7 +107,8 @@ class _SafetensorsFile:
             os.close(self._fd)
             raise CheckpointError(
                 f"{path} is truncated: its header needs {self.data_start + end} bytes, the file has {size}")
-        self._mm = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if size else None
+        # Copy-on-write so torch.frombuffer gets a writable buffer; we never write, so nothing is copied.
+        self._mm = mmap.mmap(self._fd, size, access=mmap.ACCESS_COPY) if size else None
 
     def read(self, name: str, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[name]

@@ -1,0 +1,155 @@
+"""The exact forward: logits against transformers (Mixtral, Qwen3-MoE) and an independent float64
+reference (DeepSeek-MoE v1, which transformers lacks)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoints
+import tinymoe
+from tinymoe.config import load_config
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def hf_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+MIXTRAL_CONFIGS = [
+    dict(),                                                                       # GQA 3:1, 3 layers
+    dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=5, intermediate_size=27,
+         num_local_experts=5, num_experts_per_tok=3, num_hidden_layers=2, seed=1),  # MHA, odd sizes
+    dict(num_attention_heads=8, num_key_value_heads=1, hidden_size=64, num_hidden_layers=4,
+         rope_theta=500.0, seed=2),                                               # MQA, theta
+]
+QWEN3_CONFIGS = [
+    dict(),                                                                       # renormalised, dense layer 1
+    dict(norm_topk_prob=False, num_experts=10, num_experts_per_tok=4, mlp_only_layers=[],
+         decoder_sparse_step=2, hidden_size=36, head_dim=12, seed=3),            # sparse every 2nd layer
+]
+
+
+@pytest.mark.parametrize("overrides", MIXTRAL_CONFIGS)
+def test_mixtral_matches_transformers(tmp_path, overrides):
+    path = checkpoints.mixtral(tmp_path, **overrides)
+    ids = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = tinymoe.load_model(path)(ids)
+    assert rel_err(ours, hf_logits(path, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("overrides", QWEN3_CONFIGS)
+def test_qwen3_matches_transformers(tmp_path, overrides):
+    path = checkpoints.qwen3_moe(tmp_path, shard=True, **overrides)
+    ids = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = tinymoe.load_model(path)(ids)
+    assert rel_err(ours, hf_logits(path, ids)) < 1e-4
+
+
+def deepseek_reference(path, ids):
+    """DeepSeek-MoE v1 written from the published architecture, in float64, one token at a time for
+    the experts: softmax gate over all experts, top-k, weights NOT renormalised, shared experts
+    always on, first layer dense."""
+    cfg = json.loads((path / "config.json").read_text())
+    W = {k: v.double() for k, v in load_file(path / "model.safetensors").items()}
+    H, D = cfg["num_attention_heads"], cfg["hidden_size"]
+    hd, eps, k = D // H, cfg["rms_norm_eps"], cfg["num_experts_per_tok"]
+    T = ids.shape[0]
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    def mlp(x, p):
+        return (torch.nn.functional.silu(x @ W[p + "gate_proj.weight"].T) * (x @ W[p + "up_proj.weight"].T)) \
+            @ W[p + "down_proj.weight"].T
+
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(x):  # [T, H, hd]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+    x = W["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, W[p + "input_layernorm.weight"])
+        q = rope((h @ W[p + "self_attn.q_proj.weight"].T).view(T, H, hd))
+        kk = rope((h @ W[p + "self_attn.k_proj.weight"].T).view(T, H, hd))
+        v = (h @ W[p + "self_attn.v_proj.weight"].T).view(T, H, hd)
+        scores = torch.einsum("thd,shd->hts", q, kk) / hd ** 0.5
+        scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        att = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, D)
+        x = x + att @ W[p + "self_attn.o_proj.weight"].T
+        h = norm(x, W[p + "post_attention_layernorm.weight"])
+        if i < cfg["first_k_dense_replace"]:
+            x = x + mlp(h, p + "mlp.")
+            continue
+        probs = (h @ W[p + "mlp.gate.weight"].T).softmax(-1)
+        out = mlp(h, p + "mlp.shared_experts.")
+        for t in range(T):
+            top = torch.topk(probs[t], k)
+            for w, e in zip(top.values, top.indices.tolist()):
+                out[t] += w * mlp(h[t], f"{p}mlp.experts.{e}.")
+        x = x + out
+    return norm(x, W["model.norm.weight"]) @ W["lm_head.weight"].T
+
+
+def test_deepseek_matches_float64_reference(tiny_deepseek):
+    ids = torch.randint(0, 96, (1, 21), generator=torch.Generator().manual_seed(2))
+    model = tinymoe.load_model(tiny_deepseek)
+    assert model.config.moe_layers == (False, True, True)
+    assert not model.config.renormalize and model.config.num_shared_experts == 2
+    with torch.no_grad():
+        ours = model(ids)[0]
+    assert rel_err(ours, deepseek_reference(tiny_deepseek, ids[0])) < 1e-4
+
+
+def test_bf16_runs_close_to_fp32(tiny_checkpoint):
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = tinymoe.load_model(tiny_checkpoint)(ids)
+        half = tinymoe.load_model(tiny_checkpoint, dtype="bf16")(ids)
+    assert half.dtype == torch.bfloat16
+    assert rel_err(half, full) < 0.05
+    assert (half.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
+
+
+def test_batch_rows_are_independent(tiny_mixtral):
+    model = tinymoe.load_model(tiny_mixtral)
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        together = model(ids)
+        alone = torch.cat([model(ids[i:i + 1]) for i in range(3)])
+    assert rel_err(together, alone) < 1e-5
+
+
+def test_config_reads_both_rope_spellings_and_expert_keys(tmp_path):
+    base = dict(architectures=["Qwen3MoeForCausalLM"], vocab_size=10, hidden_size=8, num_hidden_layers=4,
+                num_attention_heads=2, intermediate_size=8, moe_intermediate_size=4, num_experts_per_tok=2,
+                decoder_sparse_step=2, mlp_only_layers=[3])
+    for extra, theta in [(dict(rope_theta=123.0, num_experts=6), 123.0),
+                         (dict(rope_parameters={"rope_theta": 77.0, "rope_type": "default"},
+                               num_local_experts=6), 77.0)]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        cfg = load_config(tmp_path)
+        assert cfg.rope_theta == theta and cfg.num_experts == 6
+        assert cfg.moe_layers == (False, True, False, False)  # every 2nd layer, layer 3 forced dense
+        assert cfg.head_dim == 4 and cfg.qk_norm
+
+
+def test_deepseek_config_layers(tmp_path):
+    cfg = dict(checkpoints.DEEPSEEK_CONFIG, num_hidden_layers=6, first_k_dense_replace=2, moe_layer_freq=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = load_config(tmp_path)
+    assert c.moe_layers == (False, False, True, False, True, False)
+    assert c.shared_intermediate_size == 2 * 16 and c.top_k == 4
