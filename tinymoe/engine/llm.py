@@ -66,7 +66,7 @@ class LLM:
         if isinstance(model, (str, os.PathLike)):
             from ..weights import resolve
             path = resolve(model)
-            model = load_model(path, dtype=dtype, device=device, **({"progress": True} if progress else {}))
+            model = load_model(path, dtype=dtype, device=device, progress=progress)
             if tokenizer is None:
                 try:
                     self.tokenizer = load_tokenizer(path)
@@ -103,7 +103,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"a text prompt needs a tokenizer ({self._tokenizer_error}); pass token ids instead")
-            return self.tokenizer.encode(prompt, add_bos=True)
+            return self.tokenizer.encode(prompt)
         ids = [int(t) for t in prompt]
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
@@ -240,18 +240,11 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError(f"chat needs a tokenizer ({self._tokenizer_error})")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_bos=not _starts_with_bos(self.tokenizer, text))
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return self.tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, stream: bool = False):
         """Reply to a conversation ([{"role": ..., "content": ...}, ...]); a Stream if `stream`."""
         ids = self.chat_prompt(messages)
         return self.stream(ids, params) if stream else self.generate(ids, params)[0]
-
-
-def _starts_with_bos(tokenizer, text: str) -> bool:
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos is None and getattr(tokenizer, "bos_id", None) is not None:
-        bos = tokenizer.decode([tokenizer.bos_id])
-    return bool(bos) and text.startswith(bos)
-
 
