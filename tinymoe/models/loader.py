@@ -5,6 +5,7 @@ from tqdm import tqdm
 from ..config import load_config
 from ..weights import Checkpoint, resolve
 from . import deepseek_moe, mixtral, qwen3_moe
+from ..routing.prototype_gate import PrototypeGate
 from .transformer import Transformer
 
 LAYOUTS = {"mixtral": mixtral.LAYOUT, "deepseek_moe": deepseek_moe.LAYOUT, "qwen3_moe": qwen3_moe.LAYOUT}
@@ -38,7 +39,10 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False) ->
     device = torch.device(device or "cpu")
     ckpt = Checkpoint(model_dir)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)
+        for block in model.moe_blocks():
+            if isinstance(block.gate, PrototypeGate):
+                block.gate.float()  # small, and its cosine scores want fp32
     model.to_empty(device=device)
     layout = LAYOUTS[cfg.family]
     params = list(model.named_parameters())
@@ -46,21 +50,19 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False) ->
         with torch.no_grad():
             for name, param in tqdm(params, desc=f"loading {model_dir.name}", unit="tensor",
                                     disable=not progress, leave=False):
-                _fill(param, name, ckpt, layout, cfg, dtype)
+                _fill(param, name, ckpt, layout, cfg)
     finally:
         ckpt.close()
     model.source_dir = model_dir
     return model.eval()
 
 
-def _fill(param, name, ckpt, layout, cfg, dtype):
+def _fill(param, name, ckpt, layout, cfg):
     if name.startswith("model.layers."):
         layer = int(name.split(".")[2])
         names = layout.checkpoint_names(name, cfg.moe_layers[layer], cfg.num_experts)
     else:
         names = name
-    # Parameters are created in fp32 on meta; give each the target dtype before filling it.
-    param.data = torch.empty(param.shape, dtype=_param_dtype(name, dtype), device=param.device)
     if name == "lm_head.weight" and name not in ckpt and cfg.tie_embeddings:
         names = "model.embed_tokens.weight"
     if isinstance(names, list):
@@ -69,8 +71,3 @@ def _fill(param, name, ckpt, layout, cfg, dtype):
     else:
         ckpt.read(names, out=param.data)
 
-
-def _param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    # The prototype gate is small and computes in fp32: keep its parameters exact.
-    return torch.float32 if ".gate." in name and ".mlp." in name and not name.endswith("gate.weight") \
-        else dtype
