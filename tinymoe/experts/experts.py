@@ -1,36 +1,149 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..kernels import backend_for
+from ..kernels.moe_align import moe_align
+from ..kernels.moe_gemm import fused_moe
+from .dispatch import assign_copies, copy_table
+from .plan import ExpertPlan
+from .pools import FullPool, Int4Pool, Int8Pool
+
+BLOCK_M = 16  # rows per tile of the Triton grouped GEMM
 
 
 class Experts(nn.Module):
-    """The routed experts of one MoE layer, computed by grouping tokens per expert."""
+    """The routed experts of one MoE layer, as physical copies in precision pools.
+
+    The checkpoint's weights stay the parameters `w_gate`, `w_up` `[E, I, D]` and `w_down`
+    `[E, D, I]` (the loader fills them in place). The full-precision pool stacks gate and up as
+    one `[E, 2I, D]` tensor and re-points `w_gate`/`w_up` at views of it, so nothing is stored
+    twice. `apply_plan` adds int8/int4 pools for the plan's quantised copies; the source weights
+    stay resident so that any later plan can be applied.
+    """
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
         super().__init__()
-        self.w_gate = nn.Parameter(w_gate, requires_grad=False)  # [E, I, D]
-        self.w_up = nn.Parameter(w_up, requires_grad=False)      # [E, I, D]
-        self.w_down = nn.Parameter(w_down, requires_grad=False)  # [E, D, I]
+        if w_gate.shape != w_up.shape or w_gate.shape[::2] != w_down.shape[::2] or w_gate.shape[1] != w_down.shape[2]:
+            raise ValueError(f"expert weights do not fit: gate {tuple(w_gate.shape)}, up {tuple(w_up.shape)}, "
+                             f"down {tuple(w_down.shape)} (want [E, I, D], [E, I, D], [E, D, I])")
+        self.w_gate = nn.Parameter(w_gate, requires_grad=False)
+        self.w_up = nn.Parameter(w_up, requires_grad=False)
+        self.w_down = nn.Parameter(w_down, requires_grad=False)
+        self.quantised = nn.ModuleDict()
+        self._full: FullPool | None = None  # not a submodule: its tensors are views of the parameters
+        self.last_physical_ids: torch.Tensor | None = None  # [T, k] copies chosen in the last pass
+        self.apply_plan(ExpertPlan.default(self.num_experts))
 
     @property
     def num_experts(self) -> int:
         return self.w_gate.shape[0]
 
+    @property
+    def num_copies(self) -> int:
+        return len(self.plan.copies)
+
+    def apply_plan(self, plan: ExpertPlan) -> None:
+        """Serve the router's logical experts from the plan's physical copies."""
+        E = self.num_experts
+        bad = [c for c in plan.copies if not 0 <= c.expert < E or c.precision not in ("full", "int8", "int4")]
+        if bad:
+            raise ValueError(f"expert plan has invalid copies {bad[:3]} for {E} experts")
+        self.plan = plan
+        self._table, self._counts = copy_table(plan, E)
+        self._identity = [(c.expert, c.precision) for c in plan.copies] == [(e, "full") for e in range(E)]
+        # physical copy -> (pool name, weight row); quantised copies of one expert share a row
+        self._where: list[tuple[str, int]] = []
+        quant_experts: dict[str, list[int]] = {"int8": [], "int4": []}
+        for c in plan.copies:
+            if c.precision == "full":
+                self._where.append(("full", c.expert))
+            else:
+                rows = quant_experts[c.precision]
+                if c.expert not in rows:
+                    rows.append(c.expert)
+                self._where.append((c.precision, rows.index(c.expert)))
+        self.quantised = nn.ModuleDict()
+        if any(quant_experts.values()):
+            full = self.full_pool()
+            for precision, pool_cls in (("int8", Int8Pool), ("int4", Int4Pool)):
+                if quant_experts[precision]:
+                    idx = torch.tensor(quant_experts[precision], device=full.w13.device)
+                    self.quantised[precision] = pool_cls(full.w13[idx], full.w2[idx])
+        self._copy_rows = None  # per-pool [C] int32 tables for the kernels, built on first use
+
+    def full_pool(self) -> FullPool:
+        """The unquantised pool, rebuilt when the parameters were replaced (loading, .to())."""
+        I = self.w_gate.shape[1]
+        pool = self._full
+        fresh = (pool is not None and pool.w2.data_ptr() == self.w_down.data_ptr()
+                 and pool.w13.dtype == self.w_gate.dtype and self.w_gate.data_ptr() == pool.w13.data_ptr()
+                 and self.w_up.data_ptr() == pool.w13[:, I:].data_ptr())
+        if not fresh and self.w_gate.device.type != "meta":
+            w13 = torch.cat((self.w_gate.data, self.w_up.data), 1)
+            self.w_gate.data, self.w_up.data = w13[:, :I], w13[:, I:]
+            self._full = pool = FullPool(w13, self.w_down.data)
+            self._copy_rows = None
+        return pool
+
+    def _pool(self, name: str):
+        return self.full_pool() if name == "full" else self.quantised[name]
+
+    def weight_bytes(self) -> int:
+        """Bytes of expert weights the plan's copies take, counting scales and zero points (each
+        copy counted, although copies of one expert in one precision share storage here)."""
+        E, I, D = self.w_gate.shape
+        full = (2 * I * D + D * I) * self.w_gate.element_size()
+        per = {"full": full, **{p: pool.copy_bytes() for p, pool in self.quantised.items()}}
+        return sum(per[c.precision] for c in self.plan.copies)
+
+    def physical_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._identity:
+            return ids
+        if self._table.device != ids.device:
+            self._table, self._counts = self._table.to(ids.device), self._counts.to(ids.device)
+        return assign_copies(ids, self._table, self._counts)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        T, k = ids.shape
-        flat = ids.reshape(-1)
+        phys = self.physical_ids(ids)
+        self.last_physical_ids = phys
+        if backend_for(x) == "triton":
+            return self._forward_kernels(x, phys, weights)
+        return self._forward_grouped(x, phys, weights)
+
+    def _forward_grouped(self, x, phys, weights):
+        # the CPU path: one matmul per active copy over its rows, no per-token work
+        k = phys.shape[1]
+        flat = phys.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k
-        out = torch.zeros_like(x)
+        counts = torch.bincount(flat, minlength=self.num_copies).tolist()
+        token = order // k
+        xs = x.index_select(0, token)
+        ys = torch.empty_like(xs)
         start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start:start + n]
-            xe = x[rows]
-            h = F.silu(F.linear(xe, self.w_gate[e])) * F.linear(xe, self.w_up[e])
-            ye = F.linear(h, self.w_down[e]) * weights.reshape(-1)[order[start:start + n], None]
-            out.index_add_(0, rows, ye)
-            start += n
-        return out
+        for copy, n in enumerate(counts):
+            if n:
+                name, row = self._where[copy]
+                ys[start:start + n] = self._pool(name).mlp(row, xs[start:start + n])
+                start += n
+        ys.mul_(weights.reshape(-1).index_select(0, order).to(ys.dtype)[:, None])
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def _kernel_tables(self, device):
+        if self._copy_rows is None or next(iter(self._copy_rows.values())).device != device:
+            tables = {}
+            for name in dict.fromkeys(pool for pool, _ in self._where):
+                rows = [row if pool == name else -1 for pool, row in self._where]
+                tables[name] = torch.tensor(rows, dtype=torch.int32, device=device)
+            self._copy_rows = tables
+        return self._copy_rows
+
+    def _forward_kernels(self, x, phys, weights):
+        # the GPU path: sort and pad assignments once, then one grouped GEMM launch pair per pool
+        T, k = phys.shape
+        self.full_pool()
+        sorted_ids, tile_copy = moe_align(phys.to(torch.int32), self.num_copies, BLOCK_M)
+        out = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
+        for name, copy_row in self._kernel_tables(x.device).items():
+            fused_moe(x, weights, sorted_ids, tile_copy, copy_row, self._pool(name).kernel_weights(),
+                      out, BLOCK_M)
+        return out.view(T, k, -1).sum(1).to(x.dtype)

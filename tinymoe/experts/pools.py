@@ -1,0 +1,127 @@
+"""Expert weights in one precision, stacked, with the per-expert MLP of the CPU path.
+
+Every pool stores gate and up as one matrix `w13 [n, 2I, D]` (rows 0..I gate, I..2I up) and the
+down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.moe_gemm import MoEWeights
+from .quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
+
+# With this many rows or fewer per expert the weight-only quantised CPU kernels win; above it,
+# dequantising to bf16 and using a plain matmul (AMX) is faster. Measured with bench/experts.py.
+PACKED_MAX_ROWS = 16
+
+
+def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
+    return F.silu(h[:, :inter]) * h[:, inter:2 * inter]
+
+
+class FullPool(nn.Module):
+    """Unquantised experts in the checkpoint's dtype; also the source every quantised pool is built from."""
+
+    precision = "full"
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w13", w13, persistent=False)
+        self.register_buffer("w2", w2, persistent=False)
+        self.inter, self.hidden = w2.shape[2], w2.shape[1]
+
+    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
+        w13, w2 = self.w13[row], self.w2[row]
+        h = F.linear(x.to(w13.dtype), w13)
+        return F.linear(_swiglu(h, self.inter), w2).to(x.dtype)
+
+    def copy_bytes(self) -> int:
+        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+
+    def kernel_weights(self) -> MoEWeights:
+        return MoEWeights("full", self.w13, self.w2, None, None, 0, 0, self.inter, self.hidden)
+
+
+class Int8Pool(nn.Module):
+    """int8 weights, one symmetric bf16 scale per output channel."""
+
+    precision = "int8"
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        n = w13.shape[0]
+        q13, s13, q2, s2 = [], [], [], []
+        for i in range(n):  # one expert at a time keeps the fp32 temporaries small
+            q, s = quantize_int8(w13[i]); q13.append(q); s13.append(s)
+            q, s = quantize_int8(w2[i]); q2.append(q); s2.append(s)
+        self.register_buffer("q13", torch.stack(q13), persistent=False)
+        self.register_buffer("s13", torch.stack(s13), persistent=False)
+        self.register_buffer("q2", torch.stack(q2), persistent=False)
+        self.register_buffer("s2", torch.stack(s2), persistent=False)
+        self.inter, self.hidden = w2.shape[2], w2.shape[1]
+
+    def _linear(self, x, q, s):
+        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(x, q, s)
+        return F.linear(x, q.to(x.dtype) * s[:, None])
+
+    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)  # the CPU kernels want bf16 activations
+        h = self._linear(xb, self.q13[row], self.s13[row])
+        return self._linear(_swiglu(h, self.inter), self.q2[row], self.s2[row]).to(x.dtype)
+
+    def copy_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in (self.q13, self.s13, self.q2, self.s2))
+
+    def kernel_weights(self) -> MoEWeights:
+        return MoEWeights("int8", self.q13, self.q2, self.s13, self.s2, 0, 0, self.inter, self.hidden)
+
+
+def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -w.shape[-2] % multiple
+    return F.pad(w, (0, 0, 0, extra)) if extra else w
+
+
+class Int4Pool(nn.Module):
+    """int4 weights, asymmetric per group of K inputs: w = (q - 8) * scale + zero (bf16 scale, zero).
+
+    Packed in the layout of torch's CPU int4 kernel (which needs the output channels padded to a
+    multiple of 64); the Triton kernel reads the same bytes."""
+
+    precision = "int4"
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, group: int = 128):
+        super().__init__()
+        self.inter, self.hidden = w2.shape[2], w2.shape[1]
+        self.group13 = int4_group_size(self.hidden, group)
+        self.group2 = int4_group_size(self.inter, group)
+        p13, z13, p2, z2 = [], [], [], []
+        for i in range(w13.shape[0]):
+            q, sz = quantize_int4(_pad_rows(w13[i], 64), self.group13); p13.append(pack_int4(q)); z13.append(sz)
+            q, sz = quantize_int4(_pad_rows(w2[i], 64), self.group2); p2.append(pack_int4(q)); z2.append(sz)
+        self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), D/2]
+        self.register_buffer("z13", torch.stack(z13), persistent=False)  # [n, D/g, pad64(2I), 2]
+        self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), I/2]
+        self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, I/g, pad64(D), 2]
+
+    def _linear(self, x, packed, sz, group):
+        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        from .quant import dequantize_int4, unpack_int4
+        return F.linear(x, dequantize_int4(unpack_int4(packed), sz, x.dtype))
+
+    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        h = self._linear(xb, self.p13[row], self.z13[row], self.group13)
+        y = self._linear(_swiglu(h, self.inter), self.p2[row], self.z2[row], self.group2)
+        return y[:, :self.hidden].to(x.dtype)
+
+    def copy_bytes(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in (self.p13, self.z13, self.p2, self.z2))
+
+    def kernel_weights(self) -> MoEWeights:
+        return MoEWeights("int4", self.p13, self.p2, self.z13, self.z2, self.group13, self.group2,
+                          self.inter, self.hidden)
+
+
+POOLS = {"full": FullPool, "int8": Int8Pool, "int4": Int4Pool}

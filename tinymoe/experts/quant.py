@@ -1,0 +1,88 @@
+"""Weight-only quantisers for expert matrices [..., N, K] (N output channels, K inputs).
+
+int8: per output channel, symmetric: w ~= q * scale, q in [-127, 127].
+int4: per (channel, group of K), asymmetric: w ~= (q - 8) * scale + zero, q in [0, 15],
+      scale and zero in bf16. This is the rule of torch's `_weight_int4pack_mm_for_cpu`, so the
+      same numbers feed the CPU kernel and the Triton kernel.
+"""
+import torch
+
+INT4_GROUP = 128
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    # bf16 rounding to nearest is within 2^-9 relative; nudging up first makes the stored scale
+    # never smaller than needed, so the extreme values do not clip.
+    return (x * (1 + 2 ** -8)).to(torch.bfloat16)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q int8 [..., N, K], scale bf16 [..., N])."""
+    wf = w.float()
+    scale = _round_up_bf16(wf.abs().amax(-1).clamp_min(1e-12) / 127)
+    q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
+    """The default group, or the largest power of two >= 32 dividing K when K is small
+    (32 is the smallest group torch's CPU int4 kernel takes)."""
+    g = group
+    while g > 32 and (k % g or g > k):
+        g //= 2
+    if k % g:
+        raise ValueError(f"int4 quantisation needs K divisible by a group size >= 32, got K={k}")
+    return g
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q uint8 [..., N, K] in 0..15, scales_zeros bf16 [..., K/group, N, 2]).
+
+    The scale/zero layout [K/group, N, (scale, zero)] is the one the CPU int4 kernel takes.
+    """
+    *lead, n, k = w.shape
+    if k % group:
+        raise ValueError(f"K={k} is not a multiple of the int4 group size {group}")
+    wg = w.float().reshape(*lead, n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = _round_up_bf16((hi - lo).clamp_min(1e-12) / 15)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # the value of q = 8, mid-range
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(*lead, n, k)
+    scales_zeros = torch.stack((scale, zero), -1).transpose(-2, -3).contiguous()
+    return q, scales_zeros
+
+
+def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_int4` (up to rounding): (q - 8) * scale + zero."""
+    *lead, n, k = q.shape
+    group = k // scales_zeros.shape[-3]
+    sz = scales_zeros.float().transpose(-2, -3)  # [..., N, K/group, 2]
+    qg = q.float().reshape(*lead, n, k // group, group)
+    return ((qg - 8) * sz[..., :1] + sz[..., 1:]).reshape(*lead, n, k).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [..., N, K] (N a multiple of 64) -> packed uint8 [..., N, K/2] in the layout of
+    torch's `_convert_weight_to_int4pack_for_cpu`: for each block of 64 channels and each k,
+    32 bytes whose low nibbles are channels 0..31 and high nibbles channels 32..63.
+    The Triton kernel reads the same layout, so one copy of the weights serves both."""
+    *lead, n, k = q.shape
+    if n % 64:
+        raise ValueError(f"int4 packing needs N divisible by 64, got N={n}")
+    blocks = q.reshape(*lead, n // 64, 2, 32, k).transpose(-1, -2)  # [..., N/64, 2, K, 32]
+    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)     # [..., N/64, K, 32]
+    return packed.reshape(*lead, n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`."""
+    *lead, n, half_k = packed.shape
+    k = half_k * 2
+    blocks = packed.reshape(*lead, n // 64, k, 32)
+    q = torch.stack((blocks & 15, blocks >> 4), -3)  # [..., N/64, 2, K, 32]
+    return q.transpose(-1, -2).reshape(*lead, n, k)
