@@ -1,0 +1,85 @@
+"""The CLI end to end through click's runner, on a tiny checkpoint with a small tokenizer."""
+import pytest
+from click.testing import CliRunner
+
+from test_engine import add_tokenizer
+from tinymoe.cli import cli, parse_value
+from tinymoe.engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_mixtral, tmp_path_factory):
+    return str(add_tokenizer(tiny_mixtral, tmp_path_factory.mktemp("cli") / "mixtral"))
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def test_generate_matches_the_library(model_dir):
+    result = run("generate", model_dir, "--prompt", "the cat", "--max-tokens", 10, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    expected = LLM(model_dir).generate("the cat", SamplingParams(temperature=0, max_tokens=10))[0]
+    assert result.stdout == expected.text + "\n"
+    assert "tok/s" in result.stderr
+
+
+def test_generate_several_prompts_in_one_batch(model_dir):
+    result = run("generate", model_dir, "-p", "the cat", "-p", "hello", "--max-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert "--- 0: the cat" in result.stdout and "--- 1: hello" in result.stdout
+
+
+def test_chat_non_interactive_from_option_and_stdin(model_dir):
+    opts = ["--max-tokens", 8, "--temperature", 0]
+    by_option = run("chat", model_dir, "--prompt", "hello", *opts)
+    by_stdin = run("chat", model_dir, *opts, input="hello\n")
+    assert by_option.exit_code == 0 and by_stdin.exit_code == 0, by_option.output + by_stdin.output
+    assert by_option.stdout == by_stdin.stdout and by_option.stdout.strip()
+    reply = LLM(model_dir).chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=8))
+    assert by_option.stdout == reply.text.lstrip() + "\n"
+    assert "tok/s" in by_option.stderr
+
+
+def test_chat_keeps_the_conversation_and_resets(model_dir, monkeypatch):
+    seen = []
+    original = LLM.chat
+
+    def recording_chat(self, messages, *args, **kwargs):
+        seen.append([m["role"] for m in messages])
+        return original(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "chat", recording_chat)
+    result = run("chat", model_dir, "-i", "--max-tokens", 4, "--system", "be brief",
+                 input="hello\nhow are you\n/reset\nhi\n/exit\nnever read\n")
+    assert result.exit_code == 0, result.output
+    assert seen == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
+    assert "(conversation cleared)" in result.stderr and result.stderr.count("tok/s") == 3
+
+
+def test_models_lists_aliases():
+    result = run("models")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("tiny ") for line in lines)
+    assert any(line.split()[0] == "mixtral" and "missing" in line or "found" in line for line in lines)
+
+
+def test_errors_are_one_line_unless_debug(model_dir, tmp_path):
+    missing = run("generate", tmp_path / "nope", "--prompt", "x")
+    assert missing.exit_code == 1 and missing.stderr.startswith("Error: ") and len(missing.stderr.splitlines()) == 1
+    assert "Traceback" not in missing.output
+    debug = run("generate", tmp_path / "nope", "--prompt", "x", "--debug")
+    assert debug.exit_code == 1 and isinstance(debug.exception, ValueError)
+    router = run("generate", model_dir, "--prompt", "x", "--router", "nosuch")
+    assert router.exit_code == 1 and "unknown router 'nosuch'" in router.stderr
+    long_prompt = run("generate", model_dir, "--prompt", "the cat " * 400)
+    assert long_prompt.exit_code == 1 and "the context holds 512" in long_prompt.stderr
+
+
+def test_router_options_are_parsed(model_dir):
+    assert [parse_value(v) for v in ("3", "0.25", "true", "False", "abc")] == [3, 0.25, True, False, "abc"]
+    bad = run("generate", model_dir, "--prompt", "x", "--router-opt", "novalue")
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    wrong = run("generate", model_dir, "--prompt", "x", "--router-opt", "nosuch=1")
+    assert wrong.exit_code == 1 and "nosuch" in wrong.stderr

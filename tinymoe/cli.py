@@ -1,0 +1,229 @@
+"""The `tinymoe` command: chat, generate, models (and the routing commands at the end)."""
+import functools
+import sys
+from dataclasses import dataclass, field
+
+import click
+
+DEBUG_KEY = "tinymoe.debug"
+
+
+class Group(click.Group):
+    """Errors become one line (`Error: ...`); `--debug` shows the traceback instead."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            ctx.exit(130)
+        except Exception as e:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            lines = str(e).strip().splitlines()
+            click.echo(f"Error: {lines[0] if lines else type(e).__name__}", err=True)
+            ctx.exit(1)
+
+
+def _set_debug(ctx, _param, value):
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+    return value
+
+
+def parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_router_opts(_ctx, _param, values) -> dict:
+    opts = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        opts[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return opts
+
+
+@dataclass
+class EngineOptions:
+    """What `engine_options` collects: how to build the LLM."""
+    router: str = "topk"
+    router_opts: dict = field(default_factory=dict)
+    calib: str | None = None
+    dtype: str | None = None
+    debug: bool = False
+
+    def llm(self, model: str, **engine_kwargs):
+        """The engine for `model` with these options, with a progress bar while loading."""
+        from .engine import LLM
+        return LLM(model, router=self.router, dtype=self.dtype, calib=self.calib, progress=True,
+                   **engine_kwargs, **self.router_opts)
+
+
+def engine_options(f):
+    """--router, --router-opt KEY=VALUE (repeatable), --calib, --dtype, --debug; the command
+    receives them as one `engine: EngineOptions` argument."""
+    @functools.wraps(f)
+    def wrapper(*args, router, router_opt, calib, dtype, debug, **kwargs):
+        return f(*args, engine=EngineOptions(router, router_opt, calib, dtype, debug), **kwargs)
+    for option in reversed([
+        click.option("--router", default="topk", show_default=True, help="routing algorithm (see `tinymoe bench`)"),
+        click.option("--router-opt", multiple=True, callback=_parse_router_opts, metavar="KEY=VALUE",
+                     help="router option, repeatable (e.g. --router-opt t_fix=0.3)"),
+        click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="calibration file from `tinymoe calibrate`"),
+        click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)"),
+        click.option("--debug", is_flag=True, callback=_set_debug, expose_value=True, is_eager=True,
+                     help="show tracebacks"),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def sampling_options(temperature: float, max_tokens: int):
+    def deco(f):
+        for option in reversed([
+            click.option("--max-tokens", default=max_tokens, show_default=True, type=int),
+            click.option("--temperature", default=temperature, show_default=True, type=float, help="0: greedy"),
+            click.option("--top-p", default=1.0, show_default=True, type=float),
+            click.option("--top-k", default=0, show_default=True, type=int, help="0: off"),
+            click.option("--min-p", default=0.0, show_default=True, type=float),
+            click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
+            click.option("--seed", default=None, type=int),
+        ]):
+            f = option(f)
+        return f
+    return deco
+
+
+def _params(kw: dict):
+    from .engine import SamplingParams
+    names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    return SamplingParams(**{n: kw.pop(n) for n in names})
+
+
+def _stats(out) -> str:
+    return (f"[{len(out.token_ids)} tokens, {out.decode_tokens_per_s:.1f} tok/s, "
+            f"first token {out.time_to_first_token:.2f} s, {out.finish_reason}]")
+
+
+def _print_stream(stream, strip_leading=False) -> str:
+    text = ""
+    for piece in stream:
+        if strip_leading and not text:
+            piece = piece.lstrip()
+        text += piece
+        click.echo(piece, nl=False)
+    click.echo()
+    return text
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
+def cli(debug):
+    """tinymoe: a small inference engine for Mixture-of-Experts language models."""
+
+
+@cli.command()
+@click.argument("model", default="tiny")
+@click.option("--prompt", "-p", default=None, help="answer this one message and exit")
+@click.option("--system", default=None, help="system message")
+@click.option("--interactive", "-i", is_flag=True, help="keep the conversation loop even if stdin is not a terminal")
+@sampling_options(temperature=0.7, max_tokens=512)
+@engine_options
+def chat(model, prompt, system, interactive, engine, **kw):
+    """Chat with MODEL (default: the embedded tiny model). /reset clears, /exit leaves.
+
+    With --prompt, or with text on standard input, answers once without the interactive loop."""
+    params = _params(kw)
+    if prompt is None and not interactive and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    llm = engine.llm(model)
+    start = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        if not prompt.strip():
+            raise click.UsageError("the prompt is empty")
+        stream = llm.chat(start + [{"role": "user", "content": prompt.strip()}], params, stream=True)
+        _print_stream(stream, strip_leading=True)
+        click.echo(_stats(stream.output), err=True)
+        return
+    click.echo("Type a message; /reset clears the conversation, /exit leaves.", err=True)
+    messages = list(start)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            messages = list(start)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = llm.chat(messages, params, stream=True)
+        try:
+            reply = _print_stream(stream, strip_leading=True)
+        except KeyboardInterrupt:
+            click.echo("\n(reply interrupted)", err=True)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        click.echo(_stats(stream.output), err=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+              help="text to continue; repeat to generate several in one batch")
+@sampling_options(temperature=0.0, max_tokens=128)
+@engine_options
+def generate(model, prompts, engine, **kw):
+    """Continue each --prompt with MODEL."""
+    params = _params(kw)
+    llm = engine.llm(model)
+    if len(prompts) == 1:
+        stream = llm.stream(prompts[0], params)
+        _print_stream(stream)
+        click.echo(_stats(stream.output), err=True)
+        return
+    for i, out in enumerate(llm.generate(list(prompts), params)):
+        click.echo(f"--- {i}: {prompts[i]}")
+        click.echo(out.text)
+        click.echo(_stats(out), err=True)
+
+
+@cli.command()
+def models():
+    """The model aliases and whether each is on this machine."""
+    from .weights import ALIASES, resolve
+    width = max(map(len, ALIASES))
+    for alias, target in ALIASES.items():
+        try:
+            where = f"found   {resolve(alias)}"
+        except ValueError:
+            where = f"missing {target}"
+        click.echo(f"{alias:<{width}}  {where}")
+
+
+def main():
+    cli(prog_name="tinymoe")
+
+
+# --- routing commands (routing engineer) ---
