@@ -83,7 +83,7 @@ class _Collect(Router):
 
 @torch.no_grad()
 def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
-              fit_tokens: int = 4096, proto_steps: int = 300, latent_dim: int = 16,
+              fit_tokens: int = 4096, proto_steps: int = 200, latent_dim: int = 16,
               progress=None, seed: int = 0) -> Calibration:
     """Run the model (top-k routing) over `tokens` [N] in windows of `seq_len`, `batch` at a time."""
     torch.manual_seed(seed)
@@ -118,9 +118,9 @@ def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
     return Calibration(layers, {"tokens": int(rows.numel()), "seq_len": seq_len})
 
 
-def fit_prototypes(gate, x: torch.Tensor, latent_dim: int = 16, steps: int = 300,
+def fit_prototypes(gate, x: torch.Tensor, latent_dim: int = 16, steps: int = 200,
                    beta_div: float = 0.1, beta_bal: float = 1.0, lr: float = 1e-2,
-                   minibatch: int = 512) -> dict[str, torch.Tensor]:
+                   minibatch: int = 256) -> dict[str, torch.Tensor]:
     """Fit LN, A, a, P (experts frozen) so that softmax(cos(mu, P) / tau) follows the gate, with
     prototypes and latents pushed apart and soft expert usage pulled towards uniform."""
     with torch.no_grad():

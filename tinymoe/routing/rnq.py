@@ -7,10 +7,21 @@ import torch
 from ..experts.plan import PRECISIONS, Copy, ExpertPlan
 from .base import Router, register
 
-# Storage formats the byte budget counts: int8 per output channel with one scale; int4 in groups
-# along the input dimension with a scale and a zero point each (scales stored in 16 bits).
+# The storage formats of tinymoe/experts (quant.py, pools.py), mirrored here because routing may
+# only import experts.plan: int8 has one bf16 scale per output channel; int4 a bf16 scale and zero
+# per group of inputs (the largest power of two from 128 down to 32 dividing K), with output
+# channels padded to a multiple of 64 (the CPU kernel's packing). w1 and w3 are stored as one
+# [2I, D] matrix.
 SCALE_BYTES = 2
-INT4_GROUP = 32
+
+
+def int4_group(k: int) -> int:
+    g = 128
+    while g > 32 and (k % g or g > k):
+        g //= 2
+    if k % g:
+        raise ValueError(f"int4 needs the input size divisible by 32, got {k}; use quant=int8")
+    return g
 
 
 def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> int:
@@ -19,14 +30,14 @@ def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> in
     if precision == "int8":
         return rows * cols + rows * SCALE_BYTES
     if precision == "int4":
-        groups = -(-cols // INT4_GROUP)
-        return rows * cols // 2 + rows * groups * 2 * SCALE_BYTES
+        rows = -(-rows // 64) * 64
+        return rows * cols // 2 + (cols // int4_group(cols)) * rows * 2 * SCALE_BYTES
     raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 def expert_bytes(hidden: int, inter: int, precision: str, full_itemsize: int) -> int:
-    """One SwiGLU expert: w1 and w3 are [I, D], w2 is [D, I] (rows = output channels)."""
-    return 2 * matrix_bytes(inter, hidden, precision, full_itemsize) + \
+    """One SwiGLU expert: w1, w3 stacked as [2I, D], w2 as [D, I] (rows = output channels)."""
+    return matrix_bytes(2 * inter, hidden, precision, full_itemsize) + \
         matrix_bytes(hidden, inter, precision, full_itemsize)
 
 
@@ -99,12 +110,12 @@ class ReplicateQuantize(Router):
         bytes_of = {p: expert_bytes(hidden, inter, p, itemsize) for p in PRECISIONS}
         plan = rnq_plan(calib["load"], calib["importance"], bytes_of, self.replica, self.quant,
                         self.replicas)
-        block.ctx.state.update(plan=plan, plan_bytes=plan_bytes(plan, bytes_of),
-                               budget_bytes=E * bytes_of["full"],
+        ex.apply_plan(plan)
+        used = ex.weight_bytes() if hasattr(ex, "weight_bytes") else plan_bytes(plan, bytes_of)
+        if used > E * bytes_of["full"]:  # the experts' own count disagrees with the mirror above
+            raise RuntimeError(f"rnq plan takes {used} bytes, over the layer's {E * bytes_of['full']}")
+        block.ctx.state.update(plan=plan, plan_bytes=used, budget_bytes=E * bytes_of["full"],
                                copy_weight=copy_weights(plan, calib["load"]))
-        apply = getattr(ex, "apply_plan", None)
-        if apply is not None:
-            apply(plan)
 
     def route(self, logits, hidden, ctx):
         return self.base.route(logits, hidden, ctx)

@@ -1,0 +1,104 @@
+"""End to end on a tiny checkpoint: calibrate, every router through the model, bench, eval."""
+import json
+import random
+
+import pytest
+import torch
+
+import checkpoints
+import tinymoe
+from tinymoe import benchmark
+from tinymoe.evaluation import multiple_choice, read_choices, read_tokens
+from tinymoe.routing import ROUTERS, install
+from tinymoe.routing.calibrate import calibrate, load_calibration
+
+WORDS = ("the cat sat on a mat while dogs ran over green hills and birds sang songs of summer "
+         "rain in old towns near the river").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Mixtral (sizes divisible by 32 so int4 works) with a BPE tokenizer fitting its vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("bench")
+    rng = random.Random(0)
+    text = " ".join(rng.choice(WORDS) for _ in range(3000))
+    (root / "data.txt").write_text(text)
+    path = checkpoints.mixtral(root / "model", hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                               num_local_experts=8, vocab_size=96)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(path / "tokenizer.json"))
+    model = tinymoe.load_model(path)
+    tokens = read_tokens(tinymoe.load_tokenizer(path), root / "data.txt")
+    calib = calibrate(model, tokens, seq_len=64, batch=8, proto_steps=60)
+    calib.save(root / "calib.safetensors")
+    return root, path, model, tokens
+
+
+def test_calibration_file_round_trips(setup):
+    root, _, model, _ = setup
+    calib = load_calibration(root / "calib.safetensors")
+    for block in model.moe_blocks():
+        layer = calib.layer(block.ctx.layer)
+        q = layer["mass_quantiles"]
+        assert q.shape == (101,) and bool((q[1:] >= q[:-1]).all()) and 2 / 8 <= float(q[50]) <= 1
+        assert layer["load"].sum() > 0 and bool((layer["importance"] > 0).all())
+        assert layer["proto.prototypes"].shape == (8, 16)
+
+
+def test_every_router_runs_through_the_model(setup):
+    root, _, model, tokens = setup
+    ids = tokens[:96].view(3, 32)
+    install(model, "topk")
+    ref = model(ids)
+    install(model, "laser", root / "calib.safetensors", eps_high=0.0)  # all peaked: top-k exactly
+    assert torch.equal(model(ids), ref)
+    for name in sorted(ROUTERS):
+        install(model, name, root / "calib.safetensors")
+        out = model(ids)
+        assert out.shape == ref.shape and torch.isfinite(out).all(), name
+    install(model, "rnq", root / "calib.safetensors", replicas=2)
+    for block in model.moe_blocks():
+        st = block.ctx.state
+        assert len(st["plan"].copies) == 10 and st["plan_bytes"] <= st["budget_bytes"]
+    install(model, "topk")
+    assert torch.equal(model(ids), ref)  # the plan is undone
+
+
+def test_bench_rows_and_balance(setup, tmp_path):
+    root, _, model, tokens = setup
+    calib = load_calibration(root / "calib.safetensors")
+    res = benchmark.run(model, ["topk", "laser", "balanced", "rnq"], [1, 16], tokens, prompt_len=16,
+                        gen_len=4, devices=2, calib=calib, ppl_window=32, ppl_windows=8, engine=False)
+    rows = {(r.router, r.batch): r for r in res["rows"]}
+    assert len(rows) == 8
+    assert rows["topk", 16].ppl_delta_pct == 0 and rows["topk", 16].agree_top1 == 1
+    assert rows["laser", 1].i_agg == rows["topk", 1].i_agg  # one token a pass: nothing to balance
+    assert rows["balanced", 16].i_agg == pytest.approx(1.0)  # 16 * 2 assignments over 8 experts
+    assert rows["laser", 16].i_agg <= rows["topk", 16].i_agg
+    assert 0 <= rows["laser", 16].flat_frac <= 1
+    data = json.loads(benchmark.format_rows(res, "json"))
+    assert [list(d) for d in data] == [benchmark.KEYS] * 8
+    assert "| laser | 16 |" in benchmark.format_rows(res, "md")
+    benchmark.plot_heatmaps(res, tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+
+
+def test_multiple_choice_reads_arc_and_mmlu_shapes(setup, tmp_path):
+    _, path, model, _ = setup
+    f = tmp_path / "mc.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "the cat sat on", "choices": ["a mat", "green hills"], "answer": 0},
+        {"question": "birds sang", "choices": {"text": ["songs", "rain"], "label": ["A", "B"]}, "answer": "A"},
+        {"question": "dogs ran", "choices": ["over", "the", "river"], "answer": "B"},
+    ]))
+    items = read_choices(f)
+    assert [i["answer"] for i in items] == [0, 0, 1]
+    install(model, "topk")
+    res = multiple_choice(model, tinymoe.load_tokenizer(path), items)
+    assert res["items"] == 3 and 0 <= res["acc"] <= 1
+    f.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": "Z"}))
+    with pytest.raises(ValueError, match="mc.jsonl:1"):
+        read_choices(f)

@@ -1,0 +1,255 @@
+"""`tinymoe bench`: every router measured for speed, balance and accuracy in one table.
+
+Per router and batch B: B prompts are prefilled together, then decoded greedily together for
+gen_len steps (B tokens a forward pass). Balance is per forward pass, averaged over the decode
+passes; prefill passes are summarised apart. Perplexity and top-1 agreement come from a
+teacher-forced pass over the data, B windows a pass, against top-k on the same windows."""
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .evaluation import perplexity, teacher_forced, windows
+from .routing import install, make_router
+from .routing.metrics import LoadRecorder, flat_fraction, measure_alpha_beta
+
+KEYS = ["router", "batch", "pp_tps", "tg_tps", "i_agg", "i_dev", "gini", "minmax", "flat_frac",
+        "ppl", "ppl_delta_pct", "agree_top1", "ep_speedup"]
+
+
+@dataclass
+class Row:
+    router: str
+    batch: int
+    pp_tps: float
+    tg_tps: float
+    i_agg: float
+    i_dev: float
+    gini: float
+    minmax: float
+    flat_frac: float | None
+    ppl: float
+    ppl_delta_pct: float
+    agree_top1: float
+    ep_speedup: float
+
+
+class StaticCache:
+    """Dense KV cache for B sequences of equal length growing in step (the bench's shape); the
+    model's only call is `attend` (docs/DESIGN.md)."""
+
+    def __init__(self, batch: int):
+        self.batch, self.pos, self.k, self.v = batch, 0, {}, {}
+
+    def attend(self, layer, q, k, v):
+        B = self.batch
+        n = q.shape[0] // B
+        q, k, v = (t.view(B, n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        mask = None
+        if n > 1:  # new tokens see the past and themselves causally
+            total = k.shape[2]
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return o.transpose(1, 2).reshape(B * n, o.shape[1], o.shape[3])
+
+
+@torch.no_grad()
+def generate_measured(model, prompts: torch.Tensor, gen_len: int, recorder: LoadRecorder, tick=None):
+    """Greedy: prefill `prompts` [B, P] in one pass, then gen_len decode passes of B tokens.
+    Returns (prefill seconds, decode seconds, decode-phase flat fraction)."""
+    device = next(model.parameters()).device
+    B, P = prompts.shape
+    cache = StaticCache(B)
+    recorder.phase = "prefill"
+    t0 = time.perf_counter()
+    hidden = model.hidden_states(prompts.to(device), torch.arange(P, device=device), cache)
+    nxt = model.logits(hidden[:, -1]).argmax(-1)
+    cache.pos = P
+    t_prefill = time.perf_counter() - t0
+    if tick:
+        tick(1)
+    before = _flat_counts(model)
+    recorder.phase = "decode"
+    t0 = time.perf_counter()
+    for _ in range(gen_len):
+        pos = torch.tensor([cache.pos], device=device)
+        hidden = model.hidden_states(nxt[:, None], pos, cache)
+        nxt = model.logits(hidden[:, -1]).argmax(-1)
+        cache.pos += 1
+        if tick:
+            tick(1)
+    t_decode = time.perf_counter() - t0
+    after = _flat_counts(model)
+    tokens = after[1] - before[1]
+    return t_prefill, t_decode, ((after[0] - before[0]) / tokens if tokens else None)
+
+
+def _flat_counts(model):
+    flat = sum(b.ctx.state.get("flat", 0) for b in model.moe_blocks())
+    return flat, sum(b.ctx.state.get("tokens", 0) for b in model.moe_blocks())
+
+
+def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: int):
+    """Prefill and decode t/s of the engine's LLM on this model (None if there is no engine)."""
+    try:
+        from .engine import LLM, SamplingParams
+    except ImportError:
+        return None
+    B, P = prompts.shape
+    llm = LLM(model, router=name, calib=calib, max_num_seqs=B, max_batch_tokens=max(B * P, 512),
+              kv_cache_tokens=B * (P + gen_len + 16), prefix_caching=False, **opts)
+    outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True))
+    first = max(o.time_to_first_token for o in outs)
+    last = max(o.latency for o in outs)
+    return B * P / first, (B * (gen_len - 1) / (last - first) if gen_len > 1 and last > first else math.nan)
+
+
+def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
+        gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
+        ppl_window: int = 128, ppl_windows: int = 64, engine: bool = True, progress=None) -> dict:
+    """The whole bench; top-k always runs as the reference. Returns {"rows": [Row], "prefill":
+    [dict], "heat": {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
+    check_opts(routers, router_opts or {})
+    opts = {r: _opts_for(r, router_opts or {}) for r in routers}
+    for r in routers:
+        make_router(r, **opts[r])  # fail fast on a bad name or option
+    blocks = list(model.moe_blocks())
+    if not blocks:
+        raise ValueError("the model has no MoE layers to route")
+    install(model, "topk")
+    alpha, beta = measure_alpha_beta(blocks[0].experts, model.config.hidden_size,
+                                     dtype=blocks[0].experts.w_gate.dtype)
+    rows_ppl = windows(tokens, ppl_window, ppl_windows)
+    need = max(batches) * prompt_len
+    source = tokens.repeat(math.ceil(need / tokens.numel())) if tokens.numel() < need else tokens
+    names = ["topk"] + [r for r in routers if r != "topk"]
+    tick = progress(len(batches) * len(names) * (1 + gen_len + rows_ppl.shape[0])) if progress else None
+
+    out, prefill, heat = [], [], {}
+    for B in batches:
+        prompts = _prompts(source, B, prompt_len)
+        for name in names:
+            install(model, name, calib, **opts.get(name, {}))
+            rec = LoadRecorder().attach(model)
+            try:
+                t_pre, t_dec, flat = generate_measured(model, prompts, gen_len, rec, tick)
+            finally:
+                rec.detach(model)
+            dec = rec.summary("decode", devices, alpha, beta)
+            install(model, name, calib, **opts.get(name, {}))  # fresh state for the accuracy pass
+            nll, top = teacher_forced(model, rows_ppl, B, tick)
+            if name == "topk":
+                ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
+            if name not in routers:
+                continue
+            speed = engine_throughput(model, name, calib, opts.get(name, {}), prompts, gen_len) if engine else None
+            if speed is None:  # no engine: the bench driver's own timings
+                speed = B * prompt_len / t_pre, B * gen_len / t_dec if gen_len else math.nan
+            ppl = perplexity(nll)
+            out.append(Row(name, B, *speed,
+                           dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
+                           dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
+                           float((top == ref_top).float().mean()),
+                           ref_time / dec["ep_time"] if dec["ep_time"] else math.nan))
+            prefill.append({"router": name, "batch": B, "tokens": B * prompt_len,
+                            **rec.summary("prefill", devices, alpha, beta)})
+            if B == max(batches):
+                heat[name] = _heat(rec, model)
+    install(model, "topk")
+    return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices}
+
+
+def _opts_for(router: str, opts: dict) -> dict:
+    """Each --router-opt goes to the routers that have that option."""
+    import inspect
+    from .routing import ROUTERS
+    if router not in ROUTERS:
+        return {}
+    params = set(inspect.signature(ROUTERS[router].__init__).parameters) - {"self"}
+    return {k: v for k, v in opts.items() if k in params}
+
+
+def check_opts(routers: list[str], opts: dict):
+    from .routing import ROUTERS
+    import inspect
+    for key in opts:
+        if not any(key in inspect.signature(ROUTERS[r].__init__).parameters for r in routers if r in ROUTERS):
+            raise ValueError(f"no router among {', '.join(routers)} has the option {key!r}")
+
+
+def _prompts(tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """B prompts taken from evenly spaced places in the text."""
+    starts = torch.linspace(0, tokens.numel() - length, batch).long()
+    return torch.stack([tokens[s:s + length] for s in starts.tolist()])
+
+
+def _heat(rec: LoadRecorder, model) -> torch.Tensor:
+    """Pooled decode load per layer and expert, divided by the layer's mean."""
+    pooled = rec.pooled("decode")
+    rows = [pooled[b.ctx.layer].double() for b in model.moe_blocks() if b.ctx.layer in pooled]
+    load = torch.stack(rows)
+    return load / load.mean(1, keepdim=True).clamp(min=1e-9)
+
+
+def format_rows(result: dict, fmt: str) -> str:
+    rows = [asdict(r) for r in result["rows"]]
+    if fmt == "json":
+        return json.dumps([{k: _clean(r[k]) for k in KEYS} for r in rows], indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, KEYS)
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt != "md":
+        raise ValueError(f"unknown format {fmt!r}; valid: md, json, csv")
+    G = result["devices"]
+    head = ["router", "batch", "prefill t/s", "decode t/s", "I_agg", f"I_dev({G})", "Gini", "min/max",
+            "flat %", "ppl", "ppl Δ %", "top-1 agree", "EP speedup (modelled)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        flat = "-" if r["flat_frac"] is None else f"{100 * r['flat_frac']:.1f}"
+        lines.append(f"| {r['router']} | {r['batch']} | {r['pp_tps']:.1f} | {r['tg_tps']:.1f} | "
+                     f"{r['i_agg']:.3f} | {r['i_dev']:.3f} | {r['gini']:.3f} | {r['minmax']:.3f} | {flat} | "
+                     f"{r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f} | {r['agree_top1']:.3f} | "
+                     f"{r['ep_speedup']:.2f}x |")
+    lines += ["", "Balance columns: per decode forward pass (B tokens), averaged over passes and MoE "
+              "layers. Prefill passes (one pass of B x prompt tokens):", "",
+              "| router | batch | tokens | I_agg | I_agg pooled | I_dev | Gini | min/max |", "|" + "---|" * 8]
+    for p in result["prefill"]:
+        lines.append(f"| {p['router']} | {p['batch']} | {p['tokens']} | {p['i_agg']:.3f} | "
+                     f"{p['i_agg_pooled']:.3f} | {p['i_dev']:.3f} | {p['gini']:.3f} | {p['minmax']:.3f} |")
+    lines.append(f"\nEP speedup is modelled (ALGORITHMS.md section 7) with alpha = "
+                 f"{result['alpha'] * 1e6:.2f} us/token, beta = {result['beta'] * 1e6:.2f} us/expert "
+                 f"measured here, on {G} devices.")
+    return "\n".join(lines)
+
+
+def _clean(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def plot_heatmaps(result: dict, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    heat = result["heat"]
+    n = len(heat)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.2), squeeze=False)
+    vmax = max(float(h.max()) for h in heat.values())
+    for ax, (name, h) in zip(axes[0], heat.items()):
+        im = ax.imshow(h.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax)
+        ax.set_title(name)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="load / layer mean (decode, pooled)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,131 @@
+"""Accuracy of a routed model: perplexity and next-token agreement with top-k on a text file
+(teacher forced), and multiple-choice accuracy by log-likelihood on JSONL (ARC/MMLU shape)."""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def read_tokens(tokenizer, path) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} not found")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_bos=False)
+    if len(ids) < 2:
+        raise ValueError(f"data file {path} holds fewer than two tokens")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def windows(tokens: torch.Tensor, length: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping rows of `length` tokens (one shorter row if the text is short)."""
+    n = tokens.numel() // length
+    rows = tokens[: n * length].view(n, length) if n else tokens[None]
+    return rows[:limit] if limit else rows
+
+
+@torch.no_grad()
+def teacher_forced(model, rows: torch.Tensor, batch: int, progress=None, logit_rows: int = 4):
+    """Next-token NLL and argmax at every position but the last of each row, `batch` rows a
+    forward pass (the router sees batch * length tokens a pass). Returns (nll [N], argmax [N])."""
+    device = next(model.parameters()).device
+    nll, top = [], []
+    for s in range(0, rows.shape[0], batch):
+        ids = rows[s:s + batch].to(device)
+        hidden = model.hidden_states(ids)
+        for r in range(0, ids.shape[0], logit_rows):  # [rows, T, V] logits can be large
+            logp = torch.log_softmax(model.logits(hidden[r:r + logit_rows, :-1]).float(), -1)
+            target = ids[r:r + logit_rows, 1:]
+            nll.append(-logp.gather(-1, target[..., None]).squeeze(-1).reshape(-1).cpu())
+            top.append(logp.argmax(-1).reshape(-1).cpu())
+        if progress:
+            progress(ids.shape[0])
+    return torch.cat(nll), torch.cat(top)
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    return math.exp(float(nll.double().mean()))
+
+
+def read_choices(path) -> list[dict]:
+    """JSONL items {question, choices, answer}; choices a list of strings or ARC's
+    {"text": [...], "label": [...]}; answer an index, a label ("B") or the choice text."""
+    items = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            choices, answer = raw["choices"], raw.get("answer", raw.get("answerKey"))
+            labels = None
+            if isinstance(choices, dict):
+                choices, labels = list(choices["text"]), list(choices.get("label") or [])
+            items.append({"question": str(raw["question"]), "choices": [str(c) for c in choices],
+                          "answer": _answer_index(answer, choices, labels)})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not a multiple-choice item ({type(e).__name__}: {e})") from None
+    if not items:
+        raise ValueError(f"{path} holds no multiple-choice items")
+    return items
+
+
+def _answer_index(answer, choices, labels) -> int:
+    letters = labels or [chr(ord("A") + i) for i in range(len(choices))]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer
+    elif isinstance(answer, str) and answer.strip() in letters:
+        index = letters.index(answer.strip())
+    elif isinstance(answer, str) and answer.strip().isdigit():
+        index = int(answer)
+    elif answer in choices:
+        index = choices.index(answer)
+    else:
+        raise ValueError(f"answer {answer!r} names no choice")
+    if not 0 <= index < len(choices):
+        raise ValueError(f"answer index {index} out of range")
+    return index
+
+
+@torch.no_grad()
+def multiple_choice(model, tokenizer, items: list[dict], progress=None) -> dict:
+    """Pick the choice whose tokens are most likely after the question; `acc` on the summed
+    log-likelihood, `acc_norm` divided by the choice's length in characters."""
+    device = next(model.parameters()).device
+    correct = correct_norm = 0
+    for item in items:
+        context = tokenizer.encode(f"Question: {item['question']}\nAnswer:", add_bos=True)
+        conts = [tokenizer.encode(f"Question: {item['question']}\nAnswer: {c}", add_bos=True)[len(context):]
+                 or [tokenizer.eos_ids[0] if tokenizer.eos_ids else 0] for c in item["choices"]]
+        length = len(context) + max(len(c) for c in conts)
+        rows = torch.zeros(len(conts), length, dtype=torch.int64)
+        for i, c in enumerate(conts):  # right padding never reaches the scored positions
+            rows[i, : len(context) + len(c)] = torch.tensor(context + c)
+        logp = torch.log_softmax(model(rows.to(device)).float(), -1).cpu()
+        scores = []
+        for i, c in enumerate(conts):
+            pos = torch.arange(len(context) - 1, len(context) - 1 + len(c))
+            scores.append(float(logp[i, pos, torch.tensor(c)].sum()))
+        norm = [s / max(1, len(ch)) for s, ch in zip(scores, item["choices"])]
+        correct += max(range(len(scores)), key=scores.__getitem__) == item["answer"]
+        correct_norm += max(range(len(norm)), key=norm.__getitem__) == item["answer"]
+        if progress:
+            progress(1)
+    return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+
+
+def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None, window: int = 128,
+                  batch: int = 8, max_windows: int | None = None, progress=None, **opts) -> dict:
+    """Perplexity of `router` and its top-1 agreement with top-k on the same windows."""
+    from .routing import install
+    rows = windows(tokens, window, max_windows)
+    install(model, "topk")
+    ref_nll, ref_top = teacher_forced(model, rows, batch, progress)
+    if router == "topk":
+        nll, top = ref_nll, ref_top
+    else:
+        install(model, router, calib, **opts)
+        nll, top = teacher_forced(model, rows, batch, progress)
+        install(model, "topk")
+    ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)
+    return {"router": router, "tokens": int(nll.numel()), "ppl": ppl, "ppl_topk": ref_ppl,
+            "ppl_delta_pct": 100 * (ppl / ref_ppl - 1), "agree_top1": float((top == ref_top).float().mean())}
