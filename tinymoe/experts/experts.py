@@ -23,7 +23,8 @@ class Experts(nn.Module):
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
         super().__init__()
-        if w_gate.shape != w_up.shape or w_gate.shape[::2] != w_down.shape[::2] or w_gate.shape[1] != w_down.shape[2]:
+        E, I, D = w_gate.shape
+        if w_up.shape != w_gate.shape or w_down.shape != (E, D, I):
             raise ValueError(f"expert weights do not fit: gate {tuple(w_gate.shape)}, up {tuple(w_up.shape)}, "
                              f"down {tuple(w_down.shape)} (want [E, I, D], [E, I, D], [E, D, I])")
         self.w_gate = nn.Parameter(w_gate, requires_grad=False)

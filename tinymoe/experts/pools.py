@@ -61,7 +61,8 @@ class Int8Pool(nn.Module):
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def _linear(self, x, q, s):
-        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+        # the CPU kernel silently computes garbage unless K is a multiple of 16
+        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS and x.shape[1] % 16 == 0:
             return torch.ops.aten._weight_int8pack_mm(x, q, s)
         return F.linear(x, q.to(x.dtype) * s[:, None])
 
@@ -77,34 +78,39 @@ class Int8Pool(nn.Module):
         return MoEWeights("int8", self.q13, self.q2, self.s13, self.s2, 0, 0, self.inter, self.hidden)
 
 
-def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = -w.shape[-2] % multiple
-    return F.pad(w, (0, 0, 0, extra)) if extra else w
+def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad [N, K] to multiples of (rows, cols)."""
+    extra_n, extra_k = -w.shape[-2] % rows, -w.shape[-1] % cols
+    return F.pad(w, (0, extra_k, 0, extra_n)) if extra_n or extra_k else w
 
 
 class Int4Pool(nn.Module):
     """int4 weights, asymmetric per group of K inputs: w = (q - 8) * scale + zero (bf16 scale, zero).
 
-    Packed in the layout of torch's CPU int4 kernel (which needs the output channels padded to a
-    multiple of 64); the Triton kernel reads the same bytes."""
+    Packed in the layout of torch's CPU int4 kernel, which needs the output channels padded to a
+    multiple of 64 and K to a multiple of 32 (zeros; only tiny test models need it); the Triton
+    kernel reads the same bytes."""
 
     precision = "int4"
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, group: int = 128):
         super().__init__()
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
-        self.group13 = int4_group_size(self.hidden, group)
-        self.group2 = int4_group_size(self.inter, group)
+        self.k13, self.k2 = -(-self.hidden // 32) * 32, -(-self.inter // 32) * 32
+        self.group13 = int4_group_size(self.k13, group)
+        self.group2 = int4_group_size(self.k2, group)
         p13, z13, p2, z2 = [], [], [], []
         for i in range(w13.shape[0]):
-            q, sz = quantize_int4(_pad_rows(w13[i], 64), self.group13); p13.append(pack_int4(q)); z13.append(sz)
-            q, sz = quantize_int4(_pad_rows(w2[i], 64), self.group2); p2.append(pack_int4(q)); z2.append(sz)
-        self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), D/2]
-        self.register_buffer("z13", torch.stack(z13), persistent=False)  # [n, D/g, pad64(2I), 2]
-        self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), I/2]
-        self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, I/g, pad64(D), 2]
+            q, sz = quantize_int4(_pad(w13[i], 64, 32), self.group13); p13.append(pack_int4(q)); z13.append(sz)
+            q, sz = quantize_int4(_pad(w2[i], 64, 32), self.group2); p2.append(pack_int4(q)); z2.append(sz)
+        self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), pad32(D)/2]
+        self.register_buffer("z13", torch.stack(z13), persistent=False)  # [n, pad32(D)/g, pad64(2I), 2]
+        self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), pad32(I)/2]
+        self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, pad32(I)/g, pad64(D), 2]
 
     def _linear(self, x, packed, sz, group):
+        if x.shape[1] != packed.shape[1] * 2:
+            x = F.pad(x, (0, packed.shape[1] * 2 - x.shape[1]))
         if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
         from .quant import dequantize_int4, unpack_int4

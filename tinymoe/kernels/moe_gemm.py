@@ -10,9 +10,9 @@ the rows of its own copies; the caller sums `out` over the k slots.
 Weights (`MoEWeights`), gate and up stacked as `w13 [n, 2I, D]`, down `w2 [n, D, I]`:
 - full: bf16/fp16/fp32;
 - int8: `w13`, `w2` int8 with scales `s13 [n, 2I]`, `s2 [n, D]`: w = q * s;
-- int4: packed uint8 `[n, pad64(N), K/2]` in the layout of torch's CPU int4 kernel (per block of
-  64 channels and per k, 32 bytes: channels 0..31 in the low nibbles, 32..63 in the high ones),
-  `s13`/`s2` = scales and zeros `[n, K/group, pad64(N), 2]`: w = (q - 8) * scale + zero.
+- int4: packed uint8 `[n, pad64(N), KW/2]` (KW: K zero-padded to a multiple of 32) in the layout
+  of torch's CPU int4 kernel (per block of 64 channels and per k, 32 bytes: channels 0..31 in
+  the low nibbles, 32..63 in the high ones), `s13`/`s2` = scales and zeros `[n, KW/group, pad64(N), 2]`: w = (q - 8) * scale + zero.
 Under the interpreter every operand is upcast to fp32 (its bf16 arithmetic is wrong); on a GPU
 the dot runs in the activation dtype with fp32 accumulation.
 """
@@ -67,7 +67,7 @@ def _tile_row(tile_copy_ptr, copy_row_ptr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, h_ptr,
-                    num_assign, top_k, D, I, NP,
+                    num_assign, top_k, D, I, NP, KW,
                     PREC: tl.constexpr, GROUP: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = _tile_row(tile_copy_ptr, copy_row_ptr)
@@ -88,8 +88,8 @@ def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr
         a = tl.load(x_ptr + tok[:, None] * D + offs_k[None, :],
                     mask=valid[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        wg = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, w_mask, D, NP, PREC, GROUP)
-        wu = _weight_tile(w_ptr, s_ptr, row, offs_n + I, offs_k, w_mask, D, NP, PREC, GROUP)
+        wg = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, w_mask, KW, NP, PREC, GROUP)
+        wu = _weight_tile(w_ptr, s_ptr, row, offs_n + I, offs_k, w_mask, KW, NP, PREC, GROUP)
         if DOT_IN_INPUT_DTYPE:
             dt = x_ptr.dtype.element_ty
             acc_g = tl.dot(a.to(dt), wg.to(dt), acc_g)
@@ -107,7 +107,7 @@ def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr
 
 @triton.jit
 def _down_kernel(h_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, topk_w_ptr, out_ptr,
-                 num_assign, D, I, NP,
+                 num_assign, D, I, NP, KW,
                  PREC: tl.constexpr, GROUP: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = _tile_row(tile_copy_ptr, copy_row_ptr)
@@ -126,7 +126,7 @@ def _down_kernel(h_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, t
         a = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * I + offs_k[None, :],
                     mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, k_mask[:, None] & n_mask[None, :],
-                         I, NP, PREC, GROUP)
+                         KW, NP, PREC, GROUP)
         if DOT_IN_INPUT_DTYPE:
             dt = topk_w_ptr.dtype.element_ty
             acc = tl.dot(a.to(dt), w.to(dt), acc)
@@ -152,6 +152,10 @@ def _check(x, topk_weights, w: MoEWeights, out):
         raise ValueError(f"unknown expert precision {w.precision!r}")
 
 
+def _row_length(w: MoEWeights, t: torch.Tensor) -> int:
+    return t.shape[2] * 2 if w.precision == "int4" else t.shape[2]
+
+
 def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWeights, out, block_m):
     _check(x, topk_weights, w, out)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
@@ -163,13 +167,13 @@ def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWei
     bn, bk = _block(I), _block(D)
     _gate_up_kernel[(tiles, triton.cdiv(I, bn))](
         x, sorted_ids, tile_copy, copy_row, w.w13, w.s13 if w.s13 is not None else w.w13, h,
-        topk_weights.numel(), k, D, I, w.w13.shape[1],
+        topk_weights.numel(), k, D, I, w.w13.shape[1], _row_length(w, w.w13),
         PREC=prec, GROUP=w.group13, DOT_IN_INPUT_DTYPE=dot_in_input,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
     bn, bk = _block(D), _block(I)
     _down_kernel[(tiles, triton.cdiv(D, bn))](
         h, sorted_ids, tile_copy, copy_row, w.w2, w.s2 if w.s2 is not None else w.w2,
-        topk_weights.to(x.dtype), out, topk_weights.numel(), D, I, w.w2.shape[1],
+        topk_weights.to(x.dtype), out, topk_weights.numel(), D, I, w.w2.shape[1], _row_length(w, w.w2),
         PREC=prec, GROUP=w.group2, DOT_IN_INPUT_DTYPE=dot_in_input,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
     return out
@@ -177,7 +181,7 @@ def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWei
 
 def dequantize_row(w: MoEWeights, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (w13 [2I, D], w2 [D, I]) of one weight row of a pool."""
-    def one(q, s, group, n_out):
+    def one(q, s, group, n_out, k_in):
         if w.precision == "full":
             return q.float()
         if w.precision == "int8":
@@ -186,9 +190,9 @@ def dequantize_row(w: MoEWeights, row: int) -> tuple[torch.Tensor, torch.Tensor]
         blocks = q.reshape(n // 64, k, 32)
         codes = torch.stack((blocks & 15, blocks >> 4), 1).transpose(-1, -2).reshape(n, k).float()
         sz = s.float().repeat_interleave(group, 0).transpose(0, 1)  # [N, K, 2]
-        return ((codes - 8) * sz[..., 0] + sz[..., 1])[:n_out]
-    return (one(w.w13[row], None if w.s13 is None else w.s13[row], w.group13, 2 * w.inter),
-            one(w.w2[row], None if w.s2 is None else w.s2[row], w.group2, w.hidden))
+        return ((codes - 8) * sz[..., 0] + sz[..., 1])[:n_out, :k_in]
+    return (one(w.w13[row], None if w.s13 is None else w.s13[row], w.group13, 2 * w.inter, w.hidden),
+            one(w.w2[row], None if w.s2 is None else w.s2[row], w.group2, w.hidden, w.inter))
 
 
 def fused_moe_torch(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWeights, out, block_m):
@@ -223,10 +227,10 @@ def aot_kernels(block_m: int = 16, block_n: int = 64, block_k: int = 64, group: 
             wt, st = wt.format(dt=dt), st.format(dt=dt)
             consts = dict(shapes, PREC=PRECISION_CODE[prec], GROUP=group if prec == "int4" else 0)
             gate_up = {"x_ptr": f"*{dt}", **common, "w_ptr": wt, "s_ptr": st, "h_ptr": "*fp32",
-                       "num_assign": "i32", "top_k": "i32", "D": "i32", "I": "i32", "NP": "i32",
+                       "num_assign": "i32", "top_k": "i32", "D": "i32", "I": "i32", "NP": "i32", "KW": "i32",
                        **{c: "constexpr" for c in consts}}
             down = {"h_ptr": "*fp32", **common, "w_ptr": wt, "s_ptr": st, "topk_w_ptr": f"*{dt}",
-                    "out_ptr": "*fp32", "num_assign": "i32", "D": "i32", "I": "i32", "NP": "i32",
+                    "out_ptr": "*fp32", "num_assign": "i32", "D": "i32", "I": "i32", "NP": "i32", "KW": "i32",
                     **{c: "constexpr" for c in consts}}
             out.append((f"moe_gate_up_{prec}_{dt}", _gate_up_kernel, gate_up, consts))
             out.append((f"moe_down_{prec}_{dt}", _down_kernel, down, consts))
