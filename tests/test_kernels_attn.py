@@ -189,3 +189,23 @@ def test_paged_attention_decode(impl, dtype, context_lens, H, KV, hd, block_size
     else:
         # bf16 SDPA rounds the probabilities to bf16 before p @ v: an error relative to sum p|v|
         assert_close(out, ref, 1, atol=2.0 ** -7 * magnitude)
+
+
+# ------------------------------------------------------------------------------ the switch
+
+def test_backend_switch(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setattr(backend, "_chosen", None)
+    monkeypatch.setenv("TINYMOE_BACKEND", "triton")
+    assert backend.backend_for(x) == "triton"
+    with kernels.use_backend("auto"):
+        assert backend.backend_for(x) == "torch"  # auto: torch for CPU tensors
+        with kernels.use_backend("triton"):
+            assert backend.backend_for(x) == "triton"
+        assert kernels.current_backend() == "auto"
+    assert kernels.current_backend() == "triton"
+    with pytest.raises(ValueError, match="valid: triton, torch, auto"):
+        kernels.use_backend("cuda")
+    monkeypatch.setenv("TINYMOE_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="unknown kernel backend 'gpu'"):
+        kernels.rms_norm(x, x, 1e-6)

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
         child = [sys.executable, "-m", "tinymoe.kernels.aot", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.call(child, env={**os.environ, "TRITON_INTERPRET": "0"})
 
+    # keep fused multiply-adds (triton 3.9's default) and say so, which silences its warning
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     kernels = collect(args.only)
     if not kernels:
         print(f"tinymoe.kernels.aot: no kernel matches {args.only!r}", file=sys.stderr)
