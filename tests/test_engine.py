@@ -114,6 +114,17 @@ def test_seeded_sampling_repeats_whatever_the_batch(mixtral_model):
     assert other[0].token_ids != solo
 
 
+def test_repetition_penalty_and_filters_run_through_the_engine(mixtral_model):
+    llm = LLM(mixtral_model, block_size=4)
+    p = prompts([6], seed=7)[0]
+    plain = llm.generate(p, GREEDY)[0].token_ids
+    penalised = llm.generate(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                               repetition_penalty=5.0))[0].token_ids
+    assert len(set(penalised)) > len(set(plain))  # the tiny model repeats itself; the penalty breaks that
+    top1 = llm.generate(p, SamplingParams(temperature=1.5, top_k=1, max_tokens=16, ignore_eos=True))[0]
+    assert top1.token_ids == plain  # top-k 1 is greedy whatever the temperature
+
+
 def test_eos_and_stop_tokens_end_a_request(mixtral_model):
     llm = LLM(mixtral_model, block_size=4)
     p = prompts([5], seed=6)[0]

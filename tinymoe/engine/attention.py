@@ -1,26 +1,6 @@
-"""Torch reference paths of the paged-attention ops, with the signatures of tinymoe.kernels'."""
+"""Prefill attention over the paged KV cache (torch); decode and store_kv are tinymoe.kernels' ops."""
 import torch
 import torch.nn.functional as F
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor):
-    """Write k, v [N, KV, hd] into the caches [num_blocks, block_size, KV, hd] at flat slots [N]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence, q [B, H, hd], over its first context_lens[b] cached tokens."""
-    B, M = block_tables.shape
-    _, bs, KV, hd = k_cache.shape
-    k = k_cache[block_tables].view(B, M * bs, KV, hd).transpose(1, 2)
-    v = v_cache[block_tables].view(B, M * bs, KV, hd).transpose(1, 2)
-    mask = torch.arange(M * bs, device=q.device) < context_lens[:, None].to(torch.long)
-    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :],
-                                       scale=scale, enable_gqa=True)
-    return o[:, :, 0]
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

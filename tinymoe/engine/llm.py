@@ -1,6 +1,7 @@
 import os
 from dataclasses import dataclass
 
+import torch
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -143,6 +144,7 @@ class LLM:
         return self.scheduler.has_unfinished()
 
     # --- the loop -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One forward over the scheduled batch; returns the requests that finished in it."""
         batch = self.scheduler.schedule()

@@ -2,15 +2,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from . import attention
 from .scheduler import Batch
 from .sequence import Sequence
-
-
-def _kernel(name: str):
-    # The Triton paged-attention ops plug in here once tinymoe.kernels has them.
-    from .. import kernels
-    return getattr(kernels, name, None) or getattr(attention, name)
 
 
 @dataclass
@@ -34,17 +29,16 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.scale = head_dim ** -0.5
         self.layout: StepLayout | None = None
-        self.store_kv = _kernel("store_kv")
-        self.decode = _kernel("paged_attention_decode")
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, kc, vc = self.layout, self.k[layer], self.v[layer]
-        self.store_kv(k, v, kc, vc, s.slot_mapping)
+        kernels.store_kv(k, v, kc, vc, s.slot_mapping)
         if not s.prefills:
-            return self.decode(q, kc, vc, s.block_tables, s.context_lens, self.scale)
+            return kernels.paged_attention_decode(q, kc, vc, s.block_tables, s.context_lens, self.scale)
         out = torch.empty_like(q)
         if s.decode_rows is not None:
-            out[s.decode_rows] = self.decode(q[s.decode_rows], kc, vc, s.block_tables, s.context_lens, self.scale)
+            out[s.decode_rows] = kernels.paged_attention_decode(q[s.decode_rows], kc, vc, s.block_tables,
+                                                                s.context_lens, self.scale)
         for lo, hi, context_len, table in s.prefills:
             if context_len == hi - lo:
                 out[lo:hi] = attention.causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], self.scale)

@@ -1,0 +1,148 @@
+"""Prefill and decode tokens/s of tinymoe against transformers' generate, in the same run.
+
+    python bench/decode.py [--batches 1,8,32] [--prompt-len 128] [--decode-tokens 32] [--runs 3]
+                           [--engines tinymoe,transformers] [--model DIR]
+
+Without --model, transformers writes a Mixtral-shaped random bf16 checkpoint (hidden 1024,
+intermediate 3584, 8 experts, top-2, 8 layers, 16 heads, 4 KV heads, vocab 32000) to a temp dir.
+Both engines get the same prompts, greedy, no EOS stop. Prefill t/s = batch * prompt_len / the
+time to the first token; decode t/s (total over the batch) = batch * n / (time for 1 + n tokens -
+time for 1 token). Each figure is the median of --runs. Beside each decode figure: the physical
+limit, the weight bytes one decode step must read (attention, norms, gates, the experts the
+batch's tokens touch, the LM head) over the memory read bandwidth measured in this run."""
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def write_checkpoint(path: Path) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(**SHAPE, eos_token_id=2, bos_token_id=1)
+    with torch.device("cpu"):
+        model = MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def read_bandwidth(gib: float = 1.0, trials: int = 5) -> float:
+    """Bytes/s of streaming reads: the best of `trials` full sums over a buffer far larger than cache."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = 0.0
+    for _ in range(trials):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+    return best
+
+
+def decode_bytes(cfg: dict, batch: int, elem: int = 2) -> float:
+    """Weight bytes one decode step reads at `batch`: every dense weight once, and the experts the
+    batch's tokens touch, E * (1 - (1 - k/E)^batch) per layer in expectation for uniform routing."""
+    D, I, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    hd = D // cfg["num_attention_heads"]
+    attn = 2 * D * D + 2 * D * cfg["num_key_value_heads"] * hd
+    touched = E * (1 - (1 - k / E) ** batch)
+    per_layer = attn + 2 * D + E * D + touched * 3 * D * I
+    return (L * per_layer + D + V * D) * elem
+
+
+def median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_tinymoe(path, prompts, n, runs):
+    from tinymoe.engine import LLM, SamplingParams
+    # No prefix cache: repeated runs over the same prompts must recompute them.
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False)
+
+    def run(batch, tokens):
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        return lambda: llm.generate(prompts[:batch], params)
+    return run
+
+
+def bench_transformers(path, prompts, n, runs):
+    from transformers import MixtralForCausalLM
+    model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+    def run(batch, tokens):
+        ids = torch.tensor(prompts[:batch])
+
+        def go():
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                               min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return go
+    return run
+
+
+ENGINES = {"tinymoe": bench_tinymoe, "transformers": bench_transformers}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a Mixtral-layout checkpoint dir (default: write the random one)")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--engines", default="tinymoe,transformers")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    engines = args.engines.split(",")
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model) if args.model else write_checkpoint(Path(tmp) / "mixtral-mini")
+        cfg = {**SHAPE, **json.loads((path / "config.json").read_text())}
+        prompts = torch.randint(3, cfg["vocab_size"], (max(batches), args.prompt_len)).tolist()
+        bandwidth = read_bandwidth()
+        print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+              f"prompt {args.prompt_len} tokens, decode {args.decode_tokens} tokens, median of {args.runs}")
+        results = {}
+        for name in engines:
+            run = ENGINES[name](path, prompts, args.decode_tokens, args.runs)
+            run(1, 2)()  # warm-up
+            for b in batches:
+                t_first = median_time(run(b, 1), args.runs)
+                t_all = median_time(run(b, 1 + args.decode_tokens), args.runs)
+                results[name, b] = (b * args.prompt_len / t_first, b * args.decode_tokens / (t_all - t_first))
+                print(f"  {name:<12} batch {b:>2}: prefill {results[name, b][0]:8.1f} t/s, "
+                      f"decode {results[name, b][1]:7.1f} t/s", flush=True)
+            del run
+            gc.collect()
+
+    print()
+    print("| engine | batch | prefill t/s | decode t/s | decode limit t/s | share of limit |")
+    print("|---|---|---|---|---|---|")
+    for (name, b), (prefill, decode) in results.items():
+        limit = b * bandwidth / decode_bytes(cfg, b)
+        print(f"| {name} | {b} | {prefill:.0f} | {decode:.1f} | {limit:.1f} | {decode / limit:.2f} |")
+    if set(engines) >= {"tinymoe", "transformers"}:
+        print()
+        print("| batch | prefill ratio (tinymoe / transformers) | decode ratio |")
+        print("|---|---|---|")
+        for b in batches:
+            (tp, td), (hp, hd) = results["tinymoe", b], results["transformers", b]
+            print(f"| {b} | {tp / hp:.2f}x | {td / hd:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
