@@ -64,7 +64,7 @@ class Int8Pool(nn.Module):
         # the CPU kernel silently computes garbage unless K is a multiple of 16
         if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS and x.shape[1] % 16 == 0:
             return torch.ops.aten._weight_int8pack_mm(x, q, s)
-        return F.linear(x, q.to(x.dtype) * s[:, None])
+        return F.linear(x, q.to(x.dtype)) * s  # int8 codes are exact in bf16; scale the outputs
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)  # the CPU kernels want bf16 activations
