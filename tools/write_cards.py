@@ -1,0 +1,169 @@
+"""Write the model cards (tinymoe/assets/<name>/README.md) and tinymoe/assets/README.md from the
+training summaries (train_summary.json) and evaluation results (tools/logs/eval_<name>.json),
+so every number in a card comes from a log.
+
+    python tools/write_cards.py
+"""
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tinymoe" / "assets"
+LOGS = ROOT / "tools" / "logs"
+NAMES = ["tiny-mixtral", "tiny-lpr", "tiny-deepseek"]
+
+CORPUS = ("The King James Bible from Debian's `bible-kjv` package (`bible -l100000 Gen1:1-Rev22:21`), "
+          "one document per chapter (1189), verse numbers dropped. Split by chapter index in canonical "
+          "order: index % 20 == 7 validation (60 chapters), == 13 held-out test (59 chapters, "
+          "`../data/heldout.txt`), the rest training (1070 chapters, about 1.0M tokens). About 5% of "
+          "the training tokens are chat turns built from training verses only: "
+          "`<s>[INST] first half of a verse [/INST] its continuation</s>`.")
+TOKENIZER = ("sentencepiece BPE, 4096 pieces, byte fallback, `<unk>`=0 `<s>`=1 `</s>`=2, `[INST]`=3 and "
+             "`[/INST]`=4 as user-defined symbols, identity normalisation, split digits, dummy prefix "
+             "(Llama/Mixtral conventions), trained on the training split only.")
+
+ROUTING = {
+    "tiny-mixtral": "softmax gate, top-2, weights renormalised over the chosen two (Mixtral), "
+                    "switch load-balancing loss 1e-3 per layer.",
+    "tiny-lpr": "latent prototype routing (ALGORITHMS.md section 3, second way): mu = A SiLU(LN(x)) + a "
+                "(d=16), a variance head, z = mu + sigma eps in training, 8 prototypes, scores "
+                "cos(z, P)/tau with tau = {tau} fixed, top-2, weights softmax over the chosen scores; "
+                "loss per layer lambda_R (beta_div L_div + beta_KL KL + beta_align L_align) with "
+                "lambda_R = {lambda_r}, beta_div = {beta_div}, beta_KL = {beta_kl}, beta_align = {beta_align}, "
+                "no switch loss. L_div = ||G(P) - I||^2/E^2 + the same on 256 sampled mu; L_align = "
+                "mean |P - stopgrad(weighted mean of z over the tokens routed to each expert)|. "
+                "Shipped: LayerNorm, encoder and prototypes as `block_sparse_moe.gate.{{norm,encoder,prototypes}}` "
+                "(docs/DESIGN.md); the variance head is training-only and not shipped. Gate logits "
+                "cos(mu, P)/tau under Mixtral's rule give exactly LPR inference.",
+    "tiny-deepseek": "DeepSeek-MoE v1: layer 0 dense SwiGLU MLP, layers 1-3 softmax gate over 32 "
+                     "fine-grained routed experts, top-6, weights = the chosen probabilities NOT "
+                     "renormalised, plus 2 shared experts as one always-on MLP of width 2 x 96; "
+                     "switch load-balancing loss 1e-3 per layer.",
+}
+
+
+def shapes(c: dict) -> str:
+    base = (f"hidden {c['hidden_size']}, {c['num_layers']} layers, {c['num_heads']} heads x "
+            f"{c['hidden_size'] // c['num_heads']} (GQA, {c['num_kv_heads']} KV heads), vocab "
+            f"{c['vocab_size']}, RoPE theta {c['rope_theta']:g}, RMSNorm eps {c['rms_eps']:g}, untied embeddings")
+    if c["family"] == "mixtral":
+        return base + f", {c['num_experts']} SwiGLU experts of width {c['intermediate_size']}, top-{c['top_k']}"
+    return (base + f", dense layer width {c['intermediate_size']}, {c['num_experts']} routed experts of "
+            f"width {c['moe_intermediate_size']}, top-{c['top_k']}, {c['num_shared']} shared experts")
+
+
+def card(name: str, s: dict, e: dict) -> str:
+    c, r = s["config"], e["routing"]
+    size = (ASSETS / name / "model.safetensors").stat().st_size / 1e6
+    rows = "\n".join(f"| {i + (c['first_dense'])} | {p['I']:.3f} | {p['gini']:.3f} | {p['min_max']:.3f} | "
+                     f"{' '.join(map(str, p['loads']))} |" for i, p in enumerate(r["per_layer"]))
+    arch = "MixtralForCausalLM" if c["family"] == "mixtral" else "DeepseekForCausalLM"
+    return f"""# {name}
+
+A tiny MoE language model trained from scratch on the CPU for tinymoe's tests and router
+studies. Hugging Face layout (`{arch}`), bf16 safetensors ({size:.1f} MB,
+{s['shipped_params'] / 1e6:.2f}M parameters). Load with `tinymoe.load_model("{name}")`.
+
+- Corpus: {CORPUS}
+- Tokenizer: {TOKENIZER}
+- Shapes: {shapes(c)}.
+- Routing: {ROUTING[name].format(**c)}
+- Training: `tools/train_tiny.py {name}` (`tools/train_all.sh`), AdamW (0.9, 0.95, weight
+  decay 0.1), peak LR {s['peak_lr']:g}, warm-up then cosine over the wall-clock budget, batch
+  {s['batch']} x {s['seq']} tokens, {s['threads']} CPU thread; stopped by wall clock after
+  **{s['steps']} steps in {s['train_seconds'] / 60:.1f} min** ({s['tokens_seen'] / 1e6:.2f}M tokens,
+  {s['tokens_seen'] / s['train_tokens']:.2f} epochs). Log: `tools/logs/train_{name}.log`.
+
+## Evaluation (`tools/evaluate_tiny.py`, fp32 compute on the shipped bf16 weights)
+
+| metric | value |
+|---|---|
+| validation perplexity | {e['val_ppl']:.2f} |
+| held-out perplexity ({e['heldout_tokens']} tokens) | **{e['heldout_ppl']:.2f}** |
+| unigram perplexity, same tokenizer, held-out | {e['unigram_heldout_ppl']:.1f} |
+| multiple choice, continuation scoring ({e['mc_items']} items, chance 0.25) | **{e['mc_acc']:.3f}** |
+| multiple choice, `tinymoe eval` prompt format | {e['mc_acc_eval_format']:.3f} |
+| top-k routing I_agg (max/mean load, mean over MoE layers) | {r['I_agg']:.3f} |
+| Gini of expert load (mean over layers) | {r['gini_mean']:.3f} |
+| min/max expert load (mean over layers; worst layer) | {r['min_max_mean']:.3f}; {r['min_max_worst']:.3f} |
+| max abs logit difference, `tinymoe.load_model` vs the training model | {e['loader_max_abs_logit_diff']:.1e} |
+
+Loads are pooled over all held-out tokens (top-k assignments), per MoE layer:
+
+| layer | I | Gini | min/max | tokens per expert |
+|---|---|---|---|---|
+{rows}
+"""
+
+
+def overview(results: dict) -> str:
+    table = "\n".join(
+        f"| [{n}]({n}/README.md) | {s['steps']} | {s['train_seconds'] / 60:.1f} | {e['val_ppl']:.2f} | "
+        f"{e['heldout_ppl']:.2f} | {e['unigram_heldout_ppl']:.1f} | {e['mc_acc']:.3f} | "
+        f"{e['routing']['I_agg']:.3f} | {e['routing']['gini_mean']:.3f} | {e['routing']['min_max_mean']:.3f} |"
+        for n, (s, e) in results.items())
+    comp = ""
+    if "tiny-mixtral" in results and "tiny-lpr" in results:
+        (sm, m), (sl, l) = results["tiny-mixtral"], results["tiny-lpr"]
+        comp = f"""
+## Latent prototype routing against the softmax gate (same shapes, same data, same budget)
+
+| | tiny-mixtral (softmax + switch loss 1e-3) | tiny-lpr (latent prototypes) |
+|---|---|---|
+| Gini of expert load (mean over layers) | {m['routing']['gini_mean']:.3f} | {l['routing']['gini_mean']:.3f} |
+| min/max expert load (mean; worst layer) | {m['routing']['min_max_mean']:.3f}; {m['routing']['min_max_worst']:.3f} | {l['routing']['min_max_mean']:.3f}; {l['routing']['min_max_worst']:.3f} |
+| I_agg | {m['routing']['I_agg']:.3f} | {l['routing']['I_agg']:.3f} |
+| held-out loss (nats/token) | {m['heldout_loss']:.4f} | {l['heldout_loss']:.4f} ({l['heldout_loss'] - m['heldout_loss']:+.4f}) |
+| training steps in the budget | {sm['steps']} | {sl['steps']} |
+
+The paper (0.6B models, 128 experts top-8) reports Gini 0.70 -> 0.035 and min/max 1e-6 -> 0.70
+for +0.02..0.06 test loss. Here E = 8, top-2, a ~12M-parameter model trained for ~{sm['train_seconds'] / 60:.0f} minutes;
+the switch loss already keeps the softmax gate fairly balanced at this scale, so read the
+comparison as a small-scale reproduction, not as the paper's numbers.
+"""
+    return f"""# Shipped tiny models
+
+Three small MoE language models trained from scratch on the King James Bible (see each card),
+so that tinymoe runs with no download and its routers can be judged on routers that learned
+something. `tiny` is an alias of `tiny-mixtral`, the default of `tinymoe chat`.
+
+| model | steps | minutes | val ppl | held-out ppl | unigram ppl | MC acc | I_agg | Gini | min/max |
+|---|---|---|---|---|---|---|---|---|---|
+{table}
+
+MC acc: `data/heldout_mc.jsonl`, chance 0.25, choice scored as the continuation of the question.
+Routing figures: top-k routing on the held-out text, loads pooled per layer, mean over MoE layers.
+{comp}
+## Evaluation data (`data/`)
+
+- `heldout.txt`: the 59 held-out chapters (never seen by the tokenizer or the models), one
+  heading line and one verse per line, chapters separated by a blank line.
+- `heldout_mc.jsonl`: {next(iter(results.values()))[1]['mc_items']} items `{{"question", "choices" (4), "answer" (index)}}`: the first
+  half of a held-out verse (cut at the clause break nearest its middle), its true continuation
+  and three continuations of other held-out verses of similar length (0.7x-1.4x characters).
+
+## Reproduce
+
+    apt-get install -y bible-kjv
+    python tools/make_corpus.py        # splits, tokenizer, data/
+    tools/train_all.sh                 # three models, ~14 min each on one thread
+    python tools/evaluate_tiny.py      # -> tools/logs/eval_*.json
+    python tools/write_cards.py        # -> these READMEs
+"""
+
+
+def main() -> None:
+    results = {}
+    for name in NAMES:
+        summary, ev = ASSETS / name / "train_summary.json", LOGS / f"eval_{name}.json"
+        if summary.is_file() and ev.is_file():
+            results[name] = (json.loads(summary.read_text()), json.loads(ev.read_text()))
+            (ASSETS / name / "README.md").write_text(card(name, *results[name]))
+            print("wrote", ASSETS / name / "README.md")
+    if results:
+        (ASSETS / "README.md").write_text(overview(results))
+        print("wrote", ASSETS / "README.md")
+
+
+if __name__ == "__main__":
+    main()
