@@ -102,3 +102,28 @@ def test_multiple_choice_reads_arc_and_mmlu_shapes(setup, tmp_path):
     f.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": "Z"}))
     with pytest.raises(ValueError, match="mc.jsonl:1"):
         read_choices(f)
+
+
+def test_cli_calibrate_bench_eval(setup, tmp_path):
+    from click.testing import CliRunner
+    from tinymoe.cli import cli
+    root, path, _, _ = setup
+    run = CliRunner().invoke
+    calib = tmp_path / "c.safetensors"
+    r = run(cli, ["calibrate", str(path), "--data", str(root / "data.txt"), "--out", str(calib),
+                  "--seq-len", "64", "--max-tokens", "1024", "--proto-steps", "20"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["bench", str(path), "--router", "topk,laser,rnq", "--router-opt", "replicas=1",
+                  "--batch", "8", "--prompt-len", "8", "--gen-len", "3", "--devices", "2", "--data",
+                  str(root / "data.txt"), "--calib", str(calib), "--ppl-windows", "2", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["router"] for row in rows] == ["topk", "laser", "rnq"]
+    assert rows[2]["agree_top1"] < 1 or rows[2]["ppl_delta_pct"] != 0  # quantised experts change logits
+    r = run(cli, ["eval", str(path), "--router", "laser", "--calib", str(calib), "--data",
+                  str(root / "data.txt"), "--window", "32", "--max-windows", "4", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["router"] == "laser" and res["ppl"] > 1 and 0 <= res["agree_top1"] <= 1
+    r = run(cli, ["bench", str(path), "--router", "nope", "--data", str(root / "data.txt")])
+    assert r.exit_code != 0 and "valid routers" in r.output and "Traceback" not in r.output

@@ -5,6 +5,7 @@ gen_len steps (B tokens a forward pass). Balance is per forward pass, averaged o
 passes; prefill passes are summarised apart. Perplexity and top-1 agreement come from a
 teacher-forced pass over the data, B windows a pass, against top-k on the same windows."""
 import csv
+import inspect
 import io
 import json
 import math
@@ -117,10 +118,7 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
         ppl_window: int = 128, ppl_windows: int = 64, engine: bool = True, progress=None) -> dict:
     """The whole bench; top-k always runs as the reference. Returns {"rows": [Row], "prefill":
     [dict], "heat": {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
-    check_opts(routers, router_opts or {})
-    opts = {r: _opts_for(r, router_opts or {}) for r in routers}
-    for r in routers:
-        make_router(r, **opts[r])  # fail fast on a bad name or option
+    opts = check_routers(routers, router_opts or {})
     blocks = list(model.moe_blocks())
     if not blocks:
         raise ValueError("the model has no MoE layers to route")
@@ -169,7 +167,6 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
 
 def _opts_for(router: str, opts: dict) -> dict:
     """Each --router-opt goes to the routers that have that option."""
-    import inspect
     from .routing import ROUTERS
     if router not in ROUTERS:
         return {}
@@ -177,12 +174,15 @@ def _opts_for(router: str, opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k in params}
 
 
-def check_opts(routers: list[str], opts: dict):
-    from .routing import ROUTERS
-    import inspect
+def check_routers(routers: list[str], opts: dict) -> dict[str, dict]:
+    """Fail fast on a bad router name or an option no listed router has; -> options per router."""
+    per = {r: _opts_for(r, opts) for r in routers}
+    for r in routers:
+        make_router(r, **per[r])
     for key in opts:
-        if not any(key in inspect.signature(ROUTERS[r].__init__).parameters for r in routers if r in ROUTERS):
+        if not any(key in o for o in per.values()):
             raise ValueError(f"no router among {', '.join(routers)} has the option {key!r}")
+    return per
 
 
 def _prompts(tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -227,3 +227,125 @@ def main():
 
 
 # --- routing commands (routing engineer) ---
+
+
+def _progress(desc: str):
+    """A tqdm bar on stderr: progress(total) -> tick(n)."""
+    def start(total):
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+        return bar.update
+    return start
+
+
+def _load(model: str, dtype):
+    from . import load_model, load_tokenizer
+    return load_model(model, dtype=dtype, progress=True), load_tokenizer(model)
+
+
+def _int_list(_ctx, _param, value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: give positive integers")
+    return out
+
+
+def _default_data(model) -> str:
+    from .weights import ASSETS
+    path = ASSETS / "data" / "heldout.txt"
+    if not path.is_file():
+        raise click.UsageError(f"no --data given and no held-out text at {path}")
+    return str(path)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="calibration text")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="calibration file to write")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="tokens a window")
+@click.option("--batch", default=8, show_default=True, type=int, help="windows a forward pass")
+@click.option("--max-tokens", default=65536, show_default=True, type=int, help="use at most this many tokens")
+@click.option("--proto-steps", default=200, show_default=True, type=int, help="Adam steps of the prototype fit (0: skip)")
+@click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
+@click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
+def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, debug):
+    """One pass over --data recording what routers need (LASER thresholds, expert loads and
+    importance for R&Q, fitted prototypes); any command reads it with --calib."""
+    from .evaluation import read_tokens
+    from .routing.calibrate import calibrate as run_calibration
+    net, tok = _load(model, dtype)
+    tokens = read_tokens(tok, data)[:max_tokens]
+    calib = run_calibration(net, tokens, seq_len=seq_len, batch=batch, proto_steps=proto_steps,
+                            progress=_progress("calibrate")(-(-tokens.numel() // seq_len)))
+    calib.save(out)
+    click.echo(f"wrote {out}: {len(calib.layers)} MoE layers, {calib.meta['tokens']} tokens", err=True)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="text file (perplexity, top-1 agreement) or .jsonl (question, choices, answer)")
+@click.option("--window", default=128, show_default=True, type=int, help="tokens a perplexity window")
+@click.option("--batch", default=8, show_default=True, type=int, help="windows a forward pass")
+@click.option("--max-windows", default=None, type=int, help="score at most this many windows")
+@click.option("--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
+@engine_options
+def eval_command(model, data, window, batch, max_windows, fmt, engine):
+    """Accuracy of --router on MODEL: perplexity and agreement with top-k, or multiple choice."""
+    import json
+    from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
+    from .routing import install
+    net, tok = _load(model, engine.dtype)
+    if data.endswith(".jsonl"):
+        items = read_choices(data)
+        install(net, engine.router, engine.calib, **engine.router_opts)
+        res = {"router": engine.router, **multiple_choice(net, tok, items, _progress("eval")(len(items)))}
+    else:
+        res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
+                            max_windows, **engine.router_opts)
+    if fmt == "json":
+        click.echo(json.dumps(res))
+    else:
+        click.echo("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items()))
+
+
+@cli.command()
+@click.argument("model", default="tiny")
+@click.option("--batch", default="1,8,64", show_default=True, callback=_int_list, help="sequences decoding together")
+@click.option("--prompt-len", default=64, show_default=True, type=int)
+@click.option("--gen-len", default=32, show_default=True, type=int)
+@click.option("--devices", default=4, show_default=True, type=int, help="G for I_dev and the modelled EP time")
+@click.option("--data", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="text for prompts, perplexity and agreement (default: the embedded held-out text)")
+@click.option("--ppl-windows", default=32, show_default=True, type=int, help="128-token windows scored per row")
+@click.option("--format", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="write a load heatmap per router")
+@engine_options
+def bench(model, batch, prompt_len, gen_len, devices, data, ppl_windows, fmt, plot, engine):
+    """Speed, balance and accuracy of each --router (comma-separated) at each --batch, against
+    top-k. Without --calib, calibrates on --data first."""
+    from . import benchmark
+    from .evaluation import read_tokens
+    from .routing.calibrate import calibrate as run_calibration
+    ctx = click.get_current_context()
+    names = engine.router.split(",")
+    if ctx.get_parameter_source("router") == click.core.ParameterSource.DEFAULT:
+        names = ["topk", "laser", "rnq", "bias"]
+    benchmark.check_routers(names, engine.router_opts)
+    net, tok = _load(model, engine.dtype)
+    data = data or _default_data(model)
+    tokens = read_tokens(tok, data)
+    calib = engine.calib
+    if calib is None and set(names) - {"topk", "balanced", "random", "bias"}:
+        click.echo(f"calibrating on {data} (pass --calib FILE to use your own)", err=True)
+        calib = run_calibration(net, tokens[:32768], seq_len=128,
+                                progress=_progress("calibrate")(-(-min(tokens.numel(), 32768) // 128)))
+    res = benchmark.run(net, names, batch, tokens, prompt_len, gen_len, devices, calib, engine.router_opts,
+                        ppl_windows=ppl_windows, progress=_progress("bench"))
+    click.echo(benchmark.format_rows(res, fmt))
+    if plot:
+        benchmark.plot_heatmaps(res, plot)
+        click.echo(f"wrote {plot}", err=True)
