@@ -8,10 +8,10 @@ from ..experts.plan import PRECISIONS, Copy, ExpertPlan
 from .base import Router, register
 
 # The storage formats of tinymoe/experts (quant.py, pools.py), mirrored here because routing may
-# only import experts.plan: int8 has one bf16 scale per output channel; int4 a bf16 scale and zero
-# per group of inputs (the largest power of two from 128 down to 32 dividing K), with output
-# channels padded to a multiple of 64 (the CPU kernel's packing). w1 and w3 are stored as one
-# [2I, D] matrix.
+# only import experts.plan (a test checks the two agree): int8 has one bf16 scale per output
+# channel; int4 pads inputs to a multiple of 32 and output channels to a multiple of 64 (the CPU
+# kernel's packing), with a bf16 scale and zero per group of inputs (the largest power of two
+# from 128 down to 32 dividing the padded K). w1 and w3 are stored as one [2I, D] matrix.
 SCALE_BYTES = 2
 
 
@@ -19,8 +19,6 @@ def int4_group(k: int) -> int:
     g = 128
     while g > 32 and (k % g or g > k):
         g //= 2
-    if k % g:
-        raise ValueError(f"int4 needs the input size divisible by 32, got {k}; use quant=int8")
     return g
 
 
@@ -30,7 +28,7 @@ def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> in
     if precision == "int8":
         return rows * cols + rows * SCALE_BYTES
     if precision == "int4":
-        rows = -(-rows // 64) * 64
+        rows, cols = -(-rows // 64) * 64, -(-cols // 32) * 32
         return rows * cols // 2 + (cols // int4_group(cols)) * rows * 2 * SCALE_BYTES
     raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
