@@ -84,8 +84,9 @@ def write_checkpoint(path: Path, layers: int, shard_mb: int):
 
 
 def measure(path: Path, how: str, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), how, dtype],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), how, dtype], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{how} load failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
