@@ -131,7 +131,7 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     names = ["topk"] + [r for r in routers if r != "topk"]
     tick = progress(len(batches) * len(names) * (1 + gen_len + rows_ppl.shape[0])) if progress else None
 
-    out, prefill, heat = [], [], {}
+    out, prefill, heat, notes = [], [], {}, {}
     for B in batches:
         prompts = _prompts(source, B, prompt_len)
         for name in names:
@@ -143,6 +143,8 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                 rec.detach(model)
             dec = rec.summary("decode", devices, alpha, beta)
             install(model, name, calib, **opts.get(name, {}))  # fresh state for the accuracy pass
+            if "plan" in blocks[0].ctx.state:
+                notes[name] = _plan_note(name, blocks)
             nll, top = teacher_forced(model, rows_ppl, B, tick)
             if name == "topk":
                 ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
@@ -162,7 +164,17 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
             if B == max(batches):
                 heat[name] = _heat(rec, model)
     install(model, "topk")
-    return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices}
+    return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
+            "notes": list(notes.values())}
+
+
+def _plan_note(name: str, blocks) -> str:
+    states = [b.ctx.state for b in blocks]
+    copies = sum(len(st["plan"].copies) for st in states) / len(states)
+    quant = sum(sum(c.precision != "full" for c in st["plan"].copies) for st in states) / len(states)
+    used = sum(st["plan_bytes"] for st in states) / sum(st["budget_bytes"] for st in states)
+    return (f"{name}: {copies:.1f} physical copies a layer ({quant:.1f} quantised) in {100 * used:.1f}% "
+            f"of the original expert bytes; I and I_dev count physical copies")
 
 
 def _opts_for(router: str, opts: dict) -> dict:
@@ -227,6 +239,7 @@ def format_rows(result: dict, fmt: str) -> str:
     for p in result["prefill"]:
         lines.append(f"| {p['router']} | {p['batch']} | {p['tokens']} | {p['i_agg']:.3f} | "
                      f"{p['i_agg_pooled']:.3f} | {p['i_dev']:.3f} | {p['gini']:.3f} | {p['minmax']:.3f} |")
+    lines += [""] + result.get("notes", [])
     lines.append(f"\nEP speedup is modelled (ALGORITHMS.md section 7) with alpha = "
                  f"{result['alpha'] * 1e6:.2f} us/token, beta = {result['beta'] * 1e6:.2f} us/expert "
                  f"measured here, on {G} devices.")

@@ -98,13 +98,13 @@ def ep_step_time(copy_load: torch.Tensor, device_of: torch.Tensor, devices: int,
 
 
 @torch.no_grad()
-def measure_alpha_beta(experts, hidden_size: int, top_k: int = 1, repeats: int = 3,
+def measure_alpha_beta(experts, hidden_size: int, repeats: int = 5,
                        dtype=torch.float32) -> tuple[float, float]:
     """Fit time = c + alpha * assignments + beta * active experts on this machine, by timing the
-    layer's own expert computation on crafted assignments. Seconds."""
+    layer's own expert computation on crafted assignments (best of `repeats`). Seconds."""
     E = experts.num_experts
     rows, times = [], []
-    for n in (8, 32, 128):
+    for n in (16, 128, 1024):
         for m in sorted({1, max(1, E // 2), E}):
             if m > n:
                 continue
