@@ -167,3 +167,30 @@ def test_rnq_plan_respects_the_byte_budget_and_reduces_to_topk_without_replicas(
     phys = metrics.physical_loads(torch.tensor([10, 2, 2, 2]), plan)
     assert phys.tolist() == [5, 2, 2, 2, 5]
     assert math.isclose(metrics.imbalance(phys), 5 / (16 / 5))
+
+
+def test_prototype_router_post_hoc_matches_a_trained_prototype_gate():
+    from types import SimpleNamespace
+    from tinymoe.routing.prototype_gate import PrototypeGate
+    torch.manual_seed(0)
+    gate = PrototypeGate(32, 8, 16, temperature=0.2)
+    with torch.no_grad():
+        gate.prototypes.normal_()
+        gate.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(40, 32)
+    ctx = ctx_for(8, 2)
+    calib = {"proto.norm.weight": gate.norm.weight, "proto.norm.bias": gate.norm.bias,
+             "proto.encoder.weight": gate.encoder.weight, "proto.encoder.bias": gate.encoder.bias,
+             "proto.prototypes": gate.prototypes, "proto.temperature": torch.tensor(0.2)}
+    post_hoc = make_router("prototype", weights="prototype")
+    post_hoc.attach(SimpleNamespace(gate=torch.nn.Linear(32, 8, bias=False), ctx=ctx), calib)
+    native = make_router("prototype")
+    native.attach(SimpleNamespace(gate=gate, ctx=ctx), None)
+    with torch.no_grad():
+        logits = gate(x)
+        a_ids, a_w = post_hoc.route(torch.randn(40, 8), x, ctx)  # the linear gate's logits are unused
+        b_ids, b_w = native.route(logits, x, ctx)
+    assert torch.equal(a_ids, b_ids)
+    torch.testing.assert_close(a_w, b_w)  # softmax over the chosen s / tau == the Mixtral rule
+    with pytest.raises(ValueError, match="calibrate"):
+        make_router("prototype").attach(SimpleNamespace(gate=torch.nn.Linear(32, 8), ctx=ctx), None)
