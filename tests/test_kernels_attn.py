@@ -191,6 +191,23 @@ def test_paged_attention_decode(impl, dtype, context_lens, H, KV, hd, block_size
         assert_close(out, ref, 1, atol=2.0 ** -7 * magnitude)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("context_lens,H,KV,hd,block_size", [
+    ([13, 1, 6], 6, 2, 16, 4),   # the 1-token sequence leaves later slices empty
+    ([37, 20], 8, 1, 32, 16),
+])
+def test_paged_attention_decode_split_slices(dtype, context_lens, H, KV, hd, block_size, poisoned, monkeypatch):
+    """Long contexts on few sequences: slices of 4 tokens computed apart, then merged."""
+    from tinymoe.kernels import attention
+    monkeypatch.setattr(attention, "MIN_PARTITION", 4)
+    q, k_cache, v_cache, tables, lens = paged_case(context_lens, H, KV, hd, block_size, dtype)
+    slices, _ = attention._decode_slices(len(context_lens) * KV, tables.shape[1] * block_size, 4)
+    assert slices > 2
+    out = run("triton", kernels.paged_attention_decode, q, k_cache, v_cache, tables, lens, 1 / math.sqrt(hd))
+    ref, _ = decode_ref(q, k_cache, v_cache, tables, lens, 1 / math.sqrt(hd))
+    assert_close(out, ref, bf16_ulps(dtype, 1))
+
+
 # ------------------------------------------------------------------------------ the switch
 
 def test_backend_switch(monkeypatch):

@@ -74,12 +74,17 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+                         m_ptr, l_ptr, acc_ptr,
                          scale, max_blocks, block_size, stride_block, stride_slot, stride_head,
-                         H, KV, HD,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (sequence, KV head): its group of H // KV query heads shares each K/V load."""
+                         H, KV, HD, partition,
+                         SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """One program per (sequence, KV head, slice of `partition` tokens): the group of H // KV
+    query heads shares each K/V load. With SPLIT, each slice leaves its running max, sum and
+    unnormalised output in fp32 scratch for `_paged_decode_reduce`; else it writes the output."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     group = H // KV
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -90,12 +95,14 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     q = q.to(tl.float32) * scale
 
     context_len = tl.load(context_lens_ptr + b)
+    first = split * partition
+    last = tl.minimum(context_len, first + partition)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores
     l = tl.zeros([BLOCK_G], tl.float32)                # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, context_len, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
-        t_mask = tok < context_len
+        t_mask = tok < last
         block = tl.load(block_tables_ptr + b.to(tl.int64) * max_blocks + tok // block_size, mask=t_mask, other=0)
         offs = (block.to(tl.int64) * stride_block + (tok % block_size) * stride_slot
                 + kv_head * stride_head)[:, None] + d[None, :]
@@ -110,14 +117,59 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + q_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        # slices past the end keep m = -inf, l = 0: the reduction gives them weight zero
+        row = ((b * KV + kv_head) * tl.num_programs(2) + split).to(tl.int64) * BLOCK_G
+        tl.store(m_ptr + row + g, m)
+        tl.store(l_ptr + row + g, l)
+        tl.store(acc_ptr + (row + g)[:, None] * HD + d[None, :], acc, mask=gd_mask)
+    else:
+        tl.store(out_ptr + q_rows[:, None] + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=gd_mask)
+
+
+@triton.jit
+def _paged_decode_reduce(m_ptr, l_ptr, acc_ptr, out_ptr, splits, H, KV, HD,
+                         BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the slices of one (sequence, KV head): rescale each to the common max and sum."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    group = H // KV
+    s = tl.arange(0, BLOCK_S)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    base = (b * KV + kv_head).to(tl.int64) * splits * BLOCK_G
+    m = tl.load(m_ptr + base + s[:, None] * BLOCK_G + g[None, :], mask=(s < splits)[:, None], other=float("-inf"))
+    m_all = tl.max(m, axis=0)  # [BLOCK_G]; slice 0 always holds tokens, so this is finite
+    l_all = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for i in range(0, splits):
+        row = base + i * BLOCK_G + g
+        w = tl.exp(tl.load(m_ptr + row) - m_all)
+        l_all += w * tl.load(l_ptr + row)
+        acc += w[:, None] * tl.load(acc_ptr + row[:, None] * HD + d[None, :], mask=(d < HD)[None, :], other=0.0)
+    q_rows = (b * H + kv_head * group + g).to(tl.int64) * HD
+    tl.store(out_ptr + q_rows[:, None] + d[None, :], (acc / l_all[:, None]).to(out_ptr.dtype.element_ty),
+             mask=(g < group)[:, None] & (d < HD)[None, :])
 
 
 def _tile_tokens(block_g: int, block_d: int) -> int:
     # keep the [G, N, D] fp32 product near 8K elements: registers, not local memory, on a GPU
     return max(1, min(64, 8192 // (block_g * block_d)))
+
+
+# Split the context of each (sequence, KV head) into slices of at least MIN_PARTITION tokens
+# until about TARGET_PROGRAMS programs run: a few sequences with long contexts fill the GPU too.
+TARGET_PROGRAMS = 256
+MIN_PARTITION = 256
+
+
+def _decode_slices(programs: int, max_tokens: int, block_n: int) -> tuple[int, int]:
+    """(slices, tokens per slice), a multiple of block_n; from the block table's width, so no sync."""
+    want = max(1, min(TARGET_PROGRAMS // programs, triton.cdiv(max_tokens, MIN_PARTITION)))
+    partition = triton.cdiv(triton.cdiv(max_tokens, want), block_n) * block_n
+    return triton.cdiv(max_tokens, partition), partition
 
 
 def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
@@ -132,13 +184,24 @@ def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_len
                          f"context_lens {tuple(context_lens.shape)} must have {B} rows")
     q = q.contiguous()
     out = torch.empty_like(q)
-    if B:
-        block_g, block_d = triton.next_power_of_2(H // KV), triton.next_power_of_2(hd)
-        _paged_decode_kernel[(B, KV)](
-            q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), out,
-            scale, block_tables.shape[1], k_cache.shape[1],
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, KV, hd,
-            BLOCK_G=block_g, BLOCK_N=_tile_tokens(block_g, block_d), BLOCK_D=block_d)
+    if not B:
+        return out
+    block_g, block_d = triton.next_power_of_2(H // KV), triton.next_power_of_2(hd)
+    block_n = min(_tile_tokens(block_g, block_d), triton.next_power_of_2(MIN_PARTITION))
+    slices, partition = _decode_slices(B * KV, block_tables.shape[1] * k_cache.shape[1], block_n)
+    m = l = acc = out  # unused unless split
+    if slices > 1:
+        m = torch.empty(B, KV, slices, block_g, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(B, KV, slices, block_g, hd, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(B, KV, slices)](
+        q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), out, m, l, acc,
+        scale, block_tables.shape[1], k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, KV, hd, partition,
+        SPLIT=slices > 1, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d)
+    if slices > 1:
+        _paged_decode_reduce[(B, KV)](m, l, acc, out, slices, H, KV, hd,
+                                      BLOCK_S=triton.next_power_of_2(slices), BLOCK_G=block_g, BLOCK_D=block_d)
     return out
 
 
@@ -154,15 +217,26 @@ def _aot_store(dtype: str, kv_heads: int, head_dim: int):
             {"BLOCK_KV": kv_heads, "BLOCK_D": head_dim})
 
 
-def _aot_decode(dtype: str, group: int, head_dim: int):
+def _aot_decode(dtype: str, group: int, head_dim: int, split: bool):
     sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
            "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
+           "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
            "scale": "fp32", "max_blocks": "i32", "block_size": "i32", "stride_block": "i32",
-           "stride_slot": "i32", "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32",
-           "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
-    return (f"paged_attention_decode_{dtype}_g{group}_d{head_dim}", _paged_decode_kernel, sig,
-            {"BLOCK_G": group, "BLOCK_N": _tile_tokens(group, head_dim), "BLOCK_D": head_dim})
+           "stride_slot": "i32", "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32", "partition": "i32",
+           "SPLIT": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+    return (f"paged_attention_decode{'_split' if split else ''}_{dtype}_g{group}_d{head_dim}", _paged_decode_kernel,
+            sig, {"SPLIT": split, "BLOCK_G": group, "BLOCK_N": _tile_tokens(group, head_dim), "BLOCK_D": head_dim})
+
+
+def _aot_reduce(dtype: str, group: int, head_dim: int):
+    sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": f"*{dtype}",
+           "splits": "i32", "H": "i32", "KV": "i32", "HD": "i32",
+           "BLOCK_S": "constexpr", "BLOCK_G": "constexpr", "BLOCK_D": "constexpr"}
+    return (f"paged_attention_reduce_{dtype}_g{group}_d{head_dim}", _paged_decode_reduce, sig,
+            {"BLOCK_S": 64, "BLOCK_G": group, "BLOCK_D": head_dim})
 
 
 AOT_KERNELS = ([_aot_store(dtype, 8, 128) for dtype in ("bf16", "fp16", "fp32")]
-               + [_aot_decode(dtype, group, 128) for dtype in ("bf16", "fp16", "fp32") for group in (1, 4, 8)])
+               + [_aot_decode(dtype, group, 128, split) for dtype in ("bf16", "fp16", "fp32")
+                  for group, split in ((1, False), (4, False), (4, True), (8, True))]
+               + [_aot_reduce(dtype, 4, 128) for dtype in ("bf16", "fp16", "fp32")])
