@@ -46,9 +46,9 @@ def decode(model, sequences, block_size=2):
     return [torch.stack(rows) for rows in logits]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_mixtral):
-    return tinymoe.load_model(tiny_mixtral, dtype="float32")
+@pytest.fixture(params=["mixtral", "qwen3"])  # Qwen3 adds per-head q/k RMSNorm
+def model(request):
+    return tinymoe.load_model(request.getfixturevalue(f"tiny_{request.param}"), dtype="float32")
 
 
 def test_triton_backend_model_matches_torch(model):
