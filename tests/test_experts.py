@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import tinymoe
 from tinymoe import kernels
-from tinymoe.experts import Copy, ExpertPlan, Experts
+from tinymoe.experts import Copy, ExpertPlan, Experts, pools
 from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, int4_group_size, pack_int4,
                                    quantize_int4, quantize_int8, unpack_int4)
 
@@ -57,8 +57,10 @@ def dense_quantised(ex, precision):
 
 
 @pytest.mark.parametrize("precision", ["full", "int8", "int4"])
-@pytest.mark.parametrize("T", [1, 3, 40])  # 40 rows: the dequantise-then-matmul path of int pools
-def test_pool_matches_float64(precision, T):
+@pytest.mark.parametrize("T,bf16_cpu", [(1, False), (3, False), (40, False), (40, True)])
+def test_pool_matches_float64(precision, T, bf16_cpu, monkeypatch):
+    # with bf16 instructions, 40 rows take the dequantise-then-matmul path of the int pools
+    monkeypatch.setattr(pools, "native_bf16", lambda: bf16_cpu)
     E, k = 5, 2
     ex = random_experts(E, I=64, D=96)
     ids, w = random_routing(T, k, E - 1)  # the last expert gets no tokens

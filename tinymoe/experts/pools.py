@@ -3,6 +3,8 @@
 Every pool stores gate and up as one matrix `w13 [n, 2I, D]` (rows 0..I gate, I..2I up) and the
 down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,9 +12,24 @@ from torch import nn
 from ..kernels.moe_gemm import MoEWeights
 from .quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
 
-# With this many rows or fewer per expert the weight-only quantised CPU kernels win; above it,
-# dequantising to bf16 and using a plain matmul (AMX) is faster. Measured with bench/experts.py.
-PACKED_MAX_ROWS = 16
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Does this CPU have bf16 matmul instructions (AVX512-BF16 or AMX)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_packed(x: torch.Tensor) -> bool:
+    """Weight-only quantised CPU kernel, or dequantise and run a bf16 matmul? The kernels win at
+    few rows; with many rows a bf16 GEMM on AMX wins, but without bf16 instructions torch's bf16
+    GEMM is emulated and slower than the kernels at any row count (bench/experts.py)."""
+    return x.device.type == "cpu" and (x.shape[0] <= 16 or not native_bf16())
 
 
 def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
@@ -32,8 +49,13 @@ class FullPool(nn.Module):
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.w13[row], self.w2[row]
-        h = F.linear(x.to(w13.dtype), w13)
-        return F.linear(_swiglu(h, self.inter), w2).to(x.dtype)
+        x = x.to(w13.dtype)
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            # decode: torch's matrix-vector kernel streams the weights faster than its GEMM
+            h = torch.mv(w13, x[0])[None]
+            return torch.mv(w2, _swiglu(h, self.inter)[0])[None]
+        h = F.linear(x, w13)
+        return F.linear(_swiglu(h, self.inter), w2)
 
     def copy_bytes(self) -> int:
         return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
@@ -62,7 +84,7 @@ class Int8Pool(nn.Module):
 
     def _linear(self, x, q, s):
         # the CPU kernel silently computes garbage unless K is a multiple of 16
-        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS and x.shape[1] % 16 == 0:
+        if use_packed(x) and x.shape[1] % 16 == 0:
             return torch.ops.aten._weight_int8pack_mm(x, q, s)
         return F.linear(x, q.to(x.dtype)) * s  # int8 codes are exact in bf16; scale the outputs
 
@@ -111,7 +133,7 @@ class Int4Pool(nn.Module):
     def _linear(self, x, packed, sz, group):
         if x.shape[1] != packed.shape[1] * 2:
             x = F.pad(x, (0, packed.shape[1] * 2 - x.shape[1]))
-        if x.device.type == "cpu" and x.shape[0] <= PACKED_MAX_ROWS:
+        if use_packed(x):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
         from .quant import dequantize_int4, unpack_int4
         return F.linear(x, dequantize_int4(unpack_int4(packed), sz, x.dtype))
