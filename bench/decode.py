@@ -67,7 +67,7 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench_tinymoe(path, prompts, n, runs):
+def bench_tinymoe(path, prompts):
     from tinymoe.engine import LLM, SamplingParams
     # No prefix cache: repeated runs over the same prompts must recompute them.
     llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False)
@@ -78,7 +78,7 @@ def bench_tinymoe(path, prompts, n, runs):
     return run
 
 
-def bench_transformers(path, prompts, n, runs):
+def bench_transformers(path, prompts):
     from transformers import MixtralForCausalLM
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
@@ -104,7 +104,10 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default="tinymoe,transformers")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     engines = args.engines.split(",")
     torch.manual_seed(0)
@@ -118,7 +121,7 @@ def main():
               f"prompt {args.prompt_len} tokens, decode {args.decode_tokens} tokens, median of {args.runs}")
         results = {}
         for name in engines:
-            run = ENGINES[name](path, prompts, args.decode_tokens, args.runs)
+            run = ENGINES[name](path, prompts)
             run(1, 2)()  # warm-up
             for b in batches:
                 t_first = median_time(run(b, 1), args.runs)

@@ -60,9 +60,9 @@ def test_chat_keeps_the_conversation_and_resets(model_dir, monkeypatch):
 def test_models_lists_aliases():
     result = run("models")
     assert result.exit_code == 0
-    lines = result.stdout.splitlines()
-    assert any(line.startswith("tiny ") for line in lines)
-    assert any(line.split()[0] == "mixtral" and "missing" in line or "found" in line for line in lines)
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
+    from tinymoe.weights import ALIASES
+    assert set(rows) == set(ALIASES) and set(rows.values()) <= {"found", "missing"}
 
 
 def test_errors_are_one_line_unless_debug(model_dir, tmp_path):

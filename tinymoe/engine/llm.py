@@ -11,7 +11,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
-KV_CACHE_BYTES = 1 << 30  # default KV cache budget when kv_cache_tokens is not given
+KV_CACHE_BYTES = 512 << 20  # default KV cache budget when kv_cache_tokens is not given
 
 
 @dataclass

@@ -1,0 +1,4 @@
+"""`python -m tinymoe` is the `tinymoe` command."""
+from .cli import main
+
+main()
