@@ -165,7 +165,7 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                 heat[name] = _heat(rec, model)
     install(model, "topk")
     return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
-            "notes": list(notes.values())}
+            "notes": list(notes.values()), "layers": [b.ctx.layer for b in blocks]}
 
 
 def _plan_note(name: str, blocks) -> str:
@@ -258,11 +258,14 @@ def plot_heatmaps(result: dict, path):
     n = len(heat)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.2), squeeze=False)
     vmax = max(float(h.max()) for h in heat.values())
-    for ax, (name, h) in zip(axes[0], heat.items()):
+    layers = result.get("layers") or list(range(next(iter(heat.values())).shape[0]))
+    for i, (ax, (name, h)) in enumerate(zip(axes[0], heat.items())):
         im = ax.imshow(h.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax)
         ax.set_title(name)
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        if i == 0:
+            ax.set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="load / layer mean (decode, pooled)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
