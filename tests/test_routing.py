@@ -194,3 +194,8 @@ def test_prototype_router_post_hoc_matches_a_trained_prototype_gate():
     torch.testing.assert_close(a_w, b_w)  # softmax over the chosen s / tau == the Mixtral rule
     with pytest.raises(ValueError, match="calibrate"):
         make_router("prototype").attach(SimpleNamespace(gate=torch.nn.Linear(32, 8), ctx=ctx), None)
+
+
+def test_router_without_options_says_so():
+    with pytest.raises(ValueError, match="valid options: none"):
+        make_router("balanced", seed=1)

@@ -5,7 +5,6 @@ gen_len steps (B tokens a forward pass). Balance is per forward pass, averaged o
 passes; prefill passes are summarised apart. Perplexity and top-1 agreement come from a
 teacher-forced pass over the data, B windows a pass, against top-k on the same windows."""
 import csv
-import inspect
 import io
 import json
 import math
@@ -179,11 +178,10 @@ def _plan_note(name: str, blocks) -> str:
 
 def _opts_for(router: str, opts: dict) -> dict:
     """Each --router-opt goes to the routers that have that option."""
-    from .routing import ROUTERS
+    from .routing import ROUTERS, options
     if router not in ROUTERS:
         return {}
-    params = set(inspect.signature(ROUTERS[router].__init__).parameters) - {"self"}
-    return {k: v for k, v in opts.items() if k in params}
+    return {k: v for k, v in opts.items() if k in options(ROUTERS[router])}
 
 
 def check_routers(routers: list[str], opts: dict) -> dict[str, dict]:

@@ -5,11 +5,20 @@ from .base import ROUTERS, GateRule, RouteContext, Router, register
 from . import topk, laser, prototype, rnq, bias, bounds  # noqa: F401  (register)
 
 
+def options(cls) -> list[str]:
+    """A router class's keyword options (none for a class without its own __init__)."""
+    if cls.__init__ is object.__init__:
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind in kinds and p.name != "self"]
+
+
 def make_router(name: str, **opts) -> Router:
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(sorted(ROUTERS))}")
     cls = ROUTERS[name]
-    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    params = options(cls)
     bad = sorted(set(opts) - set(params))
     if bad:
         valid = ", ".join(params) or "none"
