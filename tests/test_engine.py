@@ -108,7 +108,7 @@ def test_seeded_sampling_repeats_whatever_the_batch(mixtral_model):
     p = prompts([6], seed=4)[0]
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=12, ignore_eos=True)
     solo = llm.generate(p, seeded)[0].token_ids
-    batched = llm.generate([p] + prompts([3, 9], seed=5), [seeded] + [SamplingParams(temperature=1.0)] * 2)
+    batched = llm.generate([p] + prompts([3, 9], seed=5), [seeded] + [SamplingParams(temperature=1.0, max_tokens=12)] * 2)
     assert batched[0].token_ids == solo
     other = llm.generate(p, SamplingParams(temperature=1.0, top_p=0.9, seed=12, max_tokens=12, ignore_eos=True))
     assert other[0].token_ids != solo
