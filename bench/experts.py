@@ -6,10 +6,11 @@ top-2) on the torch CPU path, with bf16, int8 and int4 expert weights, at batch 
 
 Per cell: the median layer time over --runs (after a warm-up), the expert weight bytes the
 step reads (every copy that gets at least one token, scales and zeros included), the achieved
-GB/s, and its share of the machine's copy bandwidth measured in this run (the physical limit
-of a bandwidth-bound step; STREAM convention: bytes read + bytes written). The read bandwidth
-(a full sum) is printed too. The baseline row is the seed implementation (separate gate, up,
-down matmuls per expert, as transformers does), same weights, same process.
+GB/s, and its share of the machine's copy bandwidth (the physical limit of a bandwidth-bound
+step; STREAM convention: bytes read + bytes written). The CPU is shared with other work, so the
+copy bandwidth is measured between the layer's runs, cell by cell (median), and each share is
+against its own cell's figure. The baseline rows are the seed implementation (separate gate,
+up, down matmuls per expert, as transformers does), same weights, same process.
 """
 import argparse
 import statistics
@@ -21,18 +22,21 @@ import torch.nn.functional as F
 from tinymoe.experts import Copy, ExpertPlan, Experts
 
 
-def copy_bandwidth(gib: float = 1.0, trials: int = 5) -> float:
-    src = torch.ones(int(gib * 2**30), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(trials):
+class CopyBandwidth:
+    """Bytes/s of copying a buffer far larger than the caches (read + write counted)."""
+
+    def __init__(self, gib: float = 0.5):
+        self.src = torch.ones(int(gib * 2**30), dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() / best
+        self.dst.copy_(self.src)
+        return 2 * self.src.numel() / (time.perf_counter() - t)
 
 
-def read_bandwidth(gib: float = 1.0, trials: int = 5) -> float:
+def read_bandwidth(gib: float = 0.5, trials: int = 5) -> float:
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     best = float("inf")
     for _ in range(trials):
@@ -61,14 +65,16 @@ def seed_forward(ex: Experts, x, ids, weights):
     return out
 
 
-def median_time(fn, runs: int) -> float:
+def measure(fn, runs: int, copy: CopyBandwidth) -> tuple[float, float]:
+    """(median time of fn, median copy bandwidth), the two measured alternately."""
     fn()
-    times = []
+    times, bandwidths = [], []
     for _ in range(runs):
+        bandwidths.append(copy())
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(bandwidths)
 
 
 def routing(batch: int, experts: int, top_k: int, seed: int):
@@ -95,11 +101,11 @@ def main():
     torch.manual_seed(0)
     ex = Experts(torch.randn(E, I, D, dtype=torch.bfloat16) * 0.02, torch.randn(E, I, D, dtype=torch.bfloat16) * 0.02,
                  torch.randn(E, D, I, dtype=torch.bfloat16) * 0.02)
-    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
-    print(f"threads {torch.get_num_threads()}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write), "
-          f"read bandwidth {read_bw / 1e9:.1f} GB/s\n")
-    print("| experts | batch | active experts | bytes read / step | layer time | GB/s | share of copy BW |")
-    print("|---|---|---|---|---|---|---|")
+    copy = CopyBandwidth()
+    print(f"threads {torch.get_num_threads()}; at start: copy bandwidth {copy() / 1e9:.1f} GB/s "
+          f"(read + write), read bandwidth {read_bandwidth() / 1e9:.1f} GB/s\n")
+    print("| experts | batch | active experts | bytes read / step | layer time | GB/s | copy BW (same cell) | share |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for precision in args.precisions.split(","):
         ex.apply_plan(ExpertPlan([Copy(e, precision) for e in range(E)]))
@@ -114,13 +120,13 @@ def main():
                 else:
                     fn = lambda: seed_forward(ex, x, ids, w)  # noqa: E731
                 with torch.inference_mode():
-                    t = median_time(fn, args.runs)
+                    t, copy_bw = measure(fn, args.runs, copy)
                 active = int(ids.unique().numel())
                 nbytes = active * per_copy
                 label = {"full": "bf16", "int8": "int8", "int4": "int4"}[precision]
                 label = label if name == "tinymoe" else f"bf16 (seed loop, baseline)"
                 print(f"| {label} | {batch} | {active} | {nbytes / 1e6:.0f} MB | {t * 1e3:.1f} ms | "
-                      f"{nbytes / t / 1e9:.1f} | {nbytes / t / copy_bw:.2f} |", flush=True)
+                      f"{nbytes / t / 1e9:.1f} | {copy_bw / 1e9:.1f} | {nbytes / t / copy_bw:.2f} |", flush=True)
                 rows.append((label, batch, t))
     base = {b: t for label, b, t in rows if "baseline" in label}
     if base:

@@ -31,7 +31,7 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(w_up, requires_grad=False)
         self.w_down = nn.Parameter(w_down, requires_grad=False)
         self.quantised = nn.ModuleDict()
-        self._full: FullPool | None = None  # not a submodule: its tensors are views of the parameters
+        self._full: FullPool | None = None
         self.last_physical_ids: torch.Tensor | None = None  # [T, k] copies chosen in the last pass
         self.apply_plan(ExpertPlan.default(self.num_experts))
 

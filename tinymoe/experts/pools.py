@@ -13,7 +13,6 @@ from ..kernels.moe_gemm import MoEWeights
 from .quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
 
 
-
 @functools.cache
 def native_bf16() -> bool:
     """Does this CPU have bf16 matmul instructions (AVX512-BF16 or AMX)?"""
@@ -36,15 +35,14 @@ def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(h[:, :inter]) * h[:, inter:2 * inter]
 
 
-class FullPool(nn.Module):
-    """Unquantised experts in the checkpoint's dtype; also the source every quantised pool is built from."""
+class FullPool:
+    """Unquantised experts in the checkpoint's dtype; also the source every quantised pool is built
+    from. A plain object: its tensors are (views of) the `Experts` parameters."""
 
     precision = "full"
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
-        super().__init__()
-        self.register_buffer("w13", w13, persistent=False)
-        self.register_buffer("w2", w2, persistent=False)
+        self.w13, self.w2 = w13, w2
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
