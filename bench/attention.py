@@ -2,7 +2,7 @@
 one decode step must read, achieved GB/s, and the machine's copy bandwidth measured in the same
 run (the physical limit), with the ratio to a per-sequence-loop baseline.
 
-    python bench/attention.py [--dtype bfloat16] [--repeat 10]
+    python bench/attention.py [--dtype bfloat16] [--repeat 10] [--threads N]
 """
 import argparse
 import time
@@ -45,7 +45,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     limit = copy_bandwidth(args.repeat)
