@@ -208,6 +208,19 @@ def test_paged_attention_decode_split_slices(dtype, context_lens, H, KV, hd, blo
     assert_close(out, ref, bf16_ulps(dtype, 1))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_ops_reject_shapes_that_do_not_fit(impl):
+    k_cache = v_cache = torch.zeros(4, 2, 3, 8)  # 3 KV heads
+    tables, lens = torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        run(impl, kernels.paged_attention_decode, torch.zeros(1, 4, 8), k_cache, v_cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="must have 2 rows"):
+        run(impl, kernels.paged_attention_decode, torch.zeros(2, 6, 8), k_cache, v_cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="do not fit a cache"):
+        run(impl, kernels.store_kv, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), k_cache, v_cache,
+            torch.zeros(1, dtype=torch.long))
+
+
 # ------------------------------------------------------------------------------ the switch
 
 def test_backend_switch(monkeypatch):

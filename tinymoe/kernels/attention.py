@@ -11,15 +11,45 @@ import triton.language as tl
 from .backend import dispatch
 
 
+def _check_cache(k_cache, v_cache):
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(f"KV caches must both be [num_blocks, block_size, kv_heads, head_dim], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache must share strides with contiguous head_dim")
+
+
+def _check_store(k, v, k_cache, v_cache, slot_mapping):
+    _check_cache(k_cache, v_cache)
+    if k.dim() != 3 or v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or slot_mapping.shape != k.shape[:1]:
+        raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
+                         f"{tuple(slot_mapping.shape)} do not fit a cache of {tuple(k_cache.shape)}")
+
+
+def _check_decode(q, k_cache, v_cache, block_tables, context_lens):
+    _check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} does not fit a cache of "
+                         f"{tuple(k_cache.shape)} (query heads must be a multiple of KV heads)")
+    B = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"paged_attention_decode: block_tables {tuple(block_tables.shape)} and "
+                         f"context_lens {tuple(context_lens.shape)} must have {B} rows")
+
+
 def store_kv_torch(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Write k, v [N, KV, hd] into the caches at flat slots `slot_mapping` [N] (all valid)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """One new query per sequence: q [B, H, hd] attends to its context_lens[b] cached tokens."""
+    """One new query per sequence: q [B, H, hd] attends to its context_lens[b] (>= 1) cached tokens."""
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     B, H, hd = q.shape
+    if not B:
+        return torch.empty_like(q)
     block_size, KV = k_cache.shape[1], k_cache.shape[2]
     # only the blocks the longest sequence uses; the rest of the table may be padding
     used = -(-int(context_lens.max()) // block_size)
@@ -29,7 +59,7 @@ def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens
     k = k_cache.index_select(0, blocks).view(B, L, KV, hd).transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(B, L, KV, hd).transpose(1, 2)
     # each KV head's group of query heads becomes its "query sequence": GQA without repeats
-    qg = q.view(B, KV, H // KV, hd)
+    qg = q.reshape(B, KV, H // KV, hd)
     mask = (torch.arange(L, device=q.device) < context_lens[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return out.reshape(B, H, hd)
@@ -52,23 +82,12 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_cache(k_cache, v_cache):
-    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
-        raise ValueError(f"KV caches must both be [num_blocks, block_size, kv_heads, head_dim], "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
-        raise ValueError("k_cache and v_cache must share strides with contiguous head_dim")
-
-
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
-    _check_cache(k_cache, v_cache)
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
     N, KV, hd = k.shape
-    if v.shape != k.shape or k_cache.shape[2:] != (KV, hd) or slot_mapping.shape != (N,):
-        raise ValueError(f"store_kv: k {tuple(k.shape)}, v {tuple(v.shape)}, slots "
-                         f"{tuple(slot_mapping.shape)} do not fit a cache of {tuple(k_cache.shape)}")
     if N:
         _store_kv_kernel[(N,)](
-            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
+            k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous(),
             k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), KV, hd,
             BLOCK_KV=triton.next_power_of_2(KV), BLOCK_D=triton.next_power_of_2(hd))
 
@@ -174,15 +193,9 @@ def _decode_slices(programs: int, max_tokens: int, block_n: int) -> tuple[int, i
 
 
 def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale):
-    _check_cache(k_cache, v_cache)
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     B, H, hd = q.shape
     KV = k_cache.shape[2]
-    if H % KV or k_cache.shape[3] != hd:
-        raise ValueError(f"paged_attention_decode: q {tuple(q.shape)} does not fit a cache of "
-                         f"{tuple(k_cache.shape)} (query heads must be a multiple of KV heads)")
-    if block_tables.shape[0] != B or context_lens.shape != (B,):
-        raise ValueError(f"paged_attention_decode: block_tables {tuple(block_tables.shape)} and "
-                         f"context_lens {tuple(context_lens.shape)} must have {B} rows")
     q = q.contiguous()
     out = torch.empty_like(q)
     if not B:
