@@ -23,3 +23,21 @@ def test_aot_fails_when_nothing_matches():
     done = subprocess.run([sys.executable, "-m", "tinymoe.kernels.aot", "--arch", "80", "--only", "no-such-kernel"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "no kernel matches" in done.stderr
+
+
+def test_aot_reports_each_failure_and_exits_nonzero(monkeypatch, capsys):
+    from tinymoe.kernels import aot, backend
+
+    def compile_one(fn, signature, constexprs, arch):
+        if fn == "broken":
+            raise RuntimeError("ptxas error\nout of registers")
+        return type("Compiled", (), {"asm": {"ptx": "x" * 2048, "cubin": b"y" * 4096}})()
+
+    monkeypatch.setattr(backend, "INTERPRETING", False)
+    monkeypatch.setattr(aot, "collect", lambda only: [("fine", "fine", {}, {}), ("bad", "broken", {}, {})])
+    monkeypatch.setattr(aot, "compile_one", compile_one)
+    assert aot.main(["--arch", "80,90"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines[:4]] == [["fine", "sm_80", "ok"], ["fine", "sm_90", "ok"],
+                                                        ["bad", "sm_80", "FAIL"], ["bad", "sm_90", "FAIL"]]
+    assert "out of registers" in lines[2] and lines[4] == "2/4 compiled"

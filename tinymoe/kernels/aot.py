@@ -76,7 +76,8 @@ def main(argv=None) -> int:
                           f"cubin {len(asm['cubin']) / 1024:7.1f} KiB")
             except Exception as e:  # report every kernel, then fail the run
                 failures += 1
-                status = f"FAIL  {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                status = f"FAIL  {type(e).__name__}: {lines[-1] if lines else ''}"
             print(f"{name:<{width}}  sm_{arch}  {status}  {time.perf_counter() - start:5.1f}s", flush=True)
     print(f"{len(kernels) * len(archs) - failures}/{len(kernels) * len(archs)} compiled", flush=True)
     return 1 if failures else 0
