@@ -1,4 +1,4 @@
-"""RMSNorm, rotary, store_kv and paged-attention decode: each Triton kernel (run by Triton's
+"""RMSNorm, rotary, store_kv, paged-attention decode and prefill: each Triton kernel (run by Triton's
 interpreter on CPU) and each torch twin against a float64 reference on fresh random inputs.
 Every torch.empty/empty_like is NaN-poisoned while an op runs, so a row it forgets fails."""
 import math
@@ -208,6 +208,39 @@ def test_paged_attention_decode_split_slices(dtype, context_lens, H, KV, hd, blo
     assert_close(out, ref, bf16_ulps(dtype, 1))
 
 
+def prefill_ref(q, k_cache, v_cache, table, context_len, scale):
+    n, H, hd = q.shape
+    KV, bs = k_cache.shape[2], k_cache.shape[1]
+    slots = [int(table[t // bs]) * bs + t % bs for t in range(context_len)]
+    k = k_cache.view(-1, KV, hd)[slots].double().repeat_interleave(H // KV, dim=1)  # [L, H, hd]
+    v = v_cache.view(-1, KV, hd)[slots].double().repeat_interleave(H // KV, dim=1)
+    s = torch.einsum("nhd,lhd->hnl", q.double(), k) * scale
+    future = torch.arange(context_len) > torch.arange(context_len - n, context_len)[:, None]
+    p = torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+    return torch.einsum("hnl,lhd->nhd", p, v), torch.einsum("hnl,lhd->nhd", p, v.abs())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,context_len,H,KV,hd,block_size", [
+    (7, 7, 4, 2, 16, 4),        # a fresh prompt: nothing cached before it
+    (5, 13, 6, 2, 16, 4),       # a cached prefix of 8 (prefix caching, chunked prefill)
+    (1, 9, 2, 2, 16, 4),        # a single new token
+    (70, 75, 4, 1, 16, 16),     # two query tiles, several key tiles, MQA
+])
+def test_paged_attention_prefill(impl, dtype, n, context_len, H, KV, hd, block_size, poisoned):
+    q, k_cache, v_cache, tables, _ = paged_case([context_len], H, KV, hd, block_size, dtype)
+    q = torch.randn(n, H, hd, dtype=dtype)
+    table = tables[0, :-(-context_len // block_size)].long()
+    out = run(impl, kernels.paged_attention_prefill, q, k_cache, v_cache, table, context_len, hd ** -0.5)
+    assert out.dtype == dtype
+    ref, magnitude = prefill_ref(q, k_cache, v_cache, table, context_len, hd ** -0.5)
+    if impl == "triton" or dtype == torch.float32:
+        assert_close(out, ref, bf16_ulps(dtype, 1))
+    else:
+        assert_close(out, ref, 1, atol=2.0 ** -7 * magnitude)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_ops_reject_shapes_that_do_not_fit(impl):
     k_cache = v_cache = torch.zeros(4, 2, 3, 8)  # 3 KV heads
@@ -216,6 +249,8 @@ def test_paged_ops_reject_shapes_that_do_not_fit(impl):
         run(impl, kernels.paged_attention_decode, torch.zeros(1, 4, 8), k_cache, v_cache, tables, lens, 1.0)
     with pytest.raises(ValueError, match="must have 2 rows"):
         run(impl, kernels.paged_attention_decode, torch.zeros(2, 6, 8), k_cache, v_cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="do not agree"):
+        run(impl, kernels.paged_attention_prefill, torch.zeros(5, 6, 8), k_cache, v_cache, tables[0], 3, 1.0)
     with pytest.raises(ValueError, match="do not fit a cache"):
         run(impl, kernels.store_kv, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), k_cache, v_cache,
             torch.zeros(1, dtype=torch.long))

@@ -1,9 +1,9 @@
 """Hot ops. Each is a Triton kernel with a torch twin of the same signature, picked per call by
 the backend switch in `backend.py` (Triton on CUDA, torch on CPU; see docs/DESIGN.md)."""
 from .backend import backend_for, current_backend, use_backend  # first: it sets up triton
-from .attention import paged_attention_decode, store_kv
+from .attention import paged_attention_decode, paged_attention_prefill, store_kv
 from .norm import rms_norm
 from .rotary import apply_rotary
 
-__all__ = ["rms_norm", "apply_rotary", "store_kv", "paged_attention_decode",
+__all__ = ["rms_norm", "apply_rotary", "store_kv", "paged_attention_decode", "paged_attention_prefill",
            "use_backend", "current_backend", "backend_for"]

@@ -1,5 +1,6 @@
-"""Paged KV cache: writing new keys/values into their slots, and decode attention through the
-block table (layout in docs/DESIGN.md). Torch twins and Triton kernels.
+"""Paged KV cache: writing new keys/values into their slots, and attention through the block
+table for decode (one new token per sequence) and prefill (a sequence's new tokens over its
+cached prefix). Layout in docs/DESIGN.md. Torch twins and Triton kernels.
 
 k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot = block * block_size + offset.
 """
@@ -63,6 +64,32 @@ def paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens
     mask = (torch.arange(L, device=q.device) < context_lens[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return out.reshape(B, H, hd)
+
+
+def _check_prefill(q, k_cache, v_cache, block_table, context_len):
+    _check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"paged_attention_prefill: q {tuple(q.shape)} does not fit a cache of "
+                         f"{tuple(k_cache.shape)} (query heads must be a multiple of KV heads)")
+    if block_table.dim() != 1 or not q.shape[0] <= context_len <= len(block_table) * k_cache.shape[1]:
+        raise ValueError(f"paged_attention_prefill: {q.shape[0]} new tokens, context_len {context_len} and "
+                         f"a block table of {tuple(block_table.shape)} blocks of {k_cache.shape[1]} do not agree")
+
+
+def paged_attention_prefill_torch(q, k_cache, v_cache, block_table, context_len: int, scale):
+    """The last n = q.shape[0] tokens of one sequence, q [n, H, hd], attend causally over its first
+    `context_len` cached tokens (a cached prefix, then the n new ones, already stored)."""
+    _check_prefill(q, k_cache, v_cache, block_table, context_len)
+    n, H, hd = q.shape
+    block_size, KV = k_cache.shape[1], k_cache.shape[2]
+    blocks = block_table[:-(-context_len // block_size)]
+    k = k_cache.index_select(0, blocks).flatten(0, 1)[:context_len].transpose(0, 1)  # [KV, L, hd]
+    v = v_cache.index_select(0, blocks).flatten(0, 1)[:context_len].transpose(0, 1)
+    positions = torch.arange(context_len - n, context_len, device=q.device)
+    mask = torch.arange(context_len, device=q.device) <= positions[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                         scale=scale, enable_gqa=KV != H)
+    return out.transpose(0, 1)
 
 
 @triton.jit
@@ -219,8 +246,84 @@ def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_len
     return out
 
 
+@triton.jit
+def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
+                          scale, n, context_len, block_size, stride_block, stride_slot, stride_head,
+                          H, KV, HD,
+                          FAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """One program per (tile of BLOCK_M new tokens, query head): flash attention over the cached
+    tokens through the block table, causal from the first new token's position on. FAST_DOT
+    (GPU, 16-bit inputs) feeds tensor cores 16-bit operands; otherwise dots run in exact fp32."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // (H // KV)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_mask = rows < n
+    d_mask = d < HD
+    q_offs = (rows.to(tl.int64) * H + head)[:, None] * HD + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    if not FAST_DOT:
+        q = q.to(tl.float32)
+    # rows past n get positions past the context: they see every key and stay finite, unstored
+    pos = context_len - n + rows
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(context_len, context_len - n + (tile + 1) * BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        tok = start + tl.arange(0, BLOCK_N)
+        t_mask = tok < context_len
+        block = tl.load(block_table_ptr + tok // block_size, mask=t_mask, other=0)
+        offs = (block.to(tl.int64) * stride_block + (tok % block_size) * stride_slot
+                + kv_head * stride_head)[:, None] + d[None, :]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if FAST_DOT:
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = tl.where((tok[None, :] <= pos[:, None]) & t_mask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        if FAST_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m = m_new
+    tl.store(out_ptr + q_offs, (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+
+
+def _prefill_rows(fast_dot: bool) -> int:
+    # exact fp32 dots keep twice the registers per element: halve the query tile
+    return 64 if fast_dot else 32
+
+
+def paged_attention_prefill_triton(q, k_cache, v_cache, block_table, context_len: int, scale):
+    _check_prefill(q, k_cache, v_cache, block_table, context_len)
+    n, H, hd = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if n:
+        fast = q.is_cuda and q.dtype != torch.float32
+        block_m = min(_prefill_rows(fast), max(16, triton.next_power_of_2(n)))
+        _paged_prefill_kernel[(triton.cdiv(n, block_m), H)](
+            q, k_cache, v_cache, block_table.contiguous(), out,
+            scale, n, context_len, k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            H, k_cache.shape[2], hd,
+            FAST_DOT=fast, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(hd)))
+    return out
+
+
 store_kv = dispatch(store_kv_torch, store_kv_triton)
 paged_attention_decode = dispatch(paged_attention_decode_torch, paged_attention_decode_triton)
+paged_attention_prefill = dispatch(paged_attention_prefill_torch, paged_attention_prefill_triton)
 
 
 def _aot_store(dtype: str, kv_heads: int, head_dim: int):
@@ -250,7 +353,18 @@ def _aot_reduce(dtype: str, group: int, head_dim: int):
             {"BLOCK_S": 64, "BLOCK_G": group, "BLOCK_D": head_dim})
 
 
+def _aot_prefill(dtype: str, head_dim: int, fast: bool):
+    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+           "block_table_ptr": "*i64", "out_ptr": f"*{dtype}", "scale": "fp32", "n": "i32",
+           "context_len": "i32", "block_size": "i32", "stride_block": "i32", "stride_slot": "i32",
+           "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32",
+           "FAST_DOT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+    return (f"paged_attention_prefill_{dtype}_d{head_dim}", _paged_prefill_kernel, sig,
+            {"FAST_DOT": fast, "BLOCK_M": _prefill_rows(fast), "BLOCK_N": 32, "BLOCK_D": head_dim})
+
+
 AOT_KERNELS = ([_aot_store(dtype, 8, 128) for dtype in ("bf16", "fp16", "fp32")]
                + [_aot_decode(dtype, group, 128, split) for dtype in ("bf16", "fp16", "fp32")
                   for group, split in ((1, False), (4, False), (4, True), (8, True))]
-               + [_aot_reduce(dtype, 4, 128) for dtype in ("bf16", "fp16", "fp32")])
+               + [_aot_reduce(dtype, 4, 128) for dtype in ("bf16", "fp16", "fp32")]
+               + [_aot_prefill(dtype, 128, dtype != "fp32") for dtype in ("bf16", "fp16", "fp32")])
