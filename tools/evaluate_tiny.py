@@ -9,9 +9,10 @@ fp32 compute on the shipped bf16 weights) and writes tools/logs/eval_<name>.json
   chapter is <s> text </s>), every position of a window scored.
 - Unigram baseline: the same tokenizer's token frequencies on the training split (add-one
   smoothed), scored on the same held-out targets.
-- Multiple choice (tinymoe/assets/data/heldout_mc.jsonl): the choice with the highest summed
-  log-likelihood of its tokens after `<s>` + the question, the choice encoded on its own (so it
-  continues the question after a space, the way the verse does).
+- Multiple choice (tinymoe/assets/data/heldout_mc.jsonl, last-word cloze): the choice with the
+  highest summed log-likelihood of its tokens after `<s>` + the question, the choice encoded on
+  its own (so it continues the question after a space, the way the verse does). Also reported:
+  the accuracy of `tinymoe.evaluation.multiple_choice` ("Question: ...\nAnswer: ..." prompt).
 - Routing balance: loads = top-k assignments of every held-out token, pooled per MoE layer:
   I = max/mean, Gini = sum_i (2i-E-1) x_(i) / (E sum x) over ascending loads, min/max.
 """

@@ -13,6 +13,8 @@ import json
 import random
 import re
 import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
@@ -63,20 +65,34 @@ def split_verse(verse: str) -> tuple[str, str] | None:
     return verse[:cut].rstrip(), verse[cut:].strip()
 
 
-def multiple_choice(verses: list[str], rng: random.Random, n: int = 400) -> list[dict]:
-    """First half of a held-out verse; its true continuation against three continuations of
-    other held-out verses of similar length (so length alone does not give the answer away)."""
-    halves = [h for h in map(split_verse, verses) if h]
-    rng.shuffle(halves)
+FINAL_WORD = re.compile(r"^(.*[a-z].*\S)\s+([A-Za-z]+)[^A-Za-z]*$")
+
+
+def multiple_choice(verses: list[str], train_verses: list[str], rng: random.Random, n: int = 400) -> list[dict]:
+    """Cloze on the last word of a held-out verse: the question is the verse without it, the
+    choices are the true word and three other words that end training verses about as often
+    (within a factor of two), so a word's prior alone does not give the answer away. (Choices
+    of whole continuations were tried first: summed log-likelihood then mostly measures how
+    likely each continuation is on its own, and a small model scores near chance.)"""
+    endings = Counter(m.group(2) for m in map(FINAL_WORD.match, train_verses) if m)
+    pool = sorted(w for w, c in endings.items() if c >= 3)
+    order = list(range(len(verses)))
+    rng.shuffle(order)
     items = []
-    for i, (question, answer) in enumerate(halves[:n]):
-        near = [b for j, (_, b) in enumerate(halves)
-                if j != i and b != answer and 0.7 <= len(b) / len(answer) <= 1.4]
+    for i in order:
+        m = FINAL_WORD.match(verses[i])
+        if not m or len(m.group(1)) < 30 or endings[m.group(2)] < 3:
+            continue
+        question, answer = m.group(1), m.group(2)
+        c = endings[answer]
+        near = [w for w in pool if w.lower() != answer.lower() and c / 2 <= endings[w] <= 2 * c]
         if len(near) < 3:
             continue
         choices = rng.sample(near, 3) + [answer]
         rng.shuffle(choices)
         items.append({"question": question, "choices": choices, "answer": choices.index(answer)})
+        if len(items) == n:
+            break
     return items
 
 
@@ -97,7 +113,7 @@ def train_tokenizer(train_text: Path) -> None:
         num_threads=2, max_sentence_length=4096, minloglevel=2)
 
 
-def main() -> None:
+def main(retrain_tokenizer: bool = False) -> None:
     BUILD.mkdir(parents=True, exist_ok=True)
     DATA.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
@@ -114,14 +130,17 @@ def main() -> None:
     with open(BUILD / "chat.jsonl", "w") as f:
         for ex in chat_examples(verses["train"], rng):
             f.write(json.dumps(ex) + "\n")
-    mc = multiple_choice(verses["test"], rng)
+    mc = multiple_choice(verses["test"], verses["train"], rng)
     with open(DATA / "heldout_mc.jsonl", "w") as f:
         for item in mc:
             f.write(json.dumps(item) + "\n")
     print(f"multiple choice: {len(mc)} items")
+    if (BUILD / "tokenizer.model").is_file() and not retrain_tokenizer:
+        print("tokenizer kept:", BUILD / "tokenizer.model", "(--retrain-tokenizer to rebuild)")
+        return
     train_tokenizer(BUILD / "train.txt")
     print("tokenizer:", BUILD / "tokenizer.model")
 
 
 if __name__ == "__main__":
-    main()
+    main(retrain_tokenizer="--retrain-tokenizer" in sys.argv[1:])

@@ -89,6 +89,16 @@ def stream_loss(model, stream: torch.Tensor, seq: int, batch: int = 8, max_windo
     return total / (n * seq)
 
 
+def batch_gini(model: TinyMoE) -> float:
+    """Mean over MoE layers of the Gini of the last batch's top-k expert loads."""
+    ginis = []
+    for b in model.moe_blocks():
+        x = torch.bincount(b.last_ids.flatten(), minlength=model.cfg.num_experts).double().sort().values
+        E = len(x)
+        ginis.append(float(((2 * torch.arange(1, E + 1) - E - 1) * x).sum() / (E * x.sum())))
+    return sum(ginis) / len(ginis)
+
+
 def lr_at(frac: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     if frac < warmup:
         return peak * frac / warmup
@@ -135,6 +145,7 @@ def shipped_state(model: TinyMoE, dtype: torch.dtype) -> dict:
 def save(model: TinyMoE, out: Path, summary: dict, dtype=torch.bfloat16) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(shipped_state(model, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package must be readable
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, str(dtype).split(".")[1]), indent=2) + "\n")
     shutil.copy(BUILD / "tokenizer.model", out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps({
@@ -196,7 +207,8 @@ def main() -> None:
         opt.step()
         step += 1
         if step % 10 == 0:
-            print(f"step {step} t {elapsed:.0f}s lr {lr:.2e} train_ce {ce.item():.4f} aux {aux.item() if torch.is_tensor(aux) else aux:.5f}", flush=True)
+            print(f"step {step} t {elapsed:.0f}s lr {lr:.2e} train_ce {ce.item():.4f} aux {aux.item() if torch.is_tensor(aux) else aux:.5f} "
+                  f"batch_gini {batch_gini(model):.3f}", flush=True)
         if time.time() - last_eval > args.eval_every:
             v = stream_loss(model, val, args.seq, max_windows=32)
             history.append({"step": step, "seconds": round(elapsed), "train_ce": ce.item(), "val_loss_32w": v})

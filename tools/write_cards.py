@@ -81,8 +81,8 @@ studies. Hugging Face layout (`{arch}`), bf16 safetensors ({size:.1f} MB,
 | validation perplexity | {e['val_ppl']:.2f} |
 | held-out perplexity ({e['heldout_tokens']} tokens) | **{e['heldout_ppl']:.2f}** |
 | unigram perplexity, same tokenizer, held-out | {e['unigram_heldout_ppl']:.1f} |
-| multiple choice, continuation scoring ({e['mc_items']} items, chance 0.25) | **{e['mc_acc']:.3f}** |
-| multiple choice, `tinymoe eval` prompt format | {e['mc_acc_eval_format']:.3f} |
+| multiple choice, last-word cloze, continuation scoring ({e['mc_items']} items, chance 0.25) | **{e['mc_acc']:.3f}** |
+| same items, `tinymoe eval` prompt format ("Question: ...\nAnswer: ...") | {e['mc_acc_eval_format']:.3f} |
 | top-k routing I_agg (max/mean load, mean over MoE layers) | {r['I_agg']:.3f} |
 | Gini of expert load (mean over layers) | {r['gini_mean']:.3f} |
 | min/max expert load (mean over layers; worst layer) | {r['min_max_mean']:.3f}; {r['min_max_worst']:.3f} |
@@ -131,16 +131,23 @@ something. `tiny` is an alias of `tiny-mixtral`, the default of `tinymoe chat`.
 |---|---|---|---|---|---|---|---|---|---|
 {table}
 
-MC acc: `data/heldout_mc.jsonl`, chance 0.25, choice scored as the continuation of the question.
+MC acc: `data/heldout_mc.jsonl` (last-word cloze), chance 0.25, choice scored as the
+continuation of the question. `tinymoe eval` wraps items as "Question: ...\nAnswer: ...", a
+format these models never saw; its accuracy is in each card.
 Routing figures: top-k routing on the held-out text, loads pooled per layer, mean over MoE layers.
 {comp}
 ## Evaluation data (`data/`)
 
 - `heldout.txt`: the 59 held-out chapters (never seen by the tokenizer or the models), one
   heading line and one verse per line, chapters separated by a blank line.
-- `heldout_mc.jsonl`: {next(iter(results.values()))[1]['mc_items']} items `{{"question", "choices" (4), "answer" (index)}}`: the first
-  half of a held-out verse (cut at the clause break nearest its middle), its true continuation
-  and three continuations of other held-out verses of similar length (0.7x-1.4x characters).
+- `heldout_mc.jsonl`: {next(iter(results.values()))[1]['mc_items']} items `{{"question", "choices" (4), "answer" (index)}}`, a cloze
+  on the last word of held-out verses: the question is the verse without its last word (and
+  final punctuation), the choices the true word and three words that end training verses
+  about as often (within a factor of two), so a word's prior alone does not give the answer
+  away. Score a choice as the continuation of the question after a space. (Whole-continuation
+  choices, "first half of a verse -> its second half vs three others", were tried first: with
+  summed log-likelihood they measure mostly each continuation's own likelihood, and
+  tiny-mixtral scored 0.258 on them, chance.)
 
 ## Reproduce
 
