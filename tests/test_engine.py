@@ -174,6 +174,13 @@ def test_text_stream_chat_and_stop_strings(mixtral_with_tokenizer):
     assert len(reply.token_ids) == 24
 
 
+def test_a_loaded_model_brings_its_checkpoints_tokenizer(mixtral_with_tokenizer):
+    llm = LLM(load_model(mixtral_with_tokenizer), router=None)
+    assert llm.tokenizer is not None and llm.generate("the cat", SamplingParams(max_tokens=3))[0].text
+    with pytest.raises(ValueError, match="dtype applies when LLM loads the model by name"):
+        LLM(llm.model, dtype="bfloat16")
+
+
 def test_abandoned_stream_frees_its_blocks(mixtral_with_tokenizer):
     llm = LLM(mixtral_with_tokenizer, block_size=4)
     stream = llm.stream("hello world", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))

@@ -55,26 +55,35 @@ class Stream:
 
 
 class LLM:
-    """The engine: paged KV cache, continuous batching, sampling. `model` is a name, a path, or a
-    model from tinymoe.load_model (then pass `tokenizer=` for text prompts)."""
+    """The engine: paged KV cache, continuous batching, sampling.
+
+    `model` is an alias, a path or a model from tinymoe.load_model; `router` (None: keep the
+    model's routers) is installed with `calib` and `router_opts`. The tokenizer is the
+    checkpoint's unless `tokenizer` (an object or a path) is given; without one, prompts must be
+    token ids. The engine options size the batch (`max_num_seqs`, `max_batch_tokens` per step)
+    and the paged KV cache (`block_size`, `kv_cache_tokens`, `max_model_len`)."""
 
     def __init__(self, model, router: str | None = "topk", dtype=None, device=None, *, tokenizer=None,
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  prefix_caching: bool = True, progress: bool = False, **router_opts):
         from .. import load_model, load_tokenizer, routing
-        self.tokenizer, self._tokenizer_error = tokenizer, "this LLM was given a model object without a tokenizer"
         if isinstance(model, (str, os.PathLike)):
-            from ..weights import resolve
-            path = resolve(model)
-            model = load_model(path, dtype=dtype, device=device, progress=progress)
-            if tokenizer is None:
-                try:
-                    self.tokenizer = load_tokenizer(path)
-                except (OSError, ValueError) as e:
-                    self._tokenizer_error = str(e)
-        elif dtype is not None or device is not None:
-            model = model.to(dtype=dtype, device=device)
+            model = load_model(model, dtype=dtype, device=device, progress=progress)
+        elif dtype is not None:
+            raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")
+        elif device is not None:
+            model = model.to(device)
+        # The tokenizer: given (object or path), else the checkpoint's own if it has one.
+        self.tokenizer, self._tokenizer_error = tokenizer, "the model has no checkpoint directory to read one from"
+        source = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(model, "source_dir", None)
+        if (tokenizer is None or isinstance(tokenizer, (str, os.PathLike))) and source is not None:
+            try:
+                self.tokenizer = load_tokenizer(source)
+            except (OSError, ValueError) as e:
+                if tokenizer is not None:
+                    raise
+                self.tokenizer, self._tokenizer_error = None, str(e)
         self.model = model
         if router is not None:
             routing.install(model, router, calib=calib, **router_opts)
@@ -207,6 +216,8 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (each text or token ids), batched together."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                                and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
