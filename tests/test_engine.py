@@ -176,7 +176,8 @@ def test_text_stream_chat_and_stop_strings(mixtral_with_tokenizer):
 
 def test_a_loaded_model_brings_its_checkpoints_tokenizer(mixtral_with_tokenizer):
     llm = LLM(load_model(mixtral_with_tokenizer), router=None)
-    assert llm.tokenizer is not None and llm.generate("the cat", SamplingParams(max_tokens=3))[0].text
+    out = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode("the cat") and len(out.token_ids) == 3
     with pytest.raises(ValueError, match="dtype applies when LLM loads the model by name"):
         LLM(llm.model, dtype="bfloat16")
 
