@@ -74,16 +74,14 @@ class LLM:
             raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")
         elif device is not None:
             model = model.to(device)
-        # The tokenizer: given (object or path), else the checkpoint's own if it has one.
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
         self.tokenizer, self._tokenizer_error = tokenizer, "the model has no checkpoint directory to read one from"
-        source = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(model, "source_dir", None)
-        if (tokenizer is None or isinstance(tokenizer, (str, os.PathLike))) and source is not None:
+        if tokenizer is None and getattr(model, "source_dir", None) is not None:
             try:
-                self.tokenizer = load_tokenizer(source)
+                self.tokenizer = load_tokenizer(model.source_dir)
             except (OSError, ValueError) as e:
-                if tokenizer is not None:
-                    raise
-                self.tokenizer, self._tokenizer_error = None, str(e)
+                self._tokenizer_error = str(e)
         self.model = model
         if router is not None:
             routing.install(model, router, calib=calib, **router_opts)
@@ -158,6 +156,8 @@ class LLM:
         """One forward over the scheduled batch; returns the requests that finished in it."""
         batch = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not place any request (KV cache too small?)")
             return []
         logits, seqs = self.runner.run(batch)
         self.scheduler.advance(batch)
