@@ -107,6 +107,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         phys = self.physical_ids(ids)
         self.last_physical_ids = phys
+        if phys.numel() == 0:
+            return torch.zeros_like(x)
         if backend_for(x) == "triton":
             return self._forward_kernels(x, phys, weights)
         return self._forward_grouped(x, phys, weights)
