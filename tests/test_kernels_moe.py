@@ -102,7 +102,7 @@ def make_pool(precision, n, I, D, dtype):
     w2 = (torch.randn(n, D, I) / I ** 0.5).to(dtype)
     if precision == "full":
         return FullPool(w13, w2)
-    return (Int8Pool if precision == "int8" else Int4Pool)(w13.bfloat16(), w2.bfloat16())
+    return (Int8Pool if precision == "int8" else Int4Pool)(w13.bfloat16(), w2.bfloat16(), list(range(n)))
 
 
 GEMM_CASES = [  # (precision, activation dtype, T, k, copies, I, D)

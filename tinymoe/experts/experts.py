@@ -68,8 +68,7 @@ class Experts(nn.Module):
             full = self.full_pool()
             for precision, pool_cls in (("int8", Int8Pool), ("int4", Int4Pool)):
                 if quant_experts[precision]:
-                    idx = torch.tensor(quant_experts[precision], device=full.w13.device)
-                    self.quantised[precision] = pool_cls(full.w13[idx], full.w2[idx])
+                    self.quantised[precision] = pool_cls(full.w13, full.w2, quant_experts[precision])
         self._copy_rows = None  # per-pool [C] int32 tables for the kernels, built on first use
 
     def full_pool(self) -> FullPool:

@@ -67,11 +67,10 @@ class Int8Pool(nn.Module):
 
     precision = "int8"
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int]):
         super().__init__()
-        n = w13.shape[0]
         q13, s13, q2, s2 = [], [], [], []
-        for i in range(n):  # one expert at a time keeps the fp32 temporaries small
+        for i in experts:  # one expert at a time keeps the fp32 temporaries small
             q, s = quantize_int8(w13[i]); q13.append(q); s13.append(s)
             q, s = quantize_int8(w2[i]); q2.append(q); s2.append(s)
         self.register_buffer("q13", torch.stack(q13), persistent=False)
@@ -113,14 +112,14 @@ class Int4Pool(nn.Module):
 
     precision = "int4"
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, group: int = 128):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int], group: int = 128):
         super().__init__()
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
         self.k13, self.k2 = -(-self.hidden // 32) * 32, -(-self.inter // 32) * 32
         self.group13 = int4_group_size(self.k13, group)
         self.group2 = int4_group_size(self.k2, group)
         p13, z13, p2, z2 = [], [], [], []
-        for i in range(w13.shape[0]):
+        for i in experts:
             q, sz = quantize_int4(_pad(w13[i], 64, 32), self.group13); p13.append(pack_int4(q)); z13.append(sz)
             q, sz = quantize_int4(_pad(w2[i], 64, 32), self.group2); p2.append(pack_int4(q)); z2.append(sz)
         self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), pad32(D)/2]
