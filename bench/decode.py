@@ -6,8 +6,8 @@
 Without --model, transformers writes a Mixtral-shaped random bf16 checkpoint (hidden 1024,
 intermediate 3584, 8 experts, top-2, 8 layers, 16 heads, 4 KV heads, vocab 32000) to a temp dir.
 Both engines get the same prompts, greedy, no EOS stop. Prefill t/s = batch * prompt_len / the
-time to the first token; decode t/s (total over the batch) = batch * n / (time for 1 + n tokens -
-time for 1 token). Each figure is the median of --runs. Beside each decode figure: the physical
+time to the first token of every prompt; decode t/s (total over the batch) = batch * n / the time
+for the n tokens after it. Each figure is the median of --runs. Beside each decode figure: the physical
 limit, the weight bytes one decode step must read (attention, norms, gates, the experts the
 batch's tokens touch, the LM head) over the memory read bandwidth measured in this run."""
 import argparse
@@ -58,39 +58,51 @@ def decode_bytes(cfg: dict, batch: int, elem: int = 2) -> float:
     return (L * per_layer + D + V * D) * elem
 
 
-def median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_tinymoe(path, prompts):
     from tinymoe.engine import LLM, SamplingParams
     # No prefix cache: repeated runs over the same prompts must recompute them.
     llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False)
 
-    def run(batch, tokens):
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        return lambda: llm.generate(prompts[:batch], params)
-    return run
+    def measure(batch, n):
+        """(seconds to the first token of every prompt, seconds for the next n tokens of each)."""
+        params = SamplingParams(temperature=0, max_tokens=1 + n, ignore_eos=True)
+        start = time.perf_counter()
+        for p in prompts[:batch]:
+            llm.add_request(p, params)
+        llm.step()  # the whole batch's prefill fits one step's token budget
+        first = time.perf_counter()
+        while llm.has_unfinished():
+            llm.step()
+        return first - start, time.perf_counter() - first
+    return measure
 
 
 def bench_transformers(path, prompts):
     from transformers import MixtralForCausalLM
+    from transformers.generation.streamers import BaseStreamer
     model = MixtralForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
-    def run(batch, tokens):
-        ids = torch.tensor(prompts[:batch])
+    class Clock(BaseStreamer):
+        """generate() calls put() with the prompt, then once per generated token."""
+        def __init__(self):
+            self.times = []
 
-        def go():
-            with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                               min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        return go
-    return run
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            self.times.append(time.perf_counter())
+
+    def measure(batch, n):
+        ids = torch.tensor(prompts[:batch])
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1 + n, min_new_tokens=1 + n,
+                           do_sample=False, pad_token_id=0, streamer=clock)
+        first = clock.times[1]
+        return first - start, clock.times[-1] - first
+    return measure
 
 
 ENGINES = {"tinymoe": bench_tinymoe, "transformers": bench_transformers}
@@ -121,15 +133,16 @@ def main():
               f"prompt {args.prompt_len} tokens, decode {args.decode_tokens} tokens, median of {args.runs}")
         results = {}
         for name in engines:
-            run = ENGINES[name](path, prompts)
-            run(1, 2)()  # warm-up
+            measure = ENGINES[name](path, prompts)
+            measure(1, 2)  # warm-up
             for b in batches:
-                t_first = median_time(run(b, 1), args.runs)
-                t_all = median_time(run(b, 1 + args.decode_tokens), args.runs)
-                results[name, b] = (b * args.prompt_len / t_first, b * args.decode_tokens / (t_all - t_first))
+                times = [measure(b, args.decode_tokens) for _ in range(args.runs)]
+                t_prefill = statistics.median(t for t, _ in times)
+                t_decode = statistics.median(t for _, t in times)
+                results[name, b] = (b * args.prompt_len / t_prefill, b * args.decode_tokens / t_decode)
                 print(f"  {name:<12} batch {b:>2}: prefill {results[name, b][0]:8.1f} t/s, "
                       f"decode {results[name, b][1]:7.1f} t/s", flush=True)
-            del run
+            del measure
             gc.collect()
 
     print()
