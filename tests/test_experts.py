@@ -202,3 +202,11 @@ def test_quantised_experts_logit_error(tiny_mixtral, precision, rms_bound, max_b
     worst = ((out - ref).abs().max() / ref.std()).item()
     print(f"\n{precision} experts: logit error rms {rms:.4f}, max {worst:.4f} (in logit std units)")
     assert rms < rms_bound and worst < max_bound
+
+
+def test_empty_batch_and_bad_shapes():
+    ex = random_experts()
+    out = ex(torch.randn(0, 48), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.shape == (0, 48)
+    with pytest.raises(ValueError, match="do not fit"):
+        Experts(torch.randn(4, 40, 48), torch.randn(4, 40, 48), torch.randn(4, 40, 48))
