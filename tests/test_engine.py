@@ -70,6 +70,22 @@ def test_greedy_with_cache_equals_full_recompute(tiny_checkpoint):
         assert out.finish_reason == "length"
 
 
+def test_triton_kernels_plug_into_the_same_cache(mixtral_model):
+    """The attention-kernel Triton ops (Triton's interpreter on CPU) through the engine's paged cache:
+    chunked prefill over cached blocks, then batched decode, give the torch backend's tokens."""
+    from tinymoe import kernels
+    ps = prompts([9, 3], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    def run():
+        return [o.token_ids for o in LLM(mixtral_model, block_size=4, max_num_seqs=2, max_batch_tokens=6)
+                .generate(ps, params)]
+    with kernels.use_backend("torch"):
+        expected = run()
+    with kernels.use_backend("triton"):
+        assert run() == expected
+
+
 def test_requests_arriving_mid_decode_get_their_solo_tokens(mixtral_model):
     ps = prompts([3, 17, 8, 30, 1, 12], seed=1)
     alone = [full_recompute_greedy(mixtral_model, p, 16) for p in ps]

@@ -1,11 +1,17 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
-from . import attention
 from .scheduler import Batch
 from .sequence import Sequence
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One whole sequence: q [n, H, hd], k/v [n, KV, hd]."""
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
 
 
 @dataclass
@@ -40,10 +46,10 @@ class PagedKVCache:
             out[s.decode_rows] = kernels.paged_attention_decode(q[s.decode_rows], kc, vc, s.block_tables,
                                                                 s.context_lens, self.scale)
         for lo, hi, context_len, table in s.prefills:
-            if context_len == hi - lo:
-                out[lo:hi] = attention.causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], self.scale)
+            if context_len == hi - lo:  # nothing cached before: attend to the new k/v directly
+                out[lo:hi] = causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], self.scale)
             else:
-                out[lo:hi] = attention.paged_attention_prefill(q[lo:hi], kc, vc, table, context_len, self.scale)
+                out[lo:hi] = kernels.paged_attention_prefill(q[lo:hi], kc, vc, table, context_len, self.scale)
         return out
 
 
@@ -78,7 +84,7 @@ class ModelRunner:
                 dec_tables.append(table)
                 dec_lens.append(end)
             else:
-                prefills.append((row, row + n, end, self._tensor(table[:-(-end // bs)])))
+                prefills.append((row, row + n, end, self._tensor(table[:-(-end // bs)], torch.int32)))
             if end == len(seq):
                 last_rows.append(row + n - 1)
                 sampled.append(seq)
