@@ -355,7 +355,7 @@ def _aot_reduce(dtype: str, group: int, head_dim: int):
 
 def _aot_prefill(dtype: str, head_dim: int, fast: bool):
     sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
-           "block_table_ptr": "*i64", "out_ptr": f"*{dtype}", "scale": "fp32", "n": "i32",
+           "block_table_ptr": "*i32", "out_ptr": f"*{dtype}", "scale": "fp32", "n": "i32",
            "context_len": "i32", "block_size": "i32", "stride_block": "i32", "stride_slot": "i32",
            "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32",
            "FAST_DOT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
