@@ -49,6 +49,10 @@ def test_chat_non_interactive_from_option_and_stdin(model_dir):
     reply = LLM(model_dir).chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=8))
     assert by_option.stdout == reply.text.lstrip() + "\n"
     assert "tok/s" in by_option.stderr
+    nothing = run("chat", model_dir, input="")
+    assert nothing.exit_code == 0 and nothing.stdout == "" and "Nothing on standard input" in nothing.stderr
+    empty = run("chat", model_dir, "--prompt", " ")
+    assert empty.exit_code == 2 and "the prompt is empty" in empty.output
 
 
 def test_chat_keeps_the_conversation_and_resets(model_dir, monkeypatch):

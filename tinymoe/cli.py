@@ -148,13 +148,16 @@ def chat(model, prompt, system, interactive, engine, **kw):
 
     With --prompt, or with text on standard input, answers once without the interactive loop."""
     params = _params(kw)
+    if prompt is not None and not prompt.strip():
+        raise click.UsageError("the prompt is empty")
     if prompt is None and not interactive and not sys.stdin.isatty():
         prompt = sys.stdin.read()
+        if not prompt.strip():
+            click.echo("Nothing on standard input to answer (use -i for the interactive loop).", err=True)
+            return
     llm = engine.llm(model)
     start = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
-        if not prompt.strip():
-            raise click.UsageError("the prompt is empty")
         stream = llm.chat(start + [{"role": "user", "content": prompt.strip()}], params, stream=True)
         _print_stream(stream, strip_leading=True)
         click.echo(_stats(stream.output), err=True)
