@@ -97,3 +97,21 @@ def test_router_options_are_parsed(model_dir):
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
     wrong = run("generate", model_dir, "--prompt", "x", "--router-opt", "nosuch=1")
     assert wrong.exit_code == 1 and "nosuch" in wrong.stderr
+
+
+def test_chat_with_the_embedded_model_in_a_fresh_process():
+    """`make chat`'s path: the installed command's module in a clean interpreter (nothing but what
+    tinymoe itself imports), on the embedded default model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tinymoe.weights import ALIASES
+    if not (ALIASES["tiny"] / "config.json").is_file():
+        pytest.skip("the embedded model is not built (tools/ writes tinymoe/assets/tiny-mixtral)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "tinymoe", "chat", "--prompt", "Hello", "--max-tokens", "8",
+                           "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "tok/s" in done.stderr
