@@ -32,6 +32,9 @@ def test_generate_matches_the_library(model_dir):
     expected = LLM(model_dir).generate("the cat", SamplingParams(temperature=0, max_tokens=10))[0]
     assert result.stdout == expected.text + "\n"
     assert "tok/s" in result.stderr
+    stop = expected.text.strip()[2:4]
+    cut = run("generate", model_dir, "--prompt", "the cat", "--max-tokens", 10, "--stop", stop)
+    assert cut.stdout == expected.text[:expected.text.index(stop)] + "\n"
 
 
 def test_generate_several_prompts_in_one_batch(model_dir):

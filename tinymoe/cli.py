@@ -102,6 +102,7 @@ def sampling_options(temperature: float, max_tokens: int):
             click.option("--min-p", default=0.0, show_default=True, type=float),
             click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
             click.option("--seed", default=None, type=int),
+            click.option("--stop", multiple=True, help="stop at this text (repeatable)"),
         ]):
             f = option(f)
         return f
@@ -111,7 +112,7 @@ def sampling_options(temperature: float, max_tokens: int):
 def _params(kw: dict):
     from .engine import SamplingParams
     names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-    return SamplingParams(**{n: kw.pop(n) for n in names})
+    return SamplingParams(**{n: kw.pop(n) for n in names}, stop=list(kw.pop("stop")))
 
 
 def _stats(out) -> str:
