@@ -113,16 +113,17 @@ def read_mc(path: Path = DATA / "heldout_mc.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def evaluate(name: str) -> dict:
+def evaluate(name: str, path: Path | None = None) -> dict:
     sp = load_tokenizer()
-    model = load_trained(name)
+    path = path or ASSETS / name
+    model = load_trained(name, path)
     val = eval_stream(sp, BUILD / "val.txt")
     test = eval_stream(sp, DATA / "heldout.txt")
     val_loss, _ = loss_and_loads(model, val)
     test_loss, loads = loss_and_loads(model, test)
     uni = unigram_loss(sp, test)
     items = read_mc()
-    project = project_checks(name, model, test, items)
+    project = project_checks(path, model, test, items)
     return {
         "name": name, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
         "heldout_loss": test_loss, "heldout_ppl": math.exp(test_loss),
@@ -134,15 +135,15 @@ def evaluate(name: str) -> dict:
 
 
 @torch.no_grad()
-def project_checks(name: str, model: TinyMoE, test: torch.Tensor, items: list[dict]) -> dict:
+def project_checks(path: Path, model: TinyMoE, test: torch.Tensor, items: list[dict]) -> dict:
     """The same checkpoint through tinymoe's own loader: logits against the training model, and
     the multiple-choice accuracy in the prompt format of `tinymoe eval` ("Question: ...\nAnswer:")."""
     import tinymoe
     from tinymoe.evaluation import multiple_choice as project_mc
-    engine_model = tinymoe.load_model(ASSETS / name, dtype="float32")
+    engine_model = tinymoe.load_model(path, dtype="float32")
     x, _ = windows(test)
     diff = (engine_model(x[:2]) - model(x[:2])).abs().max().item()
-    tok = tinymoe.load_tokenizer(ASSETS / name)
+    tok = tinymoe.load_tokenizer(path)
     return {"loader_max_abs_logit_diff": diff,
             "mc_acc_eval_format": project_mc(engine_model, tok, items)["acc"]}
 
@@ -151,16 +152,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", default=["tiny-mixtral", "tiny-lpr", "tiny-deepseek"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--path", type=Path, default=None, help="evaluate this directory (one name: its shapes)")
+    ap.add_argument("--tag", default=None, help="results go to tools/logs/eval_<tag>.json (default: the name)")
     args = ap.parse_args()
+    if (args.path or args.tag) and len(args.names) != 1:
+        raise SystemExit("--path/--tag take exactly one model name")
     torch.set_num_threads(args.threads)
     LOGS.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        r = evaluate(name)
-        (LOGS / f"eval_{name}.json").write_text(json.dumps(r, indent=2) + "\n")
+        r = evaluate(name, args.path)
+        (LOGS / f"eval_{args.tag or name}.json").write_text(json.dumps(r, indent=2) + "\n")
         b = r["routing"]
-        print(f"{name}: val ppl {r['val_ppl']:.2f}  held-out ppl {r['heldout_ppl']:.2f} "
+        print(f"{args.tag or name}: val ppl {r['val_ppl']:.2f}  held-out ppl {r['heldout_ppl']:.2f} "
               f"(unigram {r['unigram_heldout_ppl']:.1f})  MC acc {r['mc_acc']:.3f} "
               f"({r['mc_items']} items)  I_agg {b['I_agg']:.3f}  Gini {b['gini_mean']:.3f}  "
               f"min/max {b['min_max_mean']:.3f} (worst {b['min_max_worst']:.3f})  "

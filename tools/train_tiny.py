@@ -8,6 +8,7 @@ Output: tinymoe/assets/<name>/{model.safetensors, config.json, tokenizer.model,
 tokenizer_config.json, generation_config.json, train_summary.json}.
 """
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -170,11 +171,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=float, default=120.0, help="seconds between val checks")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TinyConfig field, e.g. --set beta_div=10 (floats only)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = MODELS[args.name]
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if not hasattr(cfg, field) or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a TinyConfig field")
+        cfg = dataclasses.replace(cfg, **{field: type(getattr(cfg, field))(float(value))})
     sp = load_tokenizer()
     assert sp.vocab_size() == cfg.vocab_size, "tokenizer and model vocab disagree"
     train = training_stream(sp, args.chat_fraction, args.seed)
