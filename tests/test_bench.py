@@ -79,11 +79,12 @@ def test_bench_rows_and_balance(setup, tmp_path):
     root, _, model, tokens = setup
     calib = load_calibration(root / "calib.safetensors")
     res = benchmark.run(model, ["topk", "laser", "balanced", "rnq"], [1, 16], tokens, prompt_len=16,
-                        gen_len=4, devices=2, calib=calib, ppl_window=32, ppl_windows=8, engine=False)
+                        gen_len=6, devices=2, calib=calib, min_sequences=4, engine=False)
     rows = {(r.router, r.batch): r for r in res["rows"]}
     assert len(rows) == 8
     assert rows["topk", 16].ppl_delta_pct == 0 and rows["topk", 16].agree_top1 == 1
-    assert rows["laser", 1].i_agg == rows["topk", 1].i_agg  # one token a pass: nothing to balance
+    # one token a decode pass: nothing to balance, LASER is top-k
+    assert rows["laser", 1].i_agg == rows["topk", 1].i_agg and rows["laser", 1].agree_top1 == 1
     assert rows["balanced", 16].i_agg == pytest.approx(1.0)  # 16 * 2 assignments over 8 experts
     assert rows["laser", 16].i_agg <= rows["topk", 16].i_agg
     assert 0 <= rows["laser", 16].flat_frac <= 1
@@ -123,7 +124,7 @@ def test_cli_calibrate_bench_eval(setup, tmp_path):
     assert r.exit_code == 0, r.output
     r = run(cli, ["bench", str(path), "--router", "topk,laser,rnq", "--router-opt", "replicas=1",
                   "--batch", "8", "--prompt-len", "8", "--gen-len", "3", "--devices", "2", "--data",
-                  str(root / "data.txt"), "--calib", str(calib), "--ppl-windows", "2", "--format", "json"])
+                  str(root / "data.txt"), "--calib", str(calib), "--sequences", "2", "--format", "json"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert [row["router"] for row in rows] == ["topk", "laser", "rnq"]

@@ -1,9 +1,11 @@
 """`tinymoe bench`: every router measured for speed, balance and accuracy in one table.
 
-Per router and batch B: B prompts are prefilled together, then decoded greedily together for
-gen_len steps (B tokens a forward pass). Balance is per forward pass, averaged over the decode
-passes; prefill passes are summarised apart. Perplexity and top-1 agreement come from a
-teacher-forced pass over the data, B windows a pass, against top-k on the same windows."""
+Per router and batch B: B windows of the text are decoded together, teacher forced: the first
+prompt_len tokens of each in one prefill pass, then one pass of B tokens per position for
+gen_len positions. Balance is per forward pass, averaged over the decode passes (prefill passes
+are summarised apart); perplexity and top-1 agreement (against top-k on the same tokens) score
+the decoded positions, so accuracy is measured in the same routing regime as balance. Prefill
+and decode t/s come from the engine's LLM when there is one, else from this driver."""
 import csv
 import io
 import json
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .evaluation import perplexity, teacher_forced, windows
+from .evaluation import perplexity
 from .routing import install, make_router
 from .routing.metrics import LoadRecorder, flat_fraction, measure_alpha_beta
 
@@ -62,16 +64,19 @@ class StaticCache:
 
 
 @torch.no_grad()
-def generate_measured(model, prompts: torch.Tensor, gen_len: int, recorder: LoadRecorder, tick=None):
-    """Greedy: prefill `prompts` [B, P] in one pass, then gen_len decode passes of B tokens.
-    Returns (prefill seconds, decode seconds, decode-phase flat fraction)."""
+def decode_teacher_forced(model, rows: torch.Tensor, prompt_len: int, recorder: LoadRecorder, tick=None):
+    """B sequences decoding together, fed the text's own next tokens: prefill rows[:, :P] in one
+    pass, then one pass of B tokens per position. Scores every token after the prompt.
+    Returns (nll [B*G], argmax [B*G], prefill seconds, decode seconds, decode flat fraction)."""
     device = next(model.parameters()).device
-    B, P = prompts.shape
+    rows = rows.to(device)
+    B, total = rows.shape
+    P = prompt_len
     cache = StaticCache(B)
     recorder.phase = "prefill"
     t0 = time.perf_counter()
-    hidden = model.hidden_states(prompts.to(device), torch.arange(P, device=device), cache)
-    nxt = model.logits(hidden[:, -1]).argmax(-1)
+    hidden = model.hidden_states(rows[:, :P], torch.arange(P, device=device), cache)
+    logits = [model.logits(hidden[:, -1]).float()]
     cache.pos = P
     t_prefill = time.perf_counter() - t0
     if tick:
@@ -79,17 +84,19 @@ def generate_measured(model, prompts: torch.Tensor, gen_len: int, recorder: Load
     before = _flat_counts(model)
     recorder.phase = "decode"
     t0 = time.perf_counter()
-    for _ in range(gen_len):
-        pos = torch.tensor([cache.pos], device=device)
-        hidden = model.hidden_states(nxt[:, None], pos, cache)
-        nxt = model.logits(hidden[:, -1]).argmax(-1)
+    for t in range(P, total - 1):
+        hidden = model.hidden_states(rows[:, t:t + 1], torch.tensor([t], device=device), cache)
+        logits.append(model.logits(hidden[:, -1]).float())
         cache.pos += 1
         if tick:
             tick(1)
     t_decode = time.perf_counter() - t0
     after = _flat_counts(model)
+    logp = torch.log_softmax(torch.stack(logits, 1), -1)  # [B, G, V] predicting rows[:, P:]
+    nll = -logp.gather(-1, rows[:, P:, None]).squeeze(-1)
     tokens = after[1] - before[1]
-    return t_prefill, t_decode, ((after[0] - before[0]) / tokens if tokens else None)
+    flat = (after[0] - before[0]) / tokens if tokens else None
+    return nll.reshape(-1).cpu(), logp.argmax(-1).reshape(-1).cpu(), t_prefill, t_decode, flat
 
 
 def _flat_counts(model):
@@ -114,7 +121,7 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
 
 def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
         gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
-        ppl_window: int = 128, ppl_windows: int = 64, engine: bool = True, progress=None) -> dict:
+        min_sequences: int = 16, engine: bool = True, progress=None) -> dict:
     """The whole bench; top-k always runs as the reference. Returns {"rows": [Row], "prefill":
     [dict], "heat": {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
     opts = check_routers(routers, router_opts or {})
@@ -124,34 +131,40 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     install(model, "topk")
     alpha, beta = measure_alpha_beta(blocks[0].experts, model.config.hidden_size,
                                      dtype=blocks[0].experts.w_gate.dtype)
-    rows_ppl = windows(tokens, ppl_window, ppl_windows)
-    need = max(batches) * prompt_len
+    need = max(batches) * (prompt_len + gen_len)
     source = tokens.repeat(math.ceil(need / tokens.numel())) if tokens.numel() < need else tokens
     names = ["topk"] + [r for r in routers if r != "topk"]
-    tick = progress(len(batches) * len(names) * (1 + gen_len + rows_ppl.shape[0])) if progress else None
+    rounds = {B: max(1, math.ceil(min_sequences / B)) for B in batches}
+    tick = progress(sum(len(names) * rounds[B] * gen_len for B in batches)) if progress else None
 
     out, prefill, heat, notes = [], [], {}, {}
     for B in batches:
-        prompts = _prompts(source, B, prompt_len)
+        seqs = _windows(source, B * rounds[B], prompt_len + gen_len)
         for name in names:
             install(model, name, calib, **opts.get(name, {}))
-            rec = LoadRecorder().attach(model)
-            try:
-                t_pre, t_dec, flat = generate_measured(model, prompts, gen_len, rec, tick)
-            finally:
-                rec.detach(model)
-            dec = rec.summary("decode", devices, alpha, beta)
-            install(model, name, calib, **opts.get(name, {}))  # fresh state for the accuracy pass
             if "plan" in blocks[0].ctx.state:
                 notes[name] = _plan_note(name, blocks)
-            nll, top = teacher_forced(model, rows_ppl, B, tick)
+            rec = LoadRecorder().attach(model)
+            parts = []
+            try:
+                for r in range(rounds[B]):  # small batches: several rounds, so enough tokens are scored
+                    parts.append(decode_teacher_forced(model, seqs[r * B:(r + 1) * B], prompt_len, rec, tick))
+            finally:
+                rec.detach(model)
+            nll, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            t_pre, t_dec = sum(p[2] for p in parts), sum(p[3] for p in parts)
+            flats = [p[4] for p in parts if p[4] is not None]
+            flat = sum(flats) / len(flats) if flats else None
+            dec = rec.summary("decode", devices, alpha, beta)
             if name == "topk":
                 ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
             if name not in routers:
                 continue
-            speed = engine_throughput(model, name, calib, opts.get(name, {}), prompts, gen_len) if engine else None
+            speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
+                                      gen_len) if engine else None
             if speed is None:  # no engine: the bench driver's own timings
-                speed = B * prompt_len / t_pre, B * gen_len / t_dec if gen_len else math.nan
+                n = rounds[B] * B
+                speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
             ppl = perplexity(nll)
             out.append(Row(name, B, *speed,
                            dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
@@ -195,9 +208,9 @@ def check_routers(routers: list[str], opts: dict) -> dict[str, dict]:
     return per
 
 
-def _prompts(tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """B prompts taken from evenly spaced places in the text."""
-    starts = torch.linspace(0, tokens.numel() - length, batch).long()
+def _windows(tokens: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    """`count` windows of `length` tokens from evenly spaced places in the text."""
+    starts = torch.linspace(0, tokens.numel() - length, count).long()
     return torch.stack([tokens[s:s + length] for s in starts.tolist()])
 
 

@@ -324,11 +324,12 @@ def eval_command(model, data, window, batch, max_windows, fmt, engine):
 @click.option("--devices", default=4, show_default=True, type=int, help="G for I_dev and the modelled EP time")
 @click.option("--data", default=None, type=click.Path(exists=True, dir_okay=False),
               help="text for prompts, perplexity and agreement (default: the embedded held-out text)")
-@click.option("--ppl-windows", default=32, show_default=True, type=int, help="128-token windows scored per row")
+@click.option("--sequences", default=16, show_default=True, type=int,
+              help="score at least this many sequences per row (small batches run several rounds)")
 @click.option("--format", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="write a load heatmap per router")
 @engine_options
-def bench(model, batch, prompt_len, gen_len, devices, data, ppl_windows, fmt, plot, engine):
+def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot, engine):
     """Speed, balance and accuracy of each --router (comma-separated) at each --batch, against
     top-k. Without --calib, calibrates on --data first."""
     from . import benchmark
@@ -348,7 +349,7 @@ def bench(model, batch, prompt_len, gen_len, devices, data, ppl_windows, fmt, pl
         calib = run_calibration(net, tokens[:32768], seq_len=128,
                                 progress=_progress("calibrate")(-(-min(tokens.numel(), 32768) // 128)))
     res = benchmark.run(net, names, batch, tokens, prompt_len, gen_len, devices, calib, engine.router_opts,
-                        ppl_windows=ppl_windows, progress=_progress("bench"))
+                        min_sequences=sequences, progress=_progress("bench"))
     click.echo(benchmark.format_rows(res, fmt))
     if plot:
         benchmark.plot_heatmaps(res, plot)
