@@ -87,10 +87,11 @@ def test_pool_matches_float64(precision, T, bf16_cpu, monkeypatch):
     assert err < tol, f"{precision}: relative error {err:.2e}"
 
 
-def test_bf16_model_dtype():
+@pytest.mark.parametrize("T", [1, 6, 40])  # mv, bf16 GEMM, fp32 GEMM on widened weights
+def test_bf16_model_dtype(T):
     ex = random_experts(dtype=torch.bfloat16)
-    ids, w = random_routing(6, 2, 4)
-    x = torch.randn(6, 48).bfloat16()
+    ids, w = random_routing(T, 2, 4)
+    x = torch.randn(T, 48).bfloat16()
     ref = reference(x, ids, w, dense_full(ex))
     out = ex(x, ids, w.bfloat16())
     assert out.dtype == torch.bfloat16
