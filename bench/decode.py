@@ -131,24 +131,29 @@ def main():
         bandwidth = read_bandwidth()
         print(f"threads {torch.get_num_threads()}, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
               f"prompt {args.prompt_len} tokens, decode {args.decode_tokens} tokens, median of {args.runs}")
-        results = {}
-        for name in engines:
-            measure = ENGINES[name](path, prompts)
+        # Both engines stay loaded and take turns, so a change in the machine's load hits both.
+        measures = {name: ENGINES[name](path, prompts) for name in engines}
+        for measure in measures.values():
             measure(1, 2)  # warm-up
-            for b in batches:
-                times = [measure(b, args.decode_tokens) for _ in range(args.runs)]
-                t_prefill = statistics.median(t for t, _ in times)
-                t_decode = statistics.median(t for _, t in times)
+        results = {}
+        for b in batches:
+            times = {name: [] for name in engines}
+            for _ in range(args.runs):
+                for name, measure in measures.items():
+                    times[name].append(measure(b, args.decode_tokens))
+            for name in engines:
+                t_prefill = statistics.median(t for t, _ in times[name])
+                t_decode = statistics.median(t for _, t in times[name])
                 results[name, b] = (b * args.prompt_len / t_prefill, b * args.decode_tokens / t_decode)
                 print(f"  {name:<12} batch {b:>2}: prefill {results[name, b][0]:8.1f} t/s, "
                       f"decode {results[name, b][1]:7.1f} t/s", flush=True)
-            del measure
-            gc.collect()
+        del measures
+        gc.collect()
 
     print()
     print("| engine | batch | prefill t/s | decode t/s | decode limit t/s | share of limit |")
     print("|---|---|---|---|---|---|")
-    for (name, b), (prefill, decode) in results.items():
+    for (name, b), (prefill, decode) in sorted(results.items()):
         limit = b * bandwidth / decode_bytes(cfg, b)
         print(f"| {name} | {b} | {prefill:.0f} | {decode:.1f} | {limit:.1f} | {decode / limit:.2f} |")
     if set(engines) >= {"tinymoe", "transformers"}:
