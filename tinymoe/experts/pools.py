@@ -37,8 +37,9 @@ _scratch: dict[torch.device, torch.Tensor] = {}
 
 def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 x @ w.T through a reused fp32 copy of w. Without bf16 instructions torch's bf16 GEMM
-    is emulated: at 32+ rows widening the weight and running an fp32 GEMM is over 2x faster.
-    The scratch is kept (reallocating it costs page faults worth more than the GEMM)."""
+    is emulated: at 32+ rows widening the weight and running an fp32 GEMM is over 2x faster
+    (bench/experts.py --batches 256). The scratch is kept: reallocating it costs page faults
+    worth more than the GEMM. (For int8 weights the quantised kernel is as fast.)"""
     buf = _scratch.get(w.device)
     if buf is None or buf.numel() < w.numel():
         buf = _scratch[w.device] = torch.empty(w.numel(), device=w.device)
@@ -103,8 +104,6 @@ class Int8Pool(nn.Module):
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def _linear(self, x, q, s):
-        if use_upcast(x):
-            return upcast_linear(x, q) * s.float()
         # the CPU kernel silently computes garbage unless K is a multiple of 16
         if use_packed(x) and x.shape[1] % 16 == 0:
             return torch.ops.aten._weight_int8pack_mm(x, q, s)
