@@ -98,7 +98,7 @@ def ep_step_time(copy_load: torch.Tensor, device_of: torch.Tensor, devices: int,
 
 
 @torch.no_grad()
-def measure_alpha_beta(experts, hidden_size: int, repeats: int = 5,
+def measure_alpha_beta(experts, hidden_size: int, repeats: int = 7,
                        dtype=torch.float32) -> tuple[float, float]:
     """Fit time = c + alpha * assignments + beta * active experts on this machine, by timing the
     layer's own expert computation on crafted assignments (best of `repeats`). Seconds."""
@@ -111,6 +111,7 @@ def measure_alpha_beta(experts, hidden_size: int, repeats: int = 5,
             x = torch.randn(n, hidden_size, dtype=dtype)
             ids = (torch.arange(n) % m).view(n, 1)
             w = torch.ones(n, 1, dtype=dtype)
+            experts(x, ids, w)  # warm-up: first calls pay for allocation and kernel selection
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
