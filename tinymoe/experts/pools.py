@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.moe_gemm import MoEWeights
-from .quant import int4_group_size, pack_int4, quantize_int4, quantize_int8
+from .quant import dequantize_int4, int4_group_size, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
 
 @functools.cache
@@ -156,7 +156,6 @@ class Int4Pool(nn.Module):
             x = F.pad(x, (0, packed.shape[1] * 2 - x.shape[1]))
         if use_packed(x):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-        from .quant import dequantize_int4, unpack_int4
         return F.linear(x, dequantize_int4(unpack_int4(packed), sz, x.dtype))
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
