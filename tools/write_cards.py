@@ -91,7 +91,7 @@ studies. Hugging Face layout (`{arch}`), bf16 safetensors ({size:.1f} MB,
 | held-out perplexity ({e['heldout_tokens']} tokens) | **{e['heldout_ppl']:.2f}** |
 | unigram perplexity, same tokenizer, held-out | {e['unigram_heldout_ppl']:.1f} |
 | multiple choice, last-word cloze, continuation scoring ({e['mc_items']} items, chance 0.25) | **{e['mc_acc']:.3f}** |
-| same items, `tinymoe eval` prompt format ("Question: ...\nAnswer: ...") | {e['mc_acc_eval_format']:.3f} |
+| same items, `tinymoe eval` prompt format ("Question: ...\\nAnswer: ...") | {e['mc_acc_eval_format']:.3f} |
 | top-k routing I_agg (max/mean load, mean over MoE layers) | {r['I_agg']:.3f} |
 | Gini of expert load (mean over layers) | {r['gini_mean']:.3f} |
 | min/max expert load (mean over layers; worst layer) | {r['min_max_mean']:.3f}; {r['min_max_worst']:.3f} |
@@ -167,7 +167,7 @@ something. `tiny` is an alias of `tiny-mixtral`, the default of `tinymoe chat`.
 {table}
 
 MC acc: `data/heldout_mc.jsonl` (last-word cloze), chance 0.25, choice scored as the
-continuation of the question. `tinymoe eval` wraps items as "Question: ...\nAnswer: ...", a
+continuation of the question. `tinymoe eval` wraps items as "Question: ...\\nAnswer: ...", a
 format these models never saw; its accuracy is in each card.
 Routing figures: top-k routing on the held-out text, loads pooled per layer, mean over MoE layers.
 {comp}
