@@ -295,9 +295,12 @@ def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, 
 @click.option("--window", default=128, show_default=True, type=int, help="tokens a perplexity window")
 @click.option("--batch", default=8, show_default=True, type=int, help="windows a forward pass")
 @click.option("--max-windows", default=None, type=int, help="score at most this many windows")
+@click.option("--mc-prompt", default="Question: {question}\nAnswer:", show_default=True,
+              help="how a multiple-choice question is written; each choice follows after a space "
+                   "(the shipped cloze set wants '{question}')")
 @click.option("--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
 @engine_options
-def eval_command(model, data, window, batch, max_windows, fmt, engine):
+def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine):
     """Accuracy of --router on MODEL: perplexity and agreement with top-k, or multiple choice."""
     import json
     from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
@@ -306,7 +309,8 @@ def eval_command(model, data, window, batch, max_windows, fmt, engine):
     if data.endswith(".jsonl"):
         items = read_choices(data)
         install(net, engine.router, engine.calib, **engine.router_opts)
-        res = {"router": engine.router, **multiple_choice(net, tok, items, _progress("eval")(len(items)))}
+        res = {"router": engine.router, **multiple_choice(net, tok, items, _progress("eval")(len(items)),
+                                                             prompt=mc_prompt)}
     else:
         res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
                             max_windows, **engine.router_opts)

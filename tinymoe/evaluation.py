@@ -87,14 +87,17 @@ def _answer_index(answer, choices, labels) -> int:
 
 
 @torch.no_grad()
-def multiple_choice(model, tokenizer, items: list[dict], progress=None) -> dict:
-    """Pick the choice whose tokens are most likely after the question; `acc` on the summed
-    log-likelihood, `acc_norm` divided by the choice's length in characters."""
+def multiple_choice(model, tokenizer, items: list[dict], progress=None,
+                    prompt: str = "Question: {question}\nAnswer:") -> dict:
+    """Pick the choice whose tokens are most likely after the question (written into `prompt`,
+    the choice following after a space); `acc` on the summed log-likelihood, `acc_norm` divided
+    by the choice's length in characters."""
     device = next(model.parameters()).device
     correct = correct_norm = 0
     for item in items:
-        context = tokenizer.encode(f"Question: {item['question']}\nAnswer:", add_bos=True)
-        conts = [tokenizer.encode(f"Question: {item['question']}\nAnswer: {c}", add_bos=True)[len(context):]
+        question = prompt.format(question=item["question"])
+        context = tokenizer.encode(question, add_bos=True)
+        conts = [tokenizer.encode(f"{question} {c}", add_bos=True)[len(context):]
                  or [tokenizer.eos_ids[0] if tokenizer.eos_ids else 0] for c in item["choices"]]
         length = len(context) + max(len(c) for c in conts)
         rows = torch.zeros(len(conts), length, dtype=torch.int64)
