@@ -3,9 +3,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Triton decides compiler or interpreter when a kernel is defined: make it the interpreter (no GPU).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tiny shapes everywhere: OpenMP's thread handoffs cost more than they save, far more on a busy machine.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import checkpoints  # noqa: E402

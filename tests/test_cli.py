@@ -1,20 +1,10 @@
 """The CLI end to end through click's runner, on a tiny checkpoint with a small tokenizer."""
 import pytest
-import torch
 from click.testing import CliRunner
 
 from test_engine import add_tokenizer
 from tinymoe.cli import cli, parse_value
 from tinymoe.engine import LLM, SamplingParams
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: OpenMP's thread handoffs cost more than they save, far more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,6 @@ import torch
 from tinymoe import load_model
 from tinymoe.engine import LLM, SamplingParams
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: OpenMP's thread handoffs cost more than they save, far more on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 

@@ -11,15 +11,6 @@ from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, int4_group_
                                    quantize_int4, quantize_int8, unpack_int4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny shapes: OpenMP's thread handoffs cost more than they save, far more on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def torch_backend():
     with kernels.use_backend("torch"):

@@ -15,15 +15,6 @@ from tinymoe.kernels.moe_gemm import fused_moe
 IMPLS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny shapes: OpenMP's thread handoffs cost more than they save, far more on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def interpreter():
     if not backend.INTERPRETING:
