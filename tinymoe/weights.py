@@ -110,28 +110,17 @@ class _SafetensorsFile:
         # Copy-on-write so torch.frombuffer gets a writable buffer; we never write, so nothing is copied.
         self._mm = mmap.mmap(self._fd, size, access=mmap.ACCESS_COPY) if size else None
 
-    def read(self, name: str, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_into(self, name: str, out: torch.Tensor) -> None:
         info = self.tensors[name]
         src_dtype = _DTYPES.get(info["dtype"])
         if src_dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = (self.data_start + o for o in info["data_offsets"])
-        shape = info["shape"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel * src_dtype.itemsize != end - start:
-            raise CheckpointError(f"{self.path}: tensor {name} has {end - start} bytes for shape {shape}")
-        raw = torch.frombuffer(self._mm, dtype=src_dtype, count=numel, offset=start) if numel else \
-            torch.empty(0, dtype=src_dtype)
-        raw = raw.view(shape)
-        if out is not None:
-            out.copy_(raw)
-            tensor = out
-        else:
-            tensor = raw.to(dtype or src_dtype, copy=True)
-        self._drop_pages(start, end)
-        return tensor
+        if out.numel() * src_dtype.itemsize != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
+        if out.numel():
+            out.copy_(torch.frombuffer(self._mm, dtype=src_dtype, count=out.numel(), offset=start).view(out.shape))
+            self._drop_pages(start, end)
 
     def _drop_pages(self, start: int, end: int):
         page = mmap.PAGESIZE
@@ -178,26 +167,18 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def keys(self):
-        return self._where.keys()
-
-    def bytes(self) -> int:
-        return sum(os.path.getsize(self.dir / f) for f in set(self._where.values()))
-
-    def read(self, name: str, shape: tuple | None = None, dtype: torch.dtype | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor, checking it exists and has `shape` (or `out`'s shape)."""
+    def read(self, name: str, out: torch.Tensor) -> None:
+        """Copy one tensor into `out` (converting dtype), checking it exists and has out's shape."""
         fname = self._where.get(name)
         if fname is None:
             raise CheckpointError(f"checkpoint {self.dir} has no tensor {name}")
         f = self._file(fname)
         if name not in f.tensors:
             raise CheckpointError(f"{f.path} has no tensor {name} (the index says it does)")
-        want = tuple(out.shape) if out is not None else shape
         got = tuple(f.tensors[name]["shape"])
-        if want is not None and got != tuple(want):
-            raise CheckpointError(f"{f.path}: tensor {name} has shape {list(got)}, expected {list(want)}")
-        return f.read(name, dtype, out)
+        if got != tuple(out.shape):
+            raise CheckpointError(f"{f.path}: tensor {name} has shape {list(got)}, expected {list(out.shape)}")
+        f.read_into(name, out)
 
     def close(self):
         for f in self._files.values():

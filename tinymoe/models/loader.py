@@ -67,7 +67,7 @@ def _fill(param, name, ckpt, layout, cfg):
         names = "model.embed_tokens.weight"
     if isinstance(names, list):
         for e, n in enumerate(names):
-            ckpt.read(n, out=param.data[e])
+            ckpt.read(n, param.data[e])
     else:
-        ckpt.read(names, out=param.data)
+        ckpt.read(names, param.data)
 

@@ -5,6 +5,7 @@ import torch
 
 from .base import Router, register
 from .prototype_gate import PrototypeGate, prototype_scores
+from .topk import TopK
 
 KEYS = ("proto.norm.weight", "proto.norm.bias", "proto.encoder.weight", "proto.encoder.bias",
         "proto.prototypes")
@@ -33,10 +34,8 @@ class Prototype(Router):
 
     def route(self, logits, hidden, ctx):
         rule = ctx.rule
-        if self.params is None:
-            probs = rule.probs(logits)
-            ids = probs.topk(rule.top_k, dim=-1).indices
-            return ids, rule.weights(probs, ids)
+        if self.params is None:  # a trained prototype gate: its own top-k is the routing
+            return TopK().route(logits, hidden, ctx)
         params = [t.to(hidden.device) for t in self.params]
         s = prototype_scores(hidden, *params)
         ids = s.topk(rule.top_k, dim=-1).indices
