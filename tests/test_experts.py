@@ -110,6 +110,8 @@ def test_int4_round_trip_and_packing(group):
     # our packing is the CPU kernel's layout, and its matmul follows (q - 8) * scale + zero
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[0].int(), 1)
     assert torch.equal(pack_int4(q[0]), packed) and torch.equal(unpack_int4(packed), q[0])
+    for block in (32, 64):  # AVX2 and AVX-512 layouts both round-trip
+        assert torch.equal(unpack_int4(pack_int4(q[0], block), block), q[0])
     x = torch.randn(3, 256).bfloat16()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz[0])
     torch.testing.assert_close(y.float(), x.float() @ dequantize_int4(q[0], sz[0]).t(), rtol=2e-2, atol=5e-2)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
 from tinymoe.experts.pools import Int4Pool, Int8Pool, FullPool
-from tinymoe.experts.quant import dequantize_int4, dequantize_int8, unpack_int4
+from tinymoe.experts.quant import dequantize_int4, dequantize_int8, int4_pack_block, pack_int4, unpack_int4
 from tinymoe.kernels import backend
 from tinymoe.kernels.moe_align import moe_align
 from tinymoe.kernels.moe_gemm import fused_moe
@@ -132,6 +132,26 @@ def test_fused_moe_matches_float64(impl, precision, dtype, T, k, copies, I, D, p
     ref = reference_moe(x, topk_weights, copy_ids, {c: dense_of(pool, c) for c in range(copies)})
     assert torch.isfinite(out).all()
     # fp32 accumulation; the torch twin rounds x to bf16 nowhere, so both see the same operands
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("block", [32, 64])
+def test_fused_moe_reads_either_int4_layout(impl, block, poisoned):
+    """torch's CPU int4 layout packs 64 channels a block with AVX-512 and 32 with AVX2; the
+    kernels follow the pool's `pack_block`, whichever this CPU gave."""
+    pool = make_pool("int4", 2, 64, 64, torch.bfloat16)
+    w = pool.kernel_weights()
+    assert w.pack_block == int4_pack_block()
+    w = w._replace(w13=pack_int4(unpack_int4(w.w13), block), w2=pack_int4(unpack_int4(w.w2), block),
+                   pack_block=block)
+    x, topk_weights = torch.randn(5, 64).bfloat16(), torch.rand(5, 2).bfloat16()
+    copy_ids = torch.randint(0, 2, (5, 2))
+    sorted_ids, tile_copy = moe_align(copy_ids.int(), 2, 16)
+    out = torch.full((10, 64), float("nan"))
+    with kernels.use_backend(impl):
+        fused_moe(x, topk_weights, sorted_ids, tile_copy, torch.arange(2, dtype=torch.int32), w, out, 16)
+    ref = reference_moe(x, topk_weights, copy_ids, {c: dense_of(pool, c) for c in range(2)})
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.moe_gemm import MoEWeights
-from .quant import dequantize_int4, int4_group_size, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from .quant import dequantize_int4, int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
 
 @functools.cache
@@ -130,7 +130,7 @@ def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 class Int4Pool(nn.Module):
     """int4 weights, asymmetric per group of K inputs: w = (q - 8) * scale + zero (bf16 scale, zero).
 
-    Packed in the layout of torch's CPU int4 kernel, which needs the output channels padded to a
+    Packed in the layout of torch's CPU int4 kernel on this CPU (`int4_pack_block`), which needs the output channels padded to a
     multiple of 64 and K to a multiple of 32 (zeros; only tiny test models need it); the Triton
     kernel reads the same bytes."""
 
@@ -169,7 +169,7 @@ class Int4Pool(nn.Module):
 
     def kernel_weights(self) -> MoEWeights:
         return MoEWeights("int4", self.p13, self.p2, self.z13, self.z2, self.group13, self.group2,
-                          self.inter, self.hidden)
+                          self.inter, self.hidden, int4_pack_block())
 
 
 POOLS = {"full": FullPool, "int8": Int8Pool, "int4": Int4Pool}

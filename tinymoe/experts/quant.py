@@ -5,6 +5,8 @@ int4: per (channel, group of K), asymmetric: w ~= (q - 8) * scale + zero, q in [
       scale and zero in bf16. This is the rule of torch's `_weight_int4pack_mm_for_cpu`, so the
       same numbers feed the CPU kernel and the Triton kernel.
 """
+import functools
+
 import torch
 
 INT4_GROUP = 128
@@ -66,23 +68,39 @@ def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, dtype=torch.flo
     return ((qg - 8) * sz[..., :1] + sz[..., 1:]).reshape(*lead, n, k).to(dtype)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def int4_pack_block() -> int:
+    """Channels per block in the layout of torch's `_convert_weight_to_int4pack_for_cpu`. It is
+    four SIMD vectors of floats, so it depends on the CPU torch runs on (64 with AVX-512, 32 with
+    AVX2) and is not exposed: pack a probe and see which block reproduces it."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32, 16, 128):
+        if torch.equal(pack_int4(q.to(torch.uint8), block), packed):
+            return block
+    raise RuntimeError("this torch build packs int4 weights in a layout tinymoe does not know")
+
+
+def pack_int4(q: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """q uint8 [..., N, K] (N a multiple of 64) -> packed uint8 [..., N, K/2] in the layout of
-    torch's `_convert_weight_to_int4pack_for_cpu`: for each block of 64 channels and each k,
-    32 bytes whose low nibbles are channels 0..31 and high nibbles channels 32..63.
-    The Triton kernel reads the same layout, so one copy of the weights serves both."""
+    torch's CPU int4 kernel: for each block of `block` channels (default: this CPU's) and each k,
+    block/2 bytes whose low nibbles are the block's first half of channels and high nibbles its
+    second half. The Triton kernel reads the same layout, so one copy of the weights serves both."""
+    block = block or int4_pack_block()
     *lead, n, k = q.shape
     if n % 64:
         raise ValueError(f"int4 packing needs N divisible by 64, got N={n}")
-    blocks = q.reshape(*lead, n // 64, 2, 32, k).transpose(-1, -2)  # [..., N/64, 2, K, 32]
-    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)     # [..., N/64, K, 32]
+    half = block // 2
+    blocks = q.reshape(*lead, n // block, 2, half, k).transpose(-1, -2)  # [..., N/B, 2, K, B/2]
+    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)           # [..., N/B, K, B/2]
     return packed.reshape(*lead, n, k // 2).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """Inverse of `pack_int4`."""
+    block = block or int4_pack_block()
     *lead, n, half_k = packed.shape
-    k = half_k * 2
-    blocks = packed.reshape(*lead, n // 64, k, 32)
-    q = torch.stack((blocks & 15, blocks >> 4), -3)  # [..., N/64, 2, K, 32]
+    k, half = half_k * 2, block // 2
+    blocks = packed.reshape(*lead, n // block, k, half)
+    q = torch.stack((blocks & 15, blocks >> 4), -3)  # [..., N/B, 2, K, B/2]
     return q.transpose(-1, -2).reshape(*lead, n, k)

@@ -11,8 +11,10 @@ Weights (`MoEWeights`), gate and up stacked as `w13 [n, 2I, D]`, down `w2 [n, D,
 - full: bf16/fp16/fp32;
 - int8: `w13`, `w2` int8 with scales `s13 [n, 2I]`, `s2 [n, D]`: w = q * s;
 - int4: packed uint8 `[n, pad64(N), KW/2]` (KW: K zero-padded to a multiple of 32) in the layout
-  of torch's CPU int4 kernel (per block of 64 channels and per k, 32 bytes: channels 0..31 in
-  the low nibbles, 32..63 in the high ones), `s13`/`s2` = scales and zeros `[n, KW/group, pad64(N), 2]`: w = (q - 8) * scale + zero.
+  of torch's CPU int4 kernel (per block of `pack_block` channels and per k, pack_block/2 bytes:
+  the block's first half of channels in the low nibbles, the second half in the high ones; the
+  block is 64 or 32 depending on the CPU), `s13`/`s2` = scales and zeros
+  `[n, KW/group, pad64(N), 2]`: w = (q - 8) * scale + zero.
 Under the interpreter every operand is upcast to fp32 (its bf16 arithmetic is wrong); on a GPU
 the dot runs in the activation dtype with fp32 accumulation.
 """
@@ -38,18 +40,20 @@ class MoEWeights(NamedTuple):
     group2: int
     inter: int
     hidden: int
+    pack_block: int = 64  # int4 only: channels per block of the packed layout
 
 
 @triton.jit
 def _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, mask, K, NP,
-                 PREC: tl.constexpr, GROUP: tl.constexpr):
+                 PREC: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr):
     """fp32 [BLOCK_K, BLOCK_N] tile of weight rows offs_n, inputs offs_k (int8: unscaled)."""
     n = offs_n[None, :]
     k = offs_k[:, None]
     if PREC == 2:
         base = w_ptr + row * NP * (K // 2)
-        byte = tl.load(base + (n // 64) * (K * 32) + k * 32 + n % 32, mask=mask, other=0).to(tl.int32)
-        q = (byte >> ((n // 32) % 2 * 4)) & 15
+        byte = tl.load(base + (n // PACK) * (K * (PACK // 2)) + k * (PACK // 2) + n % (PACK // 2),
+                       mask=mask, other=0).to(tl.int32)
+        q = (byte >> ((n // (PACK // 2)) % 2 * 4)) & 15
         sz = s_ptr + row * (K // GROUP) * NP * 2 + (k // GROUP) * NP * 2 + n * 2
         scale = tl.load(sz, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
@@ -68,7 +72,7 @@ def _tile_row(tile_copy_ptr, copy_row_ptr):
 @triton.jit
 def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, h_ptr,
                     num_assign, top_k, D, I, NP, KW,
-                    PREC: tl.constexpr, GROUP: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+                    PREC: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = _tile_row(tile_copy_ptr, copy_row_ptr)
     if row < 0:  # padding tile, or a copy served by another pool
@@ -88,8 +92,8 @@ def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr
         a = tl.load(x_ptr + tok[:, None] * D + offs_k[None, :],
                     mask=valid[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        wg = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, w_mask, KW, NP, PREC, GROUP)
-        wu = _weight_tile(w_ptr, s_ptr, row, offs_n + I, offs_k, w_mask, KW, NP, PREC, GROUP)
+        wg = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, w_mask, KW, NP, PREC, GROUP, PACK)
+        wu = _weight_tile(w_ptr, s_ptr, row, offs_n + I, offs_k, w_mask, KW, NP, PREC, GROUP, PACK)
         if DOT_IN_INPUT_DTYPE:
             dt = x_ptr.dtype.element_ty
             acc_g = tl.dot(a.to(dt), wg.to(dt), acc_g)
@@ -108,7 +112,7 @@ def _gate_up_kernel(x_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr
 @triton.jit
 def _down_kernel(h_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, topk_w_ptr, out_ptr,
                  num_assign, D, I, NP, KW,
-                 PREC: tl.constexpr, GROUP: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
+                 PREC: tl.constexpr, GROUP: tl.constexpr, PACK: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = _tile_row(tile_copy_ptr, copy_row_ptr)
     if row < 0:
@@ -126,7 +130,7 @@ def _down_kernel(h_ptr, sorted_ptr, tile_copy_ptr, copy_row_ptr, w_ptr, s_ptr, t
         a = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * I + offs_k[None, :],
                     mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = _weight_tile(w_ptr, s_ptr, row, offs_n, offs_k, k_mask[:, None] & n_mask[None, :],
-                         KW, NP, PREC, GROUP)
+                         KW, NP, PREC, GROUP, PACK)
         if DOT_IN_INPUT_DTYPE:
             dt = topk_w_ptr.dtype.element_ty
             acc = tl.dot(a.to(dt), w.to(dt), acc)
@@ -168,13 +172,13 @@ def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWei
     _gate_up_kernel[(tiles, triton.cdiv(I, bn))](
         x, sorted_ids, tile_copy, copy_row, w.w13, w.s13 if w.s13 is not None else w.w13, h,
         topk_weights.numel(), k, D, I, w.w13.shape[1], _row_length(w, w.w13),
-        PREC=prec, GROUP=w.group13, DOT_IN_INPUT_DTYPE=dot_in_input,
+        PREC=prec, GROUP=w.group13, PACK=w.pack_block, DOT_IN_INPUT_DTYPE=dot_in_input,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
     bn, bk = _block(D), _block(I)
     _down_kernel[(tiles, triton.cdiv(D, bn))](
         h, sorted_ids, tile_copy, copy_row, w.w2, w.s2 if w.s2 is not None else w.w2,
         topk_weights.to(x.dtype), out, topk_weights.numel(), D, I, w.w2.shape[1], _row_length(w, w.w2),
-        PREC=prec, GROUP=w.group2, DOT_IN_INPUT_DTYPE=dot_in_input,
+        PREC=prec, GROUP=w.group2, PACK=w.pack_block, DOT_IN_INPUT_DTYPE=dot_in_input,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
     return out
 
@@ -187,7 +191,7 @@ def dequantize_row(w: MoEWeights, row: int) -> tuple[torch.Tensor, torch.Tensor]
         if w.precision == "int8":
             return q.float() * s.float()[:, None]
         n, k = q.shape[0], q.shape[1] * 2
-        blocks = q.reshape(n // 64, k, 32)
+        blocks = q.reshape(n // w.pack_block, k, w.pack_block // 2)
         codes = torch.stack((blocks & 15, blocks >> 4), 1).transpose(-1, -2).reshape(n, k).float()
         sz = s.float().repeat_interleave(group, 0).transpose(0, 1)  # [N, K, 2]
         return ((codes - 8) * sz[..., 0] + sz[..., 1])[:n_out, :k_in]
@@ -218,7 +222,7 @@ fused_moe = dispatch(fused_moe_torch, fused_moe_triton)
 def aot_kernels(block_m: int = 16, block_n: int = 64, block_k: int = 64, group: int = 128):
     """(name, kernel, signature, constexprs) for every variant the GPU path launches."""
     common = {"sorted_ptr": "*i32", "tile_copy_ptr": "*i32", "copy_row_ptr": "*i32"}
-    shapes = {"PREC": None, "GROUP": None, "DOT_IN_INPUT_DTYPE": True,
+    shapes = {"PREC": None, "GROUP": None, "PACK": 64, "DOT_IN_INPUT_DTYPE": True,
               "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
     weight_types = {"full": ("*{dt}", "*{dt}"), "int8": ("*i8", "*bf16"), "int4": ("*u8", "*bf16")}
     out = []
