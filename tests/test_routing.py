@@ -199,3 +199,121 @@ def test_prototype_router_post_hoc_matches_a_trained_prototype_gate():
 def test_router_without_options_says_so():
     with pytest.raises(ValueError, match="valid options: none"):
         make_router("balanced", seed=1)
+
+
+# --- an expert plan over any base router (`--router laser --plan rnq`, ALGORITHMS.md section 4) ---
+
+
+@pytest.fixture(scope="module")
+def tiny_calibrated(tmp_path_factory):
+    """The embedded tiny-mixtral, calibrated on a slice of its held-out text (file saved too)."""
+    import tinymoe
+    from tinymoe.evaluation import read_tokens
+    from tinymoe.routing.calibrate import calibrate
+    from tinymoe.weights import ASSETS
+    data = ASSETS / "data" / "heldout.txt"
+    model = tinymoe.load_model("tiny", dtype="float32")
+    tokens = read_tokens(tinymoe.load_tokenizer("tiny"), data)
+    calib = calibrate(model, tokens[:4096], seq_len=64, proto_steps=0)
+    path = tmp_path_factory.mktemp("calib") / "calib.safetensors"
+    calib.save(path)
+    return model, calib, path, data, tokens
+
+
+def test_laser_with_rnq_plan_keeps_laser_choice_on_the_plan_copies(tiny_calibrated):
+    from tinymoe.routing import install
+    from tinymoe.routing.laser import Laser
+    from tinymoe.routing.rnq import ReplicateQuantize
+    model, calib, _, _, tokens = tiny_calibrated
+    x = tokens[5000:5512].view(8, 64)
+    seen = {}
+    install(model, "laser", calib, plan="rnq", t_fix=0.5, q=0.25, c=3)
+    for block in model.moe_blocks():
+        def spy(logits, hidden, ctx, route=block.router.route):
+            ids, w = route(logits, hidden, ctx)
+            seen[ctx.layer] = (logits, ids, w)
+            return ids, w
+        block.router.route = spy
+    with torch.no_grad():
+        model(x)
+    moved = 0
+    for block in model.moe_blocks():
+        router, plan, E = block.router, block.ctx.state["plan"], block.ctx.rule.num_experts
+        assert isinstance(router, ReplicateQuantize) and isinstance(router.base, Laser)
+        assert (router.base.t_fix, router.base.q, router.base.c) == (0.5, 0.25, 3)
+        assert len(plan.copies) > E and block.ctx.state["plan_bytes"] <= block.ctx.state["budget_bytes"]
+        logits, ids, w = seen[block.ctx.layer]
+        alone = make_router("laser", t_fix=0.5, q=0.25, c=3)  # LASER alone, same options and layer
+        alone.attach(block, calib.layer(block.ctx.layer))
+        a_ids, a_w = alone.route(logits, None, RouteContext(block.ctx.layer, 1, block.ctx.rule))
+        assert torch.equal(ids, a_ids)
+        torch.testing.assert_close(w, a_w)
+        moved += int((ids.sort(-1).values != logits.topk(2, -1).indices.sort(-1).values).any(-1).sum())
+        # physical copies serve their logical expert, split by the dispatch rule
+        phys = block.experts.last_physical_ids
+        assert torch.equal(torch.tensor([plan.copies[p].expert for p in phys.reshape(-1).tolist()]),
+                           ids.reshape(-1))
+        assert torch.equal(torch.bincount(phys.reshape(-1), minlength=len(plan.copies)),
+                           metrics.physical_loads(load_of(ids, E), plan))
+    assert moved > 0  # LASER really moved tokens off top-k
+    # --router rnq is --router topk --plan rnq
+    install(model, "rnq", calib)
+    with torch.no_grad():
+        short = model(x)
+    install(model, "topk", calib, plan="rnq")
+    with torch.no_grad():
+        assert torch.equal(model(x), short)
+    install(model, "topk")
+
+
+def test_cli_router_options_reach_the_base_router_under_a_plan(tiny_calibrated, monkeypatch):
+    import json
+    from click.testing import CliRunner
+    import tinymoe.routing
+    from tinymoe.cli import cli
+    from tinymoe.routing.laser import Laser
+    _, _, calib, data, _ = tiny_calibrated
+    installed = []
+    real = tinymoe.routing.install
+
+    def spy(model, name="topk", calib=None, plan=None, **opts):
+        real(model, name, calib, plan=plan, **opts)
+        installed.append([b.router for b in model.moe_blocks()])
+        return model
+
+    monkeypatch.setattr(tinymoe.routing, "install", spy)
+    common = ["--router", "laser", "--router-opt", "t_fix=0.5", "--plan", "rnq", "--calib", str(calib),
+              "--data", str(data), "--format", "json"]
+    r = CliRunner().invoke(cli, ["eval", "tiny", *common, "--plan-opt", "replica=int4",
+                                 "--window", "32", "--max-windows", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["router"] == "laser+rnq"
+    planned = [routers for routers in installed if routers[0].name == "rnq"]
+    assert planned and all(isinstance(x.base, Laser) and x.base.t_fix == 0.5 and x.replica == "int4"
+                           for x in planned[0])
+    installed.clear()
+    r = CliRunner().invoke(cli, ["bench", "tiny", *common, "--batch", "4", "--prompt-len", "8",
+                                 "--gen-len", "3", "--sequences", "4"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["router"] for row in rows] == ["laser+rnq"] and rows[0]["i_agg"] > 0
+    planned = [routers for routers in installed if routers[0].name == "rnq"]
+    assert planned and all(isinstance(x.base, Laser) and x.base.t_fix == 0.5 for x in planned[0])
+
+
+def test_bad_plan_name_and_option_are_one_line_errors():
+    from click.testing import CliRunner
+    from tinymoe.cli import cli
+    with pytest.raises(ValueError, match="unknown plan 'nope'; valid plans: rnq"):
+        make_router("laser", plan="nope")
+    with pytest.raises(ValueError, match="plan 'rnq' has no option t_fix; valid options: replicas, replica, quant"):
+        make_router("laser", plan=("rnq", {"t_fix": 0.5}))
+    with pytest.raises(ValueError, match="already carries the rnq plan"):
+        make_router("rnq", plan="rnq")
+    r = CliRunner().invoke(cli, ["generate", "tiny", "-p", "x", "--plan", "nope"])
+    assert r.exit_code == 1 and r.stderr == "Error: unknown plan 'nope'; valid plans: rnq\n"
+    r = CliRunner().invoke(cli, ["generate", "tiny", "-p", "x", "--plan", "rnq", "--plan-opt", "bad=1"])
+    assert r.exit_code == 1 and "valid options: replicas, replica, quant" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    r = CliRunner().invoke(cli, ["generate", "tiny", "-p", "x", "--plan-opt", "replica=int4"])
+    assert r.exit_code == 2 and "--plan-opt needs --plan" in r.output

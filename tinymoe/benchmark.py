@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .evaluation import perplexity
-from .routing import install, make_router
+from .routing import install, label, make_router
 from .routing.metrics import LoadRecorder, flat_fraction, measure_alpha_beta
 
 KEYS = ["router", "batch", "pp_tps", "tg_tps", "i_agg", "i_dev", "gini", "minmax", "flat_frac",
@@ -104,7 +104,7 @@ def _flat_counts(model):
     return flat, sum(b.ctx.state.get("tokens", 0) for b in model.moe_blocks())
 
 
-def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: int):
+def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: int, plan=None):
     """Prefill and decode t/s of the engine's LLM on this model (None if there is no engine)."""
     try:
         from .engine import LLM, SamplingParams
@@ -112,7 +112,7 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
         return None
     B, P = prompts.shape
     llm = LLM(model, router=name, calib=calib, max_num_seqs=B, max_batch_tokens=max(B * P, 512),
-              kv_cache_tokens=B * (P + gen_len + 16), prefix_caching=False, **opts)
+              kv_cache_tokens=B * (P + gen_len + 16), prefix_caching=False, plan=plan, **opts)
     outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True))
     first = max(o.time_to_first_token for o in outs)
     last = max(o.latency for o in outs)
@@ -121,10 +121,11 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
 
 def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
         gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
-        min_sequences: int = 16, engine: bool = True, progress=None) -> dict:
-    """The whole bench; top-k always runs as the reference. Returns {"rows": [Row], "prefill":
-    [dict], "heat": {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
-    opts = check_routers(routers, router_opts or {})
+        min_sequences: int = 16, engine: bool = True, progress=None, plan=None) -> dict:
+    """The whole bench; top-k always runs as the reference. Every router in `routers` runs under
+    `plan` if given (rows say "laser+rnq"). Returns {"rows": [Row], "prefill": [dict], "heat":
+    {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
+    opts = check_routers(routers, router_opts or {}, plan)
     blocks = list(model.moe_blocks())
     if not blocks:
         raise ValueError("the model has no MoE layers to route")
@@ -133,17 +134,20 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                                      dtype=blocks[0].experts.w_gate.dtype)
     need = max(batches) * (prompt_len + gen_len)
     source = tokens.repeat(math.ceil(need / tokens.numel())) if tokens.numel() < need else tokens
-    names = ["topk"] + [r for r in routers if r != "topk"]
+    wanted = [label(r, plan) for r in routers]
+    names = ["topk"] + [r for r in routers if label(r, plan) != "topk"]
     rounds = {B: max(1, math.ceil(min_sequences / B)) for B in batches}
     tick = progress(sum(len(names) * rounds[B] * gen_len for B in batches)) if progress else None
 
     out, prefill, heat, notes = [], [], {}, {}
     for B in batches:
         seqs = _windows(source, B * rounds[B], prompt_len + gen_len)
-        for name in names:
-            install(model, name, calib, **opts.get(name, {}))
+        for i, name in enumerate(names):
+            with_plan = plan if i else None  # the first is the plain top-k reference
+            tag = label(name, with_plan)
+            install(model, name, calib, plan=with_plan, **opts.get(name, {}))
             if "plan" in blocks[0].ctx.state:
-                notes[name] = _plan_note(name, blocks)
+                notes[tag] = _plan_note(tag, blocks)
             rec = LoadRecorder().attach(model)
             parts = []
             try:
@@ -156,25 +160,25 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
             flats = [p[4] for p in parts if p[4] is not None]
             flat = sum(flats) / len(flats) if flats else None
             dec = rec.summary("decode", devices, alpha, beta)
-            if name == "topk":
+            if i == 0:
                 ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
-            if name not in routers:
+            if tag not in wanted:
                 continue
             speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
-                                      gen_len) if engine else None
+                                      gen_len, with_plan) if engine else None
             if speed is None:  # no engine: the bench driver's own timings
                 n = rounds[B] * B
                 speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
             ppl = perplexity(nll)
-            out.append(Row(name, B, *speed,
+            out.append(Row(tag, B, *speed,
                            dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
                            dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
                            float((top == ref_top).float().mean()),
                            ref_time / dec["ep_time"] if dec["ep_time"] else math.nan))
-            prefill.append({"router": name, "batch": B, "tokens": B * prompt_len,
+            prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
                             **rec.summary("prefill", devices, alpha, beta)})
             if B == max(batches):
-                heat[name] = _heat(rec, model)
+                heat[tag] = _heat(rec, model)
     install(model, "topk")
     return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
             "notes": list(notes.values()), "layers": [b.ctx.layer for b in blocks]}
@@ -197,11 +201,12 @@ def _opts_for(router: str, opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k in options(ROUTERS[router])}
 
 
-def check_routers(routers: list[str], opts: dict) -> dict[str, dict]:
-    """Fail fast on a bad router name or an option no listed router has; -> options per router."""
+def check_routers(routers: list[str], opts: dict, plan=None) -> dict[str, dict]:
+    """Fail fast on a bad router or plan name or an option no listed router has; -> options per
+    router."""
     per = {r: _opts_for(r, opts) for r in routers}
     for r in routers:
-        make_router(r, **per[r])
+        make_router(r, plan=plan, **per[r])
     for key in opts:
         if not any(key in o for o in per.values()):
             raise ValueError(f"no router among {', '.join(routers)} has the option {key!r}")

@@ -64,24 +64,44 @@ class EngineOptions:
     calib: str | None = None
     dtype: str | None = None
     debug: bool = False
+    plan_name: str | None = None
+    plan_opts: dict = field(default_factory=dict)
+
+    @property
+    def plan(self):
+        """The `plan` argument of LLM / routing.install: None, a name, or (name, options)."""
+        if self.plan_name is None:
+            return None
+        return (self.plan_name, self.plan_opts) if self.plan_opts else self.plan_name
 
     def llm(self, model: str, **engine_kwargs):
         """The engine for `model` with these options, with a progress bar while loading."""
         from .engine import LLM
         return LLM(model, router=self.router, dtype=self.dtype, calib=self.calib, progress=True,
-                   **engine_kwargs, **self.router_opts)
+                   plan=self.plan, **engine_kwargs, **self.router_opts)
 
 
 def engine_options(f):
-    """--router, --router-opt KEY=VALUE (repeatable), --calib, --dtype, --debug; the command
-    receives them as one `engine: EngineOptions` argument."""
+    """--router, --router-opt KEY=VALUE (repeatable), --plan, --plan-opt KEY=VALUE (repeatable),
+    --calib, --dtype, --debug; the command receives them as one `engine: EngineOptions` argument."""
     @functools.wraps(f)
-    def wrapper(*args, router, router_opt, calib, dtype, debug, **kwargs):
-        return f(*args, engine=EngineOptions(router, router_opt, calib, dtype, debug), **kwargs)
+    def wrapper(*args, router, router_opt, plan, plan_opt, calib, dtype, debug, **kwargs):
+        if plan_opt and plan is None:
+            raise click.UsageError("--plan-opt needs --plan")
+        engine = EngineOptions(router, router_opt, calib, dtype, debug, plan, plan_opt)
+        if plan is not None:  # a bad plan name or option fails before the model loads
+            from .routing import plan_spec
+            plan_spec(engine.plan)
+        return f(*args, engine=engine, **kwargs)
     for option in reversed([
         click.option("--router", default="topk", show_default=True, help="routing algorithm (see `tinymoe bench`)"),
         click.option("--router-opt", multiple=True, callback=_parse_router_opts, metavar="KEY=VALUE",
                      help="router option, repeatable (e.g. --router-opt t_fix=0.3)"),
+        click.option("--plan", default=None, metavar="NAME",
+                     help="expert plan over the router's choice: rnq (replicate and quantise; needs --calib "
+                          "outside bench); --router rnq is --router topk --plan rnq"),
+        click.option("--plan-opt", multiple=True, callback=_parse_router_opts, metavar="KEY=VALUE",
+                     help="plan option, repeatable (e.g. --plan-opt replica=int4)"),
         click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="calibration file from `tinymoe calibrate`"),
         click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)"),
@@ -306,14 +326,15 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
     from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
     from .routing import install
     net, tok = _load(model, engine.dtype)
+    from .routing import label
     if data.endswith(".jsonl"):
         items = read_choices(data)
-        install(net, engine.router, engine.calib, **engine.router_opts)
-        res = {"router": engine.router, **multiple_choice(net, tok, items, _progress("eval")(len(items)),
-                                                             prompt=mc_prompt)}
+        install(net, engine.router, engine.calib, plan=engine.plan, **engine.router_opts)
+        res = {"router": label(engine.router, engine.plan),
+               **multiple_choice(net, tok, items, _progress("eval")(len(items)), prompt=mc_prompt)}
     else:
         res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
-                            max_windows, **engine.router_opts)
+                            max_windows, plan=engine.plan, **engine.router_opts)
     if fmt == "json":
         click.echo(json.dumps(res))
     else:
@@ -334,26 +355,26 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="write a load heatmap per router")
 @engine_options
 def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot, engine):
-    """Speed, balance and accuracy of each --router (comma-separated) at each --batch, against
-    top-k. Without --calib, calibrates on --data first."""
+    """Speed, balance and accuracy of each --router (comma-separated; each under --plan if given)
+    at each --batch, against top-k. Without --calib, calibrates on --data first."""
     from . import benchmark
     from .evaluation import read_tokens
     from .routing.calibrate import calibrate as run_calibration
     ctx = click.get_current_context()
     names = engine.router.split(",")
     if ctx.get_parameter_source("router") == click.core.ParameterSource.DEFAULT:
-        names = ["topk", "laser", "rnq", "bias"]
-    benchmark.check_routers(names, engine.router_opts)
+        names = ["topk", "laser", "bias"] if engine.plan else ["topk", "laser", "rnq", "bias"]
+    benchmark.check_routers(names, engine.router_opts, engine.plan)
     net, tok = _load(model, engine.dtype)
     data = data or _default_data(model)
     tokens = read_tokens(tok, data)
     calib = engine.calib
-    if calib is None and set(names) - {"topk", "balanced", "random", "bias"}:
+    if calib is None and (engine.plan or set(names) - {"topk", "balanced", "random", "bias"}):
         click.echo(f"calibrating on {data} (pass --calib FILE to use your own)", err=True)
         calib = run_calibration(net, tokens[:32768], seq_len=128,
                                 progress=_progress("calibrate")(-(-min(tokens.numel(), 32768) // 128)))
     res = benchmark.run(net, names, batch, tokens, prompt_len, gen_len, devices, calib, engine.router_opts,
-                        min_sequences=sequences, progress=_progress("bench"))
+                        min_sequences=sequences, progress=_progress("bench"), plan=engine.plan)
     click.echo(benchmark.format_rows(res, fmt))
     if plot:
         benchmark.plot_heatmaps(res, plot)

@@ -117,18 +117,19 @@ def multiple_choice(model, tokenizer, items: list[dict], progress=None,
 
 
 def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None, window: int = 128,
-                  batch: int = 8, max_windows: int | None = None, progress=None, **opts) -> dict:
-    """Perplexity of `router` and its top-1 agreement with top-k on the same windows."""
-    from .routing import install
+                  batch: int = 8, max_windows: int | None = None, progress=None, plan=None, **opts) -> dict:
+    """Perplexity of `router` (under `plan` if given) and its top-1 agreement with top-k on the
+    same windows."""
+    from .routing import install, label
     rows = windows(tokens, window, max_windows)
     install(model, "topk")
     ref_nll, ref_top = teacher_forced(model, rows, batch, progress)
-    if router == "topk":
+    if router == "topk" and plan is None:
         nll, top = ref_nll, ref_top
     else:
-        install(model, router, calib, **opts)
+        install(model, router, calib, plan=plan, **opts)
         nll, top = teacher_forced(model, rows, batch, progress)
         install(model, "topk")
     ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)
-    return {"router": router, "tokens": int(nll.numel()), "ppl": ppl, "ppl_topk": ref_ppl,
+    return {"router": label(router, plan), "tokens": int(nll.numel()), "ppl": ppl, "ppl_topk": ref_ppl,
             "ppl_delta_pct": 100 * (ppl / ref_ppl - 1), "agree_top1": float((top == ref_top).float().mean())}

@@ -58,7 +58,8 @@ class LLM:
     """The engine: paged KV cache, continuous batching, sampling.
 
     `model` is an alias, a path or a model from tinymoe.load_model; `router` (None: keep the
-    model's routers) is installed with `calib` and `router_opts`. The tokenizer is the
+    model's routers) is installed with `calib` and `router_opts`, under `plan` if given (a plan
+    name such as "rnq", or (name, {option: value}); see tinymoe.routing). The tokenizer is the
     checkpoint's unless `tokenizer` (an object or a path) is given; without one, prompts must be
     token ids. The engine options size the batch (`max_num_seqs`, `max_batch_tokens` per step)
     and the paged KV cache (`block_size`, `kv_cache_tokens`, `max_model_len`)."""
@@ -66,7 +67,7 @@ class LLM:
     def __init__(self, model, router: str | None = "topk", dtype=None, device=None, *, tokenizer=None,
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
-                 prefix_caching: bool = True, progress: bool = False, **router_opts):
+                 prefix_caching: bool = True, progress: bool = False, plan=None, **router_opts):
         from .. import load_model, load_tokenizer, routing
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, dtype=dtype, device=device, progress=progress)
@@ -84,9 +85,9 @@ class LLM:
                 self._tokenizer_error = str(e)
         self.model = model
         if router is not None:
-            routing.install(model, router, calib=calib, **router_opts)
-        elif router_opts:
-            raise ValueError("router options given without a router")
+            routing.install(model, router, calib=calib, plan=plan, **router_opts)
+        elif router_opts or plan is not None:
+            raise ValueError("router options or a plan given without a router")
         cfg = model.config
         self.eos_ids = set(cfg.eos_token_id) | set(getattr(self.tokenizer, "eos_ids", None) or [])
 

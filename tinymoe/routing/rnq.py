@@ -82,18 +82,19 @@ def rnq_plan(load, importance, bytes_of: dict[str, int], replica: str = "int8",
 
 @register("rnq")
 class ReplicateQuantize(Router):
-    """Options: base (the router whose choice is kept), replicas (extra copies per layer; default
+    """Options: base (the router whose choice is kept: a name, default options, or a Router, as
+    `make_router(name, plan="rnq", **opts)` builds it), replicas (extra copies per layer; default
     until no copy is heavier than the mean expert), replica and quant precisions."""
 
-    def __init__(self, base: str = "topk", replicas: int | None = None,
+    def __init__(self, base: str | Router = "topk", replicas: int | None = None,
                  replica: str = "int8", quant: str = "int4"):
         from . import make_router
         for p in (replica, quant):
             if p not in PRECISIONS[1:]:
                 raise ValueError(f"rnq: precision {p!r} is not one of {', '.join(PRECISIONS[1:])}")
-        if base == "rnq":
+        if base == "rnq" or isinstance(base, ReplicateQuantize):
             raise ValueError("rnq: base must be another router")
-        self.base = make_router(base)
+        self.base = base if isinstance(base, Router) else make_router(base)
         self.replicas, self.replica, self.quant = replicas, replica, quant
 
     def attach(self, block, calib):
