@@ -3,25 +3,14 @@
 Every pool stores gate and up as one matrix `w13 [n, 2I, D]` (rows 0..I gate, I..2I up) and the
 down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import linear
+from ..kernels.cpu_linear import native_bf16
 from ..kernels.moe_gemm import MoEWeights
 from .quant import dequantize_int4, int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8, unpack_int4
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Does this CPU have bf16 matmul instructions (AVX512-BF16 or AMX)?"""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def use_packed(x: torch.Tensor) -> bool:
@@ -29,27 +18,6 @@ def use_packed(x: torch.Tensor) -> bool:
     few rows; with many rows a bf16 GEMM on AMX wins, but without bf16 instructions torch's bf16
     GEMM is emulated and slower than the kernels at any row count (bench/experts.py)."""
     return x.device.type == "cpu" and (x.shape[0] <= 16 or not native_bf16())
-
-
-UPCAST_MIN_ROWS = 32
-_scratch: dict[torch.device, torch.Tensor] = {}
-
-
-def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 x @ w.T through a reused fp32 copy of w. Without bf16 instructions torch's bf16 GEMM
-    is emulated: at 32+ rows widening the weight and running an fp32 GEMM is over 2x faster
-    (bench/experts.py --batches 256). The scratch is kept: reallocating it costs page faults
-    worth more than the GEMM. (For int8 weights the quantised kernel is as fast.)"""
-    buf = _scratch.get(w.device)
-    if buf is None or buf.numel() < w.numel():
-        buf = _scratch[w.device] = torch.empty(w.numel(), device=w.device)
-    wf = buf[:w.numel()].view(w.shape)
-    wf.copy_(w)
-    return F.linear(x.float(), wf)
-
-
-def use_upcast(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.shape[0] >= UPCAST_MIN_ROWS and not native_bf16()
 
 
 def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
@@ -67,17 +35,8 @@ class FullPool:
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
-        w13, w2 = self.w13[row], self.w2[row]
-        x = x.to(w13.dtype)
-        if w13.dtype != torch.float32 and use_upcast(x):
-            h = upcast_linear(x, w13)
-            return upcast_linear(_swiglu(h, self.inter), w2).to(x.dtype)
-        if x.shape[0] == 1 and x.device.type == "cpu":
-            # decode: torch's matrix-vector kernel streams the weights faster than its GEMM
-            h = torch.mv(w13, x[0])[None]
-            return torch.mv(w2, _swiglu(h, self.inter)[0])[None]
-        h = F.linear(x, w13)
-        return F.linear(_swiglu(h, self.inter), w2)
+        h = linear(x.to(self.w13.dtype), self.w13[row])
+        return linear(_swiglu(h, self.inter), self.w2[row])
 
     def copy_bytes(self) -> int:
         return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()

@@ -2,8 +2,9 @@
 the backend switch in `backend.py` (Triton on CUDA, torch on CPU; see docs/DESIGN.md)."""
 from .backend import backend_for, current_backend, use_backend  # first: it sets up triton
 from .attention import paged_attention_decode, paged_attention_prefill, store_kv
+from .cpu_linear import linear
 from .norm import rms_norm
 from .rotary import apply_rotary
 
-__all__ = ["rms_norm", "apply_rotary", "store_kv", "paged_attention_decode", "paged_attention_prefill",
+__all__ = ["linear", "rms_norm", "apply_rotary", "store_kv", "paged_attention_decode", "paged_attention_prefill",
            "use_backend", "current_backend", "backend_for"]

@@ -14,6 +14,16 @@ from ..routing.prototype_gate import PrototypeGate
 from ..routing.topk import TopK
 
 
+class Linear(nn.Linear):
+    """A bias-free projection whose matmul is `kernels.linear` (a native kernel on CPU)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -46,10 +56,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.num_heads * hd)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd)
+        self.o_proj = Linear(cfg.num_heads * hd, d)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
@@ -76,9 +86,9 @@ class Attention(nn.Module):
 class DenseMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -94,7 +104,7 @@ class MoEBlock(nn.Module):
         if proto:
             self.gate = PrototypeGate(D, E, proto["latent_dim"], proto["temperature"])
         else:
-            self.gate = nn.Linear(D, E, bias=False)
+            self.gate = Linear(D, E)
         self.experts = Experts(torch.empty(E, I, D), torch.empty(E, I, D), torch.empty(E, D, I))
         self.shared_experts = DenseMLP(D, cfg.shared_intermediate_size) if cfg.num_shared_experts else None
         self.router = TopK()
@@ -144,7 +154,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def moe_blocks(self):

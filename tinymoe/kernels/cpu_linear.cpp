@@ -1,0 +1,188 @@
+// y[M, N] = x[M, K] . w[N, K]^T with bf16 (or int8 with per-row scales) weights and fp32
+// activations, accumulated in fp32: the CPU matmul of decode-sized batches. Built on first use
+// by cpu_linear.py with the host compiler (-O3 -march=native -fopenmp).
+//
+// Weights are read in chunks of CH = 2 * VW values that split into two fp32 vectors with one
+// instruction each. A bf16 is the top half of an fp32, so in a chunk read as 32-bit words the odd
+// values are `word & 0xffff0000` and the even ones `word << 16`: two instructions for 2 * VW
+// values, where widening in order costs twice that (with 2 vCPUs on one physical core, the
+// instruction count per byte, not the memory, is what caps a GEMV). The activations are
+// permuted once per call to match (even values, then odd, per chunk).
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+typedef __m512 vf;
+static inline vf load_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf zero() { return _mm512_setzero_ps(); }
+static inline void split(const uint16_t* p, vf& lo, vf& hi) {
+    __m512i v = _mm512_loadu_si512(p);
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+}
+static inline void split(const int8_t* p, vf& lo, vf& hi) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+}
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+typedef __m256 vf;
+static inline vf load_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf zero() { return _mm256_setzero_ps(); }
+static inline void split(const uint16_t* p, vf& lo, vf& hi) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+}
+static inline void split(const int8_t* p, vf& lo, vf& hi) {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+}
+#else
+#error "the native CPU kernel needs AVX2 or AVX-512 (tinymoe then uses torch matmuls)"
+#endif
+constexpr int CH = 2 * VW;
+constexpr int PREFETCH = 512;  // bytes ahead in each weight row
+
+static inline float scalar(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float scalar(int8_t q) { return float(q); }
+
+// Where activation k goes in the permuted copy, so that split()'s lanes meet their activations.
+static inline int64_t permuted(uint16_t*, int64_t k, int64_t K) {
+    const int64_t c = k / CH * CH;
+    if (c + CH > K) return k;  // the scalar tail keeps natural order
+    const int64_t i = k - c;
+    return c + (i % 2) * VW + i / 2;
+}
+static inline int64_t permuted(int8_t*, int64_t k, int64_t) { return k; }
+
+static inline float hsum(vf v) {
+    float lanes[VW];
+    std::memcpy(lanes, &v, sizeof v);
+    float s = 0.f;
+    for (int i = 0; i < VW; i++) s += lanes[i];
+    return s;
+}
+
+static inline uint16_t to_bf16(float f) {  // round to nearest even
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return uint16_t(u >> 16) | ((u & 0xffff) ? 0x40 : 0);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+
+// R weight rows against MB activation rows, U independent accumulators each along k (one FMA
+// chain cannot keep up with memory); the R x MB x U accumulators stay in registers.
+template <int R, int MB, int U, typename W>
+static inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* out) {
+    vf acc[R][MB][U];
+    for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) for (int u = 0; u < U; u++) acc[r][m][u] = zero();
+    int64_t k = 0;
+    for (; k + U * CH <= K; k += U * CH) {
+        for (int r = 0; r < R; r++) {  // the hardware prefetcher alone reaches ~80% of this
+            _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)(w + r * K + k) + PREFETCH + 64, _MM_HINT_T0);
+        }
+        for (int u = 0; u < U; u++) {
+            vf lo[R], hi[R];
+            for (int r = 0; r < R; r++) split(w + r * K + k + u * CH, lo[r], hi[r]);
+            for (int m = 0; m < MB; m++) {
+                const vf xl = load_f32(x + m * ldx + k + u * CH), xh = load_f32(x + m * ldx + k + u * CH + VW);
+                for (int r = 0; r < R; r++) acc[r][m][u] = fma(hi[r], xh, fma(lo[r], xl, acc[r][m][u]));
+            }
+        }
+    }
+    for (; k + CH <= K; k += CH)
+        for (int r = 0; r < R; r++) {
+            vf lo, hi;
+            split(w + r * K + k, lo, hi);
+            for (int m = 0; m < MB; m++)
+                acc[r][m][0] = fma(hi, load_f32(x + m * ldx + k + VW), fma(lo, load_f32(x + m * ldx + k), acc[r][m][0]));
+        }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) {
+            float s = 0.f;
+            for (int u = 0; u < U; u++) s += hsum(acc[r][m][u]);
+            for (int64_t j = k; j < K; j++) s += scalar(w[r * K + j]) * x[m * ldx + j];
+            out[r * MB + m] = s;
+        }
+}
+
+// acc[r * M + m] for weight rows n0 .. n0 + R and all M activation rows
+template <int R, int MB, int U, typename W>
+static void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, float* acc) {
+    const W* wr = w + n0 * K;
+    float part[R * MB];
+    int64_t m = 0;
+    for (; m + MB <= M; m += MB) {
+        tile<R, MB, U>(x + m * K, K, wr, K, part);
+        for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r * M + m + j] = part[r * MB + j];
+    }
+    for (; m < M; m++) {
+        tile<R, 1, U>(x + m * K, K, wr, K, part);
+        for (int r = 0; r < R; r++) acc[r * M + m] = part[r];
+    }
+}
+
+constexpr int MCHUNK = 64;  // activation rows per pass over a block of weight rows
+
+template <int R, int MB, int U, typename W>
+static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
+                   void* y, int out_bf16, int threads) {
+    const int64_t blocks = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * R;
+        float acc[R * MCHUNK];
+        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+            const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+            const float* xm = x + m0 * K;
+            if (n0 + R <= N) {
+                rows<R, MB, U>(xm, mc, K, w, n0, acc);
+            } else {
+                for (int64_t n = n0; n < N; n++) rows<1, MB, U>(xm, mc, K, w, n, acc + (n - n0) * mc);
+            }
+            for (int64_t n = n0; n < N && n < n0 + R; n++) {
+                const float s = scale ? scalar(scale[n]) : 1.f;
+                for (int64_t j = 0; j < mc; j++) {
+                    const float v = acc[(n - n0) * mc + j] * s;
+                    const int64_t at = (m0 + j) * N + n;
+                    if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf16(v);
+                    else static_cast<float*>(y)[at] = v;
+                }
+            }
+        }
+    }
+}
+
+// Few activation rows: bandwidth-bound, so one weight row at a time (one stream for the
+// prefetcher) with several k chains. Many: compute-bound, so each split chunk feeds 4 rows.
+template <typename W>
+static void run(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
+                void* y, int out_bf16, int threads) {
+    std::vector<float> xp(M * K);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xp[m * K + permuted((W*)nullptr, k, K)] = x[m * K + k];
+    if (M < 4) linear<1, 1, 4>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+    else linear<3, 4, 1>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+}
+
+extern "C" {
+// x fp32 [M, K] contiguous; w [N, K] contiguous; scale bf16 [N] or null; y [M, N] fp32 or bf16.
+void linear_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
+                 int out_bf16, int threads) {
+    run(x, M, K, w, nullptr, N, y, out_bf16, threads);
+}
+void linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
+                 void* y, int out_bf16, int threads) {
+    run(x, M, K, w, scale, N, y, out_bf16, threads);
+}
+}
