@@ -119,6 +119,7 @@ static inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, floa
 // acc[r * M + m] for weight rows n0 .. n0 + R and all M activation rows
 template <int R, int MB, int U, typename W>
 static void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, float* acc) {
+    static_assert(MB <= 4, "the remainder below covers up to 3 rows");
     const W* wr = w + n0 * K;
     float part[R * MB];
     int64_t m = 0;
@@ -126,13 +127,15 @@ static void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, f
         tile<R, MB, U>(x + m * K, K, wr, K, part);
         for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r * M + m + j] = part[r * MB + j];
     }
-    for (; m < M; m++) {
-        tile<R, 1, U>(x + m * K, K, wr, K, part);
-        for (int r = 0; r < R; r++) acc[r * M + m] = part[r];
-    }
+    const int rest = int(M - m);  // the last < MB rows in one pass too, not one by one
+    if (rest == 1) tile<R, 1, U>(x + m * K, K, wr, K, part);
+    else if (rest == 2) tile<R, 2, U>(x + m * K, K, wr, K, part);
+    else if (rest == 3) tile<R, 3, U>(x + m * K, K, wr, K, part);
+    for (int r = 0; r < R; r++) for (int j = 0; j < rest; j++) acc[r * M + m + j] = part[r * rest + j];
 }
 
-constexpr int MCHUNK = 64;  // activation rows per pass over a block of weight rows
+constexpr int MCHUNK = 64;                  // activation rows per pass over a block of weight rows
+constexpr int64_t SERIAL_BELOW = 1 << 20;  // multiply-adds: less runs on the calling thread
 
 template <int R, int MB, int U, typename W>
 static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
@@ -164,14 +167,19 @@ static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint1
 }
 
 // Few activation rows: bandwidth-bound, so one weight row at a time (one stream for the
-// prefetcher) with several k chains. Many: compute-bound, so each split chunk feeds 4 rows.
+// prefetcher) feeding all of them, with several k chains. Many: compute-bound, so tiles of
+// 3 weight rows x 4 activation rows. Small weights run on the calling thread: waking torch's
+// OpenMP workers costs more than they save.
 template <typename W>
 static void run(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
                 void* y, int out_bf16, int threads) {
     std::vector<float> xp(M * K);
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) xp[m * K + permuted((W*)nullptr, k, K)] = x[m * K + k];
-    if (M < 4) linear<1, 1, 4>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+    if (M * N * K < SERIAL_BELOW) threads = 1;
+    if (M == 1) linear<1, 1, 4>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+    else if (M == 2) linear<1, 2, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+    else if (M == 3) linear<1, 3, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
     else linear<3, 4, 1>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
 }
 

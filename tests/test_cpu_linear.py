@@ -1,0 +1,81 @@
+"""The native CPU matmul (tinymoe/kernels/cpu_linear.*) against float64, and its torch fallback."""
+import pytest
+import torch
+
+from tinymoe.kernels import cpu_linear
+from tinymoe.kernels.cpu_linear import linear
+
+needs_native = pytest.mark.skipif(cpu_linear.native() is None, reason="no C++ compiler or no AVX2 here")
+
+# (M, N, K): one row (the GEMV path), 2-3 rows, 4+ rows in tiles of 3 weight rows x 4 activation
+# rows with ragged edges, K with and without a scalar tail after the 16-value chunks, and more
+# activation rows than one pass takes (64)
+SHAPES = [(1, 7, 13), (1, 300, 1024), (2, 64, 1000), (3, 5, 32), (4, 9, 48), (6, 37, 77), (13, 130, 64),
+          (70, 33, 160)]
+
+
+@needs_native
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_bf16_weights_match_float64(M, N, K):
+    torch.manual_seed(M * N + K)
+    x, w = torch.randn(M, K), torch.randn(N, K).bfloat16()
+    assert cpu_linear.supports(x, w)
+    y = linear(x, w)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_weights_with_scales_match_float64(M, N, K):
+    torch.manual_seed(M + N * K)
+    x = torch.randn(M, K)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    s = (torch.rand(N) / 100).bfloat16()
+    y = linear(x, q, s)
+    ref = (x.double() @ q.double().t()) * s.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_bf16_output_is_the_rounded_fp32_result():
+    x, w = torch.randn(5, 3, 96).bfloat16(), torch.randn(40, 96).bfloat16()
+    y = linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 3, 40)
+    assert torch.equal(y, linear(x.float(), w).bfloat16())  # round to nearest even, like torch
+
+
+@needs_native
+def test_result_does_not_depend_on_the_thread_count():
+    x, w = torch.randn(6, 256), torch.randn(99, 256).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear(x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(one, linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torch_fallback_without_the_native_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "native", lambda: None)
+    x, w = torch.randn(3, 64), torch.randn(10, 64).bfloat16()
+    assert not cpu_linear.supports(x, w)
+    torch.testing.assert_close(linear(x.bfloat16(), w).double(), x.bfloat16().double() @ w.double().t(),
+                               rtol=2e-2, atol=2e-2)
+    q, s = torch.randint(-127, 128, (10, 64), dtype=torch.int8), torch.rand(10).bfloat16()
+    torch.testing.assert_close(linear(x, q, s).double(), (x.double() @ q.double().t()) * s.double(),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_fp32_weights_are_plain_torch():
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    assert not cpu_linear.supports(x, w)
+    torch.testing.assert_close(linear(x, w), x @ w.t())
+
+
+@needs_native
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="features"):
+        linear(torch.randn(2, 8), torch.randn(3, 9).bfloat16())
