@@ -91,9 +91,9 @@ def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 class Int4Pool(nn.Module):
     """int4 weights, asymmetric per group of K inputs: w = (q - 8) * scale + zero (bf16 scale, zero).
 
-    Packed in the layout of torch's CPU int4 kernel on this CPU (`int4_pack_block`), which needs the output channels padded to a
-    multiple of 64 and K to a multiple of 32 (zeros; only tiny test models need it); the Triton
-    kernel reads the same bytes."""
+    Packed in the layout of torch's CPU int4 kernel on this CPU (`int4_pack_block`), which
+    needs the output channels padded to a multiple of 64 and K to a multiple of 32 (zeros; only
+    tiny test models need it); the Triton kernel reads the same bytes."""
 
     precision = "int4"
 

@@ -7,9 +7,9 @@ AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes them. Elsewher
 weights) it is `F.linear`.
 
 The kernel is compiled on first use with the host's C++ compiler for this CPU (-march=native)
-and cached under `$TINYMOE_CACHE` (default `~/.cache/tinymoe`). Without a compiler, or with
-`TINYMOE_NATIVE=0`, every call takes the torch path, with one warning. It links torch's own
-OpenMP runtime, so its threads are torch's threads.
+and cached under `$TINYMOE_CACHE` (default `~/.cache/tinymoe`). Without a compiler or AVX2 every
+call takes the torch path, after one warning; `TINYMOE_NATIVE=0` chooses that path silently.
+The process has one OpenMP runtime (torch's libgomp.so.1), so the kernel's threads are torch's.
 """
 import ctypes
 import functools
