@@ -47,7 +47,8 @@ def test_bf16_output_is_the_rounded_fp32_result():
 
 @needs_native
 def test_result_does_not_depend_on_the_thread_count():
-    x, w = torch.randn(6, 256), torch.randn(99, 256).bfloat16()
+    # big enough (M*N*K >= 2^20) that the kernel really splits the rows over threads
+    x, w = torch.randn(6, 1024), torch.randn(299, 1024).bfloat16()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

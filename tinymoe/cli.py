@@ -324,9 +324,8 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
     """Accuracy of --router on MODEL: perplexity and agreement with top-k, or multiple choice."""
     import json
     from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
-    from .routing import install
+    from .routing import install, label
     net, tok = _load(model, engine.dtype)
-    from .routing import label
     if data.endswith(".jsonl"):
         items = read_choices(data)
         install(net, engine.router, engine.calib, plan=engine.plan, **engine.router_opts)

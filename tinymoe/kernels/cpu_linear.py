@@ -2,7 +2,7 @@
 
 On a CPU with bf16 or int8 weights it runs the small native kernel in `cpu_linear.cpp`: without
 bf16 instructions torch's bf16 GEMV streams weights at about half the memory bandwidth and its
-GEMM emulates bf16 at a quarter of what the kernel reaches (bench/experts.py). With AMX or
+GEMM emulates bf16 at a quarter of what the kernel reaches (bench/linear.py). With AMX or
 AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes them. Elsewhere (GPU, fp32
 weights) it is `F.linear`.
 
