@@ -153,3 +153,19 @@ def test_deepseek_config_layers(tmp_path):
     c = load_config(tmp_path)
     assert c.moe_layers == (False, False, True, False, True, False)
     assert c.shared_intermediate_size == 2 * 16 and c.top_k == 4
+
+
+def test_fused_qkv_follows_the_parameters(tiny_mixtral):
+    model = tinymoe.load_model(tiny_mixtral)
+    attn = model.model.layers[0].self_attn
+    fused = attn.qkv_weight()
+    assert fused.data_ptr() == attn.q_proj.weight.data_ptr()  # views, not copies
+    assert torch.equal(fused, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids)
+        model.to(torch.bfloat16)  # new parameters: the fused matrix must be rebuilt from them
+        assert attn.qkv_weight().dtype == torch.bfloat16
+        attn.v_proj.weight.zero_()
+        assert attn.qkv_weight()[-attn.v_proj.weight.shape[0]:].abs().sum() == 0
+    assert before.dtype == torch.float32

@@ -32,6 +32,7 @@ class Experts(nn.Module):
         self.w_down = nn.Parameter(w_down, requires_grad=False)
         self.quantised = nn.ModuleDict()
         self._full: FullPool | None = None
+        self._full_key = None  # the parameters' storage the pool was built from
         self.last_physical_ids: torch.Tensor | None = None  # [T, k] copies chosen in the last pass
         self.apply_plan(ExpertPlan.default(self.num_experts))
 
@@ -73,17 +74,16 @@ class Experts(nn.Module):
 
     def full_pool(self) -> FullPool:
         """The unquantised pool, rebuilt when the parameters were replaced (loading, .to())."""
-        I = self.w_gate.shape[1]
-        pool = self._full
-        fresh = (pool is not None and pool.w2.data_ptr() == self.w_down.data_ptr()
-                 and pool.w13.dtype == self.w_gate.dtype and self.w_gate.data_ptr() == pool.w13.data_ptr()
-                 and self.w_up.data_ptr() == pool.w13[:, I:].data_ptr())
-        if not fresh and self.w_gate.device.type != "meta":
-            w13 = torch.cat((self.w_gate.data, self.w_up.data), 1)
-            self.w_gate.data, self.w_up.data = w13[:, :I], w13[:, I:]
-            self._full = pool = FullPool(w13, self.w_down.data)
+        gate, up, down = self.w_gate, self.w_up, self.w_down
+        key = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), gate.dtype)
+        if key != self._full_key and gate.device.type != "meta":
+            I = gate.shape[1]
+            w13 = torch.cat((gate.data, up.data), 1)
+            gate.data, up.data = w13[:, :I], w13[:, I:]
+            self._full = FullPool(w13, down.data)
+            self._full_key = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), gate.dtype)
             self._copy_rows = None
-        return pool
+        return self._full
 
     def _pool(self, name: str):
         return self.full_pool() if name == "full" else self.quantised[name]
@@ -117,9 +117,10 @@ class Experts(nn.Module):
         k = phys.shape[1]
         if phys.shape[0] == 1:  # decode at batch 1: nothing to sort or scatter; same sums, same order
             out = torch.zeros_like(x)
-            for copy, slot in sorted(zip(phys[0].tolist(), range(k))):
+            # rounded to x's dtype first, a Python float multiplies exactly as the tensor would
+            for copy, weight in sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist())):
                 name, row = self._where[copy]
-                out += self._pool(name).mlp(row, x).to(x.dtype) * weights[0, slot].to(x.dtype)
+                out += self._pool(name).mlp(row, x).to(x.dtype) * weight
             return out
         flat = phys.reshape(-1)
         order = torch.argsort(flat, stable=True)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import linear
+from ..kernels import linear, swiglu
 from ..kernels.cpu_linear import native_bf16, supports
 from ..kernels.moe_gemm import MoEWeights
 from .quant import dequantize_int4, int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8, unpack_int4
@@ -18,10 +18,6 @@ def use_packed(x: torch.Tensor) -> bool:
     few rows; with many rows a bf16 GEMM on AMX wins, but without bf16 instructions torch's bf16
     GEMM is emulated and slower than the kernels at any row count (bench/experts.py)."""
     return x.device.type == "cpu" and (x.shape[0] <= 16 or not native_bf16())
-
-
-def _swiglu(h: torch.Tensor, inter: int) -> torch.Tensor:
-    return F.silu(h[:, :inter]) * h[:, inter:2 * inter]
 
 
 class FullPool:
@@ -36,7 +32,7 @@ class FullPool:
 
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
         h = linear(x.to(self.w13.dtype), self.w13[row])
-        return linear(_swiglu(h, self.inter), self.w2[row])
+        return linear(swiglu(h, self.inter), self.w2[row])
 
     def copy_bytes(self) -> int:
         return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
@@ -73,7 +69,7 @@ class Int8Pool(nn.Module):
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)  # the CPU kernels want bf16 activations
         h = self._linear(xb, self.q13[row], self.s13[row])
-        return self._linear(_swiglu(h, self.inter), self.q2[row], self.s2[row]).to(x.dtype)
+        return self._linear(swiglu(h, self.inter), self.q2[row], self.s2[row]).to(x.dtype)
 
     def copy_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (self.q13, self.s13, self.q2, self.s2))
@@ -122,7 +118,7 @@ class Int4Pool(nn.Module):
     def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
         h = self._linear(xb, self.p13[row], self.z13[row], self.group13)
-        y = self._linear(_swiglu(h, self.inter), self.p2[row], self.z2[row], self.group2)
+        y = self._linear(swiglu(h, self.inter), self.p2[row], self.z2[row], self.group2)
         return y[:, :self.hidden].to(x.dtype)
 
     def copy_bytes(self) -> int:

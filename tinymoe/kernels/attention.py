@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .backend import dispatch
+from .native import native, takes
 
 
 def _check_cache(k_cache, v_cache):
@@ -321,8 +322,38 @@ def paged_attention_prefill_triton(q, k_cache, v_cache, block_table, context_len
     return out
 
 
-store_kv = dispatch(store_kv_torch, store_kv_triton)
-paged_attention_decode = dispatch(paged_attention_decode_torch, paged_attention_decode_triton)
+def _rows(t: torch.Tensor) -> bool:
+    """[N, heads, hd] with packed heads; rows may be strided (views into a fused projection)."""
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
+def store_kv_native(k, v, k_cache, v_cache, slot_mapping):
+    if (not takes(k, v, k_cache, v_cache) or not (_rows(k) and _rows(v)) or slot_mapping.dtype != torch.int64
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return NotImplemented
+    _check_store(k, v, k_cache, v_cache, slot_mapping)
+    slots = slot_mapping.contiguous()
+    native().store_kv_bf16(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                           v_cache.data_ptr(), slots.data_ptr(), k.shape[0], k.shape[1] * k.shape[2])
+
+
+def paged_attention_decode_native(q, k_cache, v_cache, block_tables, context_lens, scale):
+    if (not takes(q, k_cache, v_cache) or not _rows(q) or q.shape[2] % 8 or q.shape[2] > 256 or block_tables.dtype != torch.int32
+            or context_lens.dtype != torch.int32 or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return NotImplemented
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    B, H, hd = q.shape
+    tables, lens = block_tables.contiguous(), context_lens.contiguous()
+    out = torch.empty(B, H, hd, dtype=q.dtype)
+    native().paged_decode_bf16(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                               tables.shape[1], lens.data_ptr(), B, H, k_cache.shape[2], hd, k_cache.shape[1],
+                               scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+store_kv = dispatch(store_kv_torch, store_kv_triton, store_kv_native)
+paged_attention_decode = dispatch(paged_attention_decode_torch, paged_attention_decode_triton,
+                                  paged_attention_decode_native)
 paged_attention_prefill = dispatch(paged_attention_prefill_torch, paged_attention_prefill_triton)
 
 

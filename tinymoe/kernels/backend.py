@@ -3,7 +3,8 @@
 Choosing (process-wide; the latest call wins):
     use_backend("triton" | "torch" | "auto")    # or `with use_backend(...):`, restored on exit
     TINYMOE_BACKEND=torch                        # read when use_backend was never called
-"auto" runs Triton when the op's first tensor argument is on CUDA, torch otherwise. A forced
+"auto" runs Triton when the op's first tensor argument is on CUDA, torch otherwise; on the torch
+backend an op's native C++ version (bf16 on the CPU, `native.py`) runs when it takes the inputs. A forced
 "triton" with CPU tensors runs the kernels in Triton's interpreter: hundreds of times slower
 than torch, exact for fp32; for tests. On a machine without CUDA, importing this module turns
 the interpreter on (TRITON_INTERPRET=1) unless TRITON_INTERPRET is already set or triton was
@@ -95,13 +96,21 @@ def backend_for(tensor: torch.Tensor) -> str:
     return name
 
 
-def dispatch(torch_fn, triton_fn):
-    """The public op: runs `triton_fn` or `torch_fn` (same signature) as `backend_for(args[0])` says."""
+def dispatch(torch_fn, triton_fn, native_fn=None):
+    """The public op: runs `triton_fn` or `torch_fn` (same signature) as `backend_for(args[0])` says.
+    On the torch backend an optional `native_fn` (the C++ CPU library, `native.py`) goes first; it
+    returns NotImplemented for inputs it does not take (another dtype, device, layout)."""
 
     @functools.wraps(torch_fn)
     def op(*args, **kwargs):
-        return (triton_fn if backend_for(args[0]) == "triton" else torch_fn)(*args, **kwargs)
+        if backend_for(args[0]) == "triton":
+            return triton_fn(*args, **kwargs)
+        if native_fn is not None:
+            out = native_fn(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return torch_fn(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = torch_fn.__name__.removesuffix("_torch")
-    op.torch, op.triton = torch_fn, triton_fn
+    op.torch, op.triton, op.native = torch_fn, triton_fn, native_fn
     return op

@@ -1,6 +1,6 @@
 // y[M, N] = x[M, K] . w[N, K]^T with bf16 (or int8 with per-row scales) weights and fp32
 // activations, accumulated in fp32: the CPU matmul of decode-sized batches. Built on first use
-// by cpu_linear.py with the host compiler (-O3 -march=native -fopenmp).
+// by native.py with the host compiler (-O3 -march=native -fopenmp).
 //
 // Weights are read in chunks of CH = 2 * VW values that split into two fp32 vectors with one
 // instruction each. A bf16 is the top half of an fp32, so in a chunk read as 32-bit words the odd
@@ -171,11 +171,13 @@ static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint1
 // 3 weight rows x 4 activation rows. Small weights run on the calling thread: waking torch's
 // OpenMP workers costs more than they save.
 template <typename W>
-static void run(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
+static void run(const void* x, int x_bf16, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
                 void* y, int out_bf16, int threads) {
-    std::vector<float> xp(M * K);
+    std::vector<float> xp(M * K);  // fp32, permuted to meet split()'s lanes
     for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xp[m * K + permuted((W*)nullptr, k, K)] = x[m * K + k];
+        for (int64_t k = 0; k < K; k++)
+            xp[m * K + permuted((W*)nullptr, k, K)] =
+                x_bf16 ? scalar(static_cast<const uint16_t*>(x)[m * K + k]) : static_cast<const float*>(x)[m * K + k];
     if (M * N * K < SERIAL_BELOW) threads = 1;
     if (M == 1) linear<1, 1, 4>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
     else if (M == 2) linear<1, 2, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
@@ -184,13 +186,14 @@ static void run(const float* x, int64_t M, int64_t K, const W* w, const uint16_t
 }
 
 extern "C" {
-// x fp32 [M, K] contiguous; w [N, K] contiguous; scale bf16 [N] or null; y [M, N] fp32 or bf16.
-void linear_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
+// x [M, K] contiguous, fp32 or (x_bf16) bf16; w [N, K] contiguous; scale bf16 [N] or null;
+// y [M, N] fp32 or bf16.
+void linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                  int out_bf16, int threads) {
-    run(x, M, K, w, nullptr, N, y, out_bf16, threads);
+    run(x, x_bf16, M, K, w, nullptr, N, y, out_bf16, threads);
 }
-void linear_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale, int64_t N,
-                 void* y, int out_bf16, int threads) {
-    run(x, M, K, w, scale, N, y, out_bf16, threads);
+void linear_int8(const void* x, int x_bf16, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
+                 int64_t N, void* y, int out_bf16, int threads) {
+    run(x, x_bf16, M, K, w, scale, N, y, out_bf16, threads);
 }
 }

@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .backend import dispatch
+from .native import native, takes
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -56,7 +57,23 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     return (y, res_out) if has_res else y
 
 
-rms_norm = dispatch(rms_norm_torch, rms_norm_triton)
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    if not takes(*tensors) or (residual is not None and residual.shape != x.shape):
+        return NotImplemented
+    D = x.shape[-1]
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    if residual is None:
+        res_in = res_out = None
+    else:
+        res_in, res_out = residual.contiguous(), torch.empty_like(x)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    native().rms_norm_bf16(ptr(x), ptr(res_in), ptr(weight), ptr(y), ptr(res_out), x.numel() // D, D, eps)
+    return y if residual is None else (y, res_out)
+
+
+rms_norm = dispatch(rms_norm_torch, rms_norm_triton, rms_norm_native)
 
 
 def _aot(dtype: str, hidden: int, residual: bool):

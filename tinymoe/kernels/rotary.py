@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from .backend import dispatch
+from .native import native, takes
 
 
 def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,22 @@ def apply_rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return out
 
 
-apply_rotary = dispatch(apply_rotary_torch, apply_rotary_triton)
+def apply_rotary_native(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    *_, T, H, hd = x.shape
+    rows = x.numel() // (H * hd)
+    # rows at one stride (x may be a view into a fused q/k/v projection), heads packed
+    uniform = x.dim() == 3 or (x.dim() == 4 and (x.shape[0] == 1 or x.stride(0) == T * x.stride(1)))
+    if (not takes(x) or not uniform or x.stride(-1) != 1 or x.stride(-2) != hd or hd % 2
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.shape != (T, hd // 2)
+            or sin.shape != cos.shape):
+        return NotImplemented
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    native().rotary_bf16(x.data_ptr(), x.stride(-3), out.data_ptr(), rows, H, hd, cos.data_ptr(), sin.data_ptr(), T)
+    return out
+
+
+apply_rotary = dispatch(apply_rotary_torch, apply_rotary_triton, apply_rotary_native)
 
 
 def _aot(dtype: str, heads: int, head_dim: int):

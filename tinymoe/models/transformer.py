@@ -64,12 +64,27 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
         self.qk_norm = cfg.qk_norm
+        self._qkv: torch.Tensor | None = None
+
+    def qkv_weight(self) -> torch.Tensor:
+        """q, k and v stacked as one [(H + 2 KV) hd, D] matrix: one matmul instead of three. The
+        three parameters become views of it (nothing is stored twice); rebuilt when they were
+        replaced (loading, .to())."""
+        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        w = self._qkv
+        fresh = (w is not None and w.dtype == q.dtype and w.device == q.device and q.data_ptr() == w.data_ptr()
+                 and k.data_ptr() == w[len(q):].data_ptr() and v.data_ptr() == w[len(q) + len(k):].data_ptr())
+        if not fresh:
+            w = torch.cat((q.data, k.data, v.data))
+            q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
+            self._qkv = w
+        return w
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = kernels.linear(x, self.qkv_weight()).split((H * hd, KV * hd, KV * hd), -1)
+        q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)

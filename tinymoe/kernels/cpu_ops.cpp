@@ -1,0 +1,228 @@
+// The small per-layer ops of a CPU decode step, on bf16 tensors: RMSNorm (+ residual add),
+// rotary embedding, SwiGLU, writing K/V into the paged cache, and paged decode attention. At
+// batch 1 each of these is a few microseconds of work that costs 5-10 us per torch op and
+// several ops each; here each is one call. They round where their torch twins round (the twins
+// in norm.py, rotary.py, activation.py and attention.py are the reference).
+// Built together with cpu_linear.cpp by native.py.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+// (rotary_bf16 computes a*b - c*d without FMA contraction, as its twin does)
+
+static inline float bf(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t to_bf(float f) {  // round to nearest even, as torch does
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return uint16_t(u >> 16) | ((u & 0xffff) ? 0x40 : 0);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf(to_bf(f)); }
+
+// Eight at a time (AVX2), for the elementwise ops.
+static inline __m256 load8(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static inline void store8(uint16_t* p, __m256 f) {  // to_bf() on each lane
+    const __m256i u = _mm256_castps_si256(f);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+
+static inline __m256 round8(__m256 f) {  // round_bf() on each lane
+    uint16_t tmp[8];
+    store8(tmp, f);
+    return load8(tmp);
+}
+
+// e^x within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, times 2^n;
+// inf above 88.72, 0 below -87.33 (no denormals), NaN stays NaN.
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.72283f), lo = _mm256_set1_ps(-87.33654f);
+    const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n in two halves: n reaches 128 at the top of the range, one past the largest exponent
+    const __m256i e = _mm256_cvtps_epi32(n);
+    const __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+extern "C" {
+
+// y = rms_norm(x (+ residual)) * w over rows of D. With a residual, res_out = round(x + residual)
+// is what gets normalised; without, res_out is ignored. Rows of x, residual, y, res_out are
+// contiguous.
+void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* w, uint16_t* y,
+                   uint16_t* res_out, int64_t rows, int64_t D, float eps) {
+    std::vector<float> h(D);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* xr = x + r * D;
+        double ss = 0.0;  // double: summation order then cannot matter at fp32 precision
+        for (int64_t i = 0; i < D; i++) {
+            float v = bf(xr[i]);
+            if (residual) {
+                const uint16_t s = to_bf(v + bf(residual[r * D + i]));
+                res_out[r * D + i] = s;
+                v = bf(s);
+            }
+            h[i] = v;
+            ss += double(v) * v;
+        }
+        const float rstd = 1.0f / std::sqrt(float(ss / D) + eps);
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = to_bf(round_bf(h[i] * rstd) * bf(w[i]));
+    }
+}
+
+// Rotate-half RoPE on `heads` heads of head_dim `hd` per row: row r of x is at x + r * stride,
+// of out at out + r * heads * hd, and uses cos/sin row r % T ([T, hd / 2] fp32).
+void rotary_bf16(const uint16_t* x, int64_t stride, uint16_t* out, int64_t rows, int64_t heads, int64_t hd,
+                 const float* cos, const float* sin, int64_t T) {
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float* c = cos + (r % T) * half;
+        const float* s = sin + (r % T) * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t* p = x + r * stride + h * hd;
+            uint16_t* o = out + (r * heads + h) * hd;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = bf(p[i]), x2 = bf(p[i + half]);
+                o[i] = to_bf(x1 * c[i] - x2 * s[i]);
+                o[i + half] = to_bf(x2 * c[i] + x1 * s[i]);
+            }
+        }
+    }
+}
+
+// out[r, i] = round(round(silu(gate)) * up) with gate = h[r, i], up = h[r, I + i]; h is [rows, 2I].
+void swiglu_bf16(const uint16_t* h, uint16_t* out, int64_t rows, int64_t I) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = h + r * 2 * I, *up = gate + I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 g = load8(gate + i);
+            const __m256 silu = round8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
+            store8(out + r * I + i, _mm256_mul_ps(silu, load8(up + i)));
+        }
+        for (; i < I; i++) {
+            const float g = bf(gate[i]);
+            out[r * I + i] = to_bf(round_bf(g / (1.0f + std::exp(-g))) * bf(up[i]));
+        }
+    }
+}
+
+// Row n of k and v ([N, KV * hd] at row strides k_stride, v_stride) into flat cache slot slots[n].
+void store_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64_t v_stride, uint16_t* k_cache,
+                   uint16_t* v_cache, const int64_t* slots, int64_t N, int64_t row) {
+    for (int64_t n = 0; n < N; n++) {
+        std::memcpy(k_cache + slots[n] * row, k + n * k_stride, row * 2);
+        std::memcpy(v_cache + slots[n] * row, v + n * v_stride, row * 2);
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One query token per sequence b (q row at q + b * q_stride, [H, hd]) attends to its
+// context_lens[b] cached tokens through block_tables[b] (caches [blocks, block_size, KV, hd]).
+// Scores, softmax and the weighted sum in fp32; out [B, H, hd] rounded once. The G query heads
+// of one KV head share each K/V row read; (sequence, KV head) pairs are split over threads.
+// hd must be a multiple of 8 and at most MAX_HD (the caller checks).
+constexpr int64_t MAX_HD = 256;
+void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
+                       const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t B,
+                       int64_t H, int64_t KV, int64_t hd, int64_t block_size, float scale, uint16_t* out,
+                       int threads) {
+    const int64_t G = H / KV, V8 = hd / 8;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += context_lens[b];
+    if (work * H * hd < (1 << 20)) threads = 1;  // waking OpenMP's workers costs more
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int64_t task = 0; task < B * KV; task++) {
+        const int64_t b = task / KV, g = task % KV, L = context_lens[b];
+        const int32_t* table = block_tables + b * table_width;
+        uint16_t* o = out + (b * H + g * G) * hd;
+        if (L <= 0) {  // nothing to attend to (the callers never ask): zeros, not garbage
+            std::memset(o, 0, G * hd * 2);
+            continue;
+        }
+        std::vector<__m256> qf(G * V8), acc(G * V8, _mm256_setzero_ps());
+        std::vector<float> scores(G * L);
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t c = 0; c < V8; c++) qf[j * V8 + c] = load8(q + b * q_stride + (g * G + j) * hd + c * 8);
+        // token t's row: block table[t / block_size], slot t % block_size, head g
+        auto each_row = [&](const uint16_t* cache, auto&& visit) {
+            for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+                const uint16_t* base = cache + (int64_t(table[t0 / block_size]) * block_size * KV + g) * hd;
+                const int64_t n = L - t0 < block_size ? L - t0 : block_size;
+                for (int64_t i = 0; i < n; i++) visit(t0 + i, base + i * KV * hd);
+            }
+        };
+        each_row(k_cache, [&](int64_t t, const uint16_t* kr) {
+            __m256 k[MAX_HD / 8];
+            for (int64_t c = 0; c < V8; c++) k[c] = load8(kr + c * 8);
+            for (int64_t j = 0; j < G; j++) {
+                __m256 s = _mm256_mul_ps(qf[j * V8], k[0]);
+                for (int64_t c = 1; c < V8; c++) s = _mm256_fmadd_ps(qf[j * V8 + c], k[c], s);
+                scores[j * L + t] = hsum8(s) * scale;
+            }
+        });
+        std::vector<float> total(G, 0.f);
+        for (int64_t j = 0; j < G; j++) {
+            float* sj = scores.data() + j * L;
+            float m = sj[0];
+            for (int64_t t = 1; t < L; t++) m = sj[t] > m ? sj[t] : m;
+            int64_t t = 0;
+            __m256 sum = _mm256_setzero_ps();
+            for (; t + 8 <= L; t += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sj + t), _mm256_set1_ps(m)));
+                _mm256_storeu_ps(sj + t, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            total[j] = hsum8(sum);
+            for (; t < L; t++) {
+                sj[t] = std::exp(sj[t] - m);
+                total[j] += sj[t];
+            }
+        }
+        each_row(v_cache, [&](int64_t t, const uint16_t* vr) {
+            for (int64_t c = 0; c < V8; c++) {
+                const __m256 v = load8(vr + c * 8);
+                for (int64_t j = 0; j < G; j++)
+                    acc[j * V8 + c] = _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, acc[j * V8 + c]);
+            }
+        });
+        for (int64_t j = 0; j < G; j++)
+            for (int64_t c = 0; c < V8; c++)
+                store8(o + j * hd + c * 8, _mm256_div_ps(acc[j * V8 + c], _mm256_set1_ps(total[j])));
+    }
+}
+
+}  // extern "C"
