@@ -80,3 +80,20 @@ def test_fp32_weights_are_plain_torch():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="features"):
         linear(torch.randn(2, 8), torch.randn(3, 9).bfloat16())
+
+
+@needs_native
+@pytest.mark.parametrize("I,D", [(40, 48), (256, 64)])
+def test_one_token_moe_call_equals_the_per_expert_path(monkeypatch, I, D):
+    import tinymoe.experts.experts as experts_module
+    from tinymoe.experts import Experts
+    torch.manual_seed(I + D)
+    E = 4
+    experts = Experts(*(torch.randn(E, I, D).bfloat16() / 4 for _ in range(2)), torch.randn(E, D, I).bfloat16() / 4)
+    x, ids, weights = torch.randn(1, D).bfloat16(), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    calls = []
+    native_call = experts_module.moe_token
+    monkeypatch.setattr(experts_module, "moe_token", lambda *a: calls.append(1) or native_call(*a))
+    fused = experts(x, ids, weights)
+    monkeypatch.setattr(experts_module, "moe_token", lambda *a: None)  # the per-expert torch path
+    assert calls and torch.equal(fused, experts(x, ids, weights))

@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from ..kernels import backend_for
+from ..kernels.cpu_linear import moe_token
 from ..kernels.moe_align import moe_align
 from ..kernels.moe_gemm import fused_moe
 from .dispatch import assign_copies, copy_table
@@ -116,10 +117,17 @@ class Experts(nn.Module):
         # the CPU path: one matmul per active copy over its rows, no per-token work
         k = phys.shape[1]
         if phys.shape[0] == 1:  # decode at batch 1: nothing to sort or scatter; same sums, same order
-            out = torch.zeros_like(x)
             # rounded to x's dtype first, a Python float multiplies exactly as the tensor would
-            for copy, weight in sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist())):
-                name, row = self._where[copy]
+            chosen = sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist()))
+            where = [self._where[copy] for copy, _ in chosen]
+            if all(name == "full" for name, _ in where):  # one native call for all k experts
+                pool = self.full_pool()
+                out = moe_token(x, [pool.w13[row] for _, row in where], [pool.w2[row] for _, row in where],
+                                [weight for _, weight in chosen])
+                if out is not None:
+                    return out
+            out = torch.zeros_like(x)
+            for (name, row), (_, weight) in zip(where, chosen):
                 out += self._pool(name).mlp(row, x).to(x.dtype) * weight
             return out
         flat = phys.reshape(-1)

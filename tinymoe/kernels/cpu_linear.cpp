@@ -8,12 +8,12 @@
 // values, where widening in order costs twice that (with 2 vCPUs on one physical core, the
 // instruction count per byte, not the memory, is what caps a GEMV). The activations are
 // permuted once per call to match (even values, then odd, per chunk).
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
-#include <immintrin.h>
+#include "cpu_simd.h"
 
 #if defined(__AVX512F__)
 constexpr int VW = 16;
@@ -58,7 +58,7 @@ constexpr int CH = 2 * VW;
 #define PREFETCH 8192
 #endif
 
-static inline float scalar(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float scalar(uint16_t h) { return bf(h); }
 static inline float scalar(int8_t q) { return float(q); }
 
 // Where activation k goes in the permuted copy, so that split()'s lanes meet their activations.
@@ -76,9 +76,7 @@ static inline float hsum(vf v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps(v);
 #else
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    return hsum8(v);
 #endif
 }
 static inline vf add(vf a, vf b) {
@@ -87,13 +85,6 @@ static inline vf add(vf a, vf b) {
 #else
     return _mm256_add_ps(a, b);
 #endif
-}
-
-static inline uint16_t to_bf16(float f) {  // round to nearest even
-    uint32_t u; std::memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return uint16_t(u >> 16) | ((u & 0xffff) ? 0x40 : 0);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
 }
 
 // R weight rows against MB activation rows, U independent accumulators each along k (one FMA
@@ -180,7 +171,7 @@ static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint1
                 for (int64_t j = 0; j < mc; j++) {
                     const float v = acc[(n - n0) * mc + j] * s;
                     const int64_t at = (m0 + j) * N + n;
-                    if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf16(v);
+                    if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
                     else static_cast<float*>(y)[at] = v;
                 }
             }
@@ -207,6 +198,35 @@ static void run(const void* x, int x_bf16, int64_t M, int64_t K, const W* w, con
     else linear<3, 4, 1>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
 }
 
+// One token through k SwiGLU experts (bf16 weights): out = sum over e, in order, of
+// round(round(w2_e . swiglu(round(w13_e . x))) * weights[e]), rounded after each add: what
+// `Experts` computes with one matmul per expert, in one parallel region instead of 2k calls.
+// w13[e] is [2I, D] (gate rows, then up rows), w2[e] is [D, I]; weights are bf16 values.
+static void moe_token(const float* x, int64_t D, int64_t I, int64_t k, const uint16_t* const* w13,
+                      const uint16_t* const* w2, const float* weights, uint16_t* out, int threads) {
+    std::vector<float> h(k * 2 * I), act(k * I), y(k * D);
+    std::vector<uint16_t> hb(k * 2 * I), ab(k * I);
+    const int64_t chunk13 = std::max<int64_t>(1, (256 << 10) / (D * 2)), chunk2 = std::max<int64_t>(1, (256 << 10) / (I * 2));
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, chunk13)
+        for (int64_t b = 0; b < k * 2 * I; b++) tile<1, 1, 2>(x, D, w13[b / (2 * I)] + (b % (2 * I)) * D, D, &h[b]);
+#pragma omp for
+        for (int64_t e = 0; e < k; e++) {
+            for (int64_t i = 0; i < 2 * I; i++) hb[e * 2 * I + i] = to_bf(h[e * 2 * I + i]);
+            swiglu_row(&hb[e * 2 * I], &hb[e * 2 * I + I], &ab[e * I], I);
+            for (int64_t i = 0; i < I; i++) act[e * I + permuted((uint16_t*)nullptr, i, I)] = bf(ab[e * I + i]);
+        }
+#pragma omp for schedule(dynamic, chunk2)
+        for (int64_t b = 0; b < k * D; b++) tile<1, 1, 2>(&act[(b / D) * I], I, w2[b / D] + (b % D) * I, I, &y[b]);
+    }
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.f;
+        for (int64_t e = 0; e < k; e++) acc = round_bf(acc + round_bf(round_bf(y[e * D + d]) * weights[e]));
+        out[d] = to_bf(acc);
+    }
+}
+
 extern "C" {
 // x [M, K] contiguous, fp32 or (x_bf16) bf16; w [N, K] contiguous; scale bf16 [N] or null;
 // y [M, N] fp32 or bf16.
@@ -217,5 +237,12 @@ void linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t
 void linear_int8(const void* x, int x_bf16, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
                  int64_t N, void* y, int out_bf16, int threads) {
     run(x, x_bf16, M, K, w, scale, N, y, out_bf16, threads);
+}
+// x bf16 [D]; w13, w2: k pointers each; weights fp32 [k] (bf16 values); out bf16 [D].
+void moe_token_bf16(const uint16_t* x, int64_t D, int64_t I, int64_t k, const uint16_t* const* w13,
+                    const uint16_t* const* w2, const float* weights, uint16_t* out, int threads) {
+    std::vector<float> xp(D);
+    for (int64_t i = 0; i < D; i++) xp[permuted((uint16_t*)nullptr, i, D)] = bf(x[i]);
+    moe_token(xp.data(), D, I, k, w13, w2, weights, out, threads);
 }
 }

@@ -6,6 +6,7 @@ half the memory bandwidth and its GEMM emulates bf16 at a quarter of what the ke
 (bench/linear.py). With AMX or AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes
 them. Elsewhere (GPU, fp32 weights, no compiler) it is `F.linear`.
 """
+import ctypes
 import functools
 
 import torch
@@ -65,3 +66,25 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
                              y.data_ptr(), int(as_bf16), threads)
     y = y.view(*lead, N)
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def moe_token(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor], weights: list[float]):
+    """One token x [1, D] (bf16) through SwiGLU experts (w13 [2I, D] gate then up rows, w2 [D, I],
+    bf16) weighted by `weights` (values exact in bf16): sum_e weights[e] * w2_e(swiglu(w13_e x)),
+    rounded as the per-expert torch path rounds, in one native call. None when the native
+    library cannot take it (the caller then runs the experts one by one)."""
+    D = x.shape[-1]
+    tensors = (x, *w13, *w2)
+    if (x.numel() != D or native() is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+            or not all(t.is_contiguous() for t in tensors)):
+        return None
+    I = w2[0].shape[1]
+    if any(w.shape != (2 * I, D) for w in w13) or any(w.shape != (D, I) for w in w2):
+        raise ValueError(f"moe_token: expert shapes {[tuple(w.shape) for w in w13 + w2]} do not fit D={D}, I={I}")
+    k = len(w13)
+    out = torch.empty_like(x)
+    pointers = ctypes.c_void_p * k
+    native().moe_token_bf16(x.contiguous().data_ptr(), D, I, k, pointers(*[w.data_ptr() for w in w13]),
+                            pointers(*[w.data_ptr() for w in w2]), (ctypes.c_float * k)(*weights), out.data_ptr(),
+                            torch.get_num_threads())
+    return out

@@ -9,67 +9,9 @@
 #include <cstring>
 #include <vector>
 
-#include <immintrin.h>
+#include "cpu_simd.h"
 
 // (rotary_bf16 computes a*b - c*d without FMA contraction, as its twin does)
-
-static inline float bf(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t to_bf(float f) {  // round to nearest even, as torch does
-    uint32_t u; std::memcpy(&u, &f, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u) return uint16_t(u >> 16) | ((u & 0xffff) ? 0x40 : 0);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf(to_bf(f)); }
-
-// Eight at a time (AVX2), for the elementwise ops.
-static inline __m256 load8(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-static inline void store8(uint16_t* p, __m256 f) {  // to_bf() on each lane
-    const __m256i u = _mm256_castps_si256(f);
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
-                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-    r = _mm256_srli_epi32(r, 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
-    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
-}
-
-static inline __m256 round8(__m256 f) {  // round_bf() on each lane
-    uint16_t tmp[8];
-    store8(tmp, f);
-    return load8(tmp);
-}
-
-// e^x within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, times 2^n;
-// inf above 88.72, 0 below -87.33 (no denormals), NaN stays NaN.
-static inline __m256 exp8(__m256 x) {
-    const __m256 hi = _mm256_set1_ps(88.72283f), lo = _mm256_set1_ps(-87.33654f);
-    const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    // 2^n in two halves: n reaches 128 at the top of the range, one past the largest exponent
-    const __m256i e = _mm256_cvtps_epi32(n);
-    const __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
-    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
-    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
-    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
 
 extern "C" {
 
@@ -119,20 +61,7 @@ void rotary_bf16(const uint16_t* x, int64_t stride, uint16_t* out, int64_t rows,
 
 // out[r, i] = round(round(silu(gate)) * up) with gate = h[r, i], up = h[r, I + i]; h is [rows, 2I].
 void swiglu_bf16(const uint16_t* h, uint16_t* out, int64_t rows, int64_t I) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *gate = h + r * 2 * I, *up = gate + I;
-        int64_t i = 0;
-        for (; i + 8 <= I; i += 8) {
-            const __m256 g = load8(gate + i);
-            const __m256 silu = round8(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
-            store8(out + r * I + i, _mm256_mul_ps(silu, load8(up + i)));
-        }
-        for (; i < I; i++) {
-            const float g = bf(gate[i]);
-            out[r * I + i] = to_bf(round_bf(g / (1.0f + std::exp(-g))) * bf(up[i]));
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) swiglu_row(h + r * 2 * I, h + r * 2 * I + I, out + r * I, I);
 }
 
 // Row n of k and v ([N, KV * hd] at row strides k_stride, v_stride) into flat cache slot slots[n].
@@ -142,12 +71,6 @@ void store_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64
         std::memcpy(k_cache + slots[n] * row, k + n * k_stride, row * 2);
         std::memcpy(v_cache + slots[n] * row, v + n * v_stride, row * 2);
     }
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // One query token per sequence b (q row at q + b * q_stride, [H, hd]) attends to its
@@ -173,10 +96,9 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
             std::memset(o, 0, G * hd * 2);
             continue;
         }
-        std::vector<__m256> qf(G * V8), acc(G * V8, _mm256_setzero_ps());
-        std::vector<float> scores(G * L);
+        std::vector<float> qf(G * hd), acc(G * hd, 0.f), scores(G * L);
         for (int64_t j = 0; j < G; j++)
-            for (int64_t c = 0; c < V8; c++) qf[j * V8 + c] = load8(q + b * q_stride + (g * G + j) * hd + c * 8);
+            for (int64_t i = 0; i < hd; i++) qf[j * hd + i] = bf(q[b * q_stride + (g * G + j) * hd + i]);
         // token t's row: block table[t / block_size], slot t % block_size, head g
         auto each_row = [&](const uint16_t* cache, auto&& visit) {
             for (int64_t t0 = 0; t0 < L; t0 += block_size) {
@@ -189,8 +111,9 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
             __m256 k[MAX_HD / 8];
             for (int64_t c = 0; c < V8; c++) k[c] = load8(kr + c * 8);
             for (int64_t j = 0; j < G; j++) {
-                __m256 s = _mm256_mul_ps(qf[j * V8], k[0]);
-                for (int64_t c = 1; c < V8; c++) s = _mm256_fmadd_ps(qf[j * V8 + c], k[c], s);
+                const float* qj = &qf[j * hd];
+                __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qj), k[0]);
+                for (int64_t c = 1; c < V8; c++) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), k[c], s);
                 scores[j * L + t] = hsum8(s) * scale;
             }
         });
@@ -215,13 +138,15 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
         each_row(v_cache, [&](int64_t t, const uint16_t* vr) {
             for (int64_t c = 0; c < V8; c++) {
                 const __m256 v = load8(vr + c * 8);
-                for (int64_t j = 0; j < G; j++)
-                    acc[j * V8 + c] = _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, acc[j * V8 + c]);
+                for (int64_t j = 0; j < G; j++) {
+                    float* a = &acc[j * hd + c * 8];
+                    _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, _mm256_loadu_ps(a)));
+                }
             }
         });
         for (int64_t j = 0; j < G; j++)
             for (int64_t c = 0; c < V8; c++)
-                store8(o + j * hd + c * 8, _mm256_div_ps(acc[j * V8 + c], _mm256_set1_ps(total[j])));
+                store8(o + j * hd + c * 8, _mm256_div_ps(_mm256_loadu_ps(&acc[j * hd + c * 8]), _mm256_set1_ps(total[j])));
     }
 }
 

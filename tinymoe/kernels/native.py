@@ -1,5 +1,6 @@
-"""The native CPU library: `cpu_linear.cpp` (matmul) and `cpu_ops.cpp` (the small per-layer ops)
-built into one shared object on first use and loaded with ctypes.
+"""The native CPU library: `cpu_linear.cpp` (matmul) and `cpu_ops.cpp` (the small per-layer ops),
+with their shared helpers in `cpu_simd.h`, built into one shared object on first use and loaded
+with ctypes.
 
 It is compiled with the host's C++ compiler for this CPU (-march=native, ~5 s) and cached under
 `$TINYMOE_CACHE` (default `~/.cache/tinymoe`), keyed by the sources, flags and CPU. Without a
@@ -20,12 +21,14 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _i64, _ptr, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "linear_bf16": [_ptr, _i32, _i64, _i64, _ptr, _i64, _ptr, _i32, _i32],
     "linear_int8": [_ptr, _i32, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i32, _i32],
+    "moe_token_bf16": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i32],
     "rms_norm_bf16": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],
     "rotary_bf16": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64],
     "swiglu_bf16": [_ptr, _ptr, _i64, _i64],
@@ -47,7 +50,7 @@ def cpu_flags() -> str:
 
 
 def _build() -> Path:
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cpu_flags().encode()).hexdigest()[:16]
     lib = _cache_dir() / f"tinymoe_cpu-{key}.so"
     if not lib.exists():
