@@ -70,14 +70,16 @@ def test_store_kv_writes_strided_rows_into_their_slots():
 
 
 @needs_native
+# the last case is long enough for two threads, so one sequence's KV heads are split among them
 @pytest.mark.parametrize("B,H,KV,hd,lens", [(1, 16, 4, 64, [160]), (3, 4, 4, 32, [1, 17, 40]),
-                                            (2, 8, 1, 128, [33, 5])])
+                                            (2, 8, 1, 128, [33, 5]), (1, 16, 4, 128, [600])])
 def test_paged_decode_matches_float64(B, H, KV, hd, lens):
     torch.manual_seed(4)
-    blocks, bs = 12, 16
+    bs = 16
+    width = -(-max(lens) // bs)
+    blocks = width + 4
     kc, vc = torch.randn(blocks, bs, KV, hd).bfloat16(), torch.randn(blocks, bs, KV, hd).bfloat16()
     q = torch.randn(B, H, hd).bfloat16()
-    width = -(-max(lens) // bs)
     tables = torch.stack([torch.randperm(blocks)[:width] for _ in range(B)]).int()
     context = torch.tensor(lens, dtype=torch.int32)
     got = attention.paged_attention_decode_native(q, kc, vc, tables, context, hd ** -0.5)

@@ -75,50 +75,54 @@ void store_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64
 
 // One query token per sequence b (q row at q + b * q_stride, [H, hd]) attends to its
 // context_lens[b] cached tokens through block_tables[b] (caches [blocks, block_size, KV, hd]).
-// Scores, softmax and the weighted sum in fp32; out [B, H, hd] rounded once. The G query heads
-// of one KV head share each K/V row read; (sequence, KV head) pairs are split over threads.
+// Scores, softmax and the weighted sum in fp32; out [B, H, hd] rounded once. A task is one
+// sequence's KV heads (all of them when there are enough sequences to share out, else one): it
+// reads each cached token's row once, in block order, which the prefetcher follows.
 // hd must be a multiple of 8 and at most MAX_HD (the caller checks).
 constexpr int64_t MAX_HD = 256;
 void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t B,
                        int64_t H, int64_t KV, int64_t hd, int64_t block_size, float scale, uint16_t* out,
                        int threads) {
-    const int64_t G = H / KV, V8 = hd / 8;
+    const int64_t G = H / KV, V8 = hd / 8, row = KV * hd;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += context_lens[b];
     if (work * H * hd < (1 << 20)) threads = 1;  // waking OpenMP's workers costs more
+    const int64_t groups = threads == 1 || B >= 2 * threads ? 1 : KV;  // KV-head ranges per sequence
+    const int64_t per = KV / groups, heads = per * G;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (int64_t task = 0; task < B * KV; task++) {
-        const int64_t b = task / KV, g = task % KV, L = context_lens[b];
+    for (int64_t task = 0; task < B * groups; task++) {
+        const int64_t b = task / groups, g0 = task % groups * per, L = context_lens[b];
         const int32_t* table = block_tables + b * table_width;
-        uint16_t* o = out + (b * H + g * G) * hd;
+        uint16_t* o = out + (b * H + g0 * G) * hd;
         if (L <= 0) {  // nothing to attend to (the callers never ask): zeros, not garbage
-            std::memset(o, 0, G * hd * 2);
+            std::memset(o, 0, heads * hd * 2);
             continue;
         }
-        std::vector<float> qf(G * hd), acc(G * hd, 0.f), scores(G * L);
-        for (int64_t j = 0; j < G; j++)
-            for (int64_t i = 0; i < hd; i++) qf[j * hd + i] = bf(q[b * q_stride + (g * G + j) * hd + i]);
-        // token t's row: block table[t / block_size], slot t % block_size, head g
+        // query head jj = (g - g0) * G + j of this task reads KV head g
+        std::vector<float> qf(heads * hd), acc(heads * hd, 0.f), scores(heads * L), total(heads, 0.f);
+        for (int64_t i = 0; i < heads * hd; i++) qf[i] = bf(q[b * q_stride + g0 * G * hd + i]);
+        // token t's row: block table[t / block_size], slot t % block_size; this task's heads from g0
         auto each_row = [&](const uint16_t* cache, auto&& visit) {
             for (int64_t t0 = 0; t0 < L; t0 += block_size) {
-                const uint16_t* base = cache + (int64_t(table[t0 / block_size]) * block_size * KV + g) * hd;
+                const uint16_t* base = cache + int64_t(table[t0 / block_size]) * block_size * row + g0 * hd;
                 const int64_t n = L - t0 < block_size ? L - t0 : block_size;
-                for (int64_t i = 0; i < n; i++) visit(t0 + i, base + i * KV * hd);
+                for (int64_t i = 0; i < n; i++) visit(t0 + i, base + i * row);
             }
         };
         each_row(k_cache, [&](int64_t t, const uint16_t* kr) {
-            __m256 k[MAX_HD / 8];
-            for (int64_t c = 0; c < V8; c++) k[c] = load8(kr + c * 8);
-            for (int64_t j = 0; j < G; j++) {
-                const float* qj = &qf[j * hd];
-                __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qj), k[0]);
-                for (int64_t c = 1; c < V8; c++) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), k[c], s);
-                scores[j * L + t] = hsum8(s) * scale;
+            for (int64_t g = 0; g < per; g++) {
+                __m256 k[MAX_HD / 8];
+                for (int64_t c = 0; c < V8; c++) k[c] = load8(kr + g * hd + c * 8);
+                for (int64_t j = g * G; j < (g + 1) * G; j++) {
+                    const float* qj = &qf[j * hd];
+                    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qj), k[0]);
+                    for (int64_t c = 1; c < V8; c++) s = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), k[c], s);
+                    scores[j * L + t] = hsum8(s) * scale;
+                }
             }
         });
-        std::vector<float> total(G, 0.f);
-        for (int64_t j = 0; j < G; j++) {
+        for (int64_t j = 0; j < heads; j++) {
             float* sj = scores.data() + j * L;
             float m = sj[0];
             for (int64_t t = 1; t < L; t++) m = sj[t] > m ? sj[t] : m;
@@ -136,15 +140,16 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
             }
         }
         each_row(v_cache, [&](int64_t t, const uint16_t* vr) {
-            for (int64_t c = 0; c < V8; c++) {
-                const __m256 v = load8(vr + c * 8);
-                for (int64_t j = 0; j < G; j++) {
-                    float* a = &acc[j * hd + c * 8];
-                    _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, _mm256_loadu_ps(a)));
+            for (int64_t g = 0; g < per; g++)
+                for (int64_t c = 0; c < V8; c++) {
+                    const __m256 v = load8(vr + g * hd + c * 8);
+                    for (int64_t j = g * G; j < (g + 1) * G; j++) {
+                        float* a = &acc[j * hd + c * 8];
+                        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, _mm256_loadu_ps(a)));
+                    }
                 }
-            }
         });
-        for (int64_t j = 0; j < G; j++)
+        for (int64_t j = 0; j < heads; j++)
             for (int64_t c = 0; c < V8; c++)
                 store8(o + j * hd + c * 8, _mm256_div_ps(_mm256_loadu_ps(&acc[j * hd + c * 8]), _mm256_set1_ps(total[j])));
     }
