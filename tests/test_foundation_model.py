@@ -158,7 +158,14 @@ def test_deepseek_config_layers(tmp_path):
 def test_fused_qkv_follows_the_parameters(tiny_mixtral):
     model = tinymoe.load_model(tiny_mixtral)
     attn = model.model.layers[0].self_attn
+    experts = model.moe_blocks()[0].experts
+    E, I, D = experts.w_gate.shape
+    # loaded straight into the fused layouts: nothing to copy on the first forward
+    assert experts.w_up.data_ptr() == experts.w_gate.data_ptr() + I * D * experts.w_gate.element_size()
+    assert experts.full_pool().w13.data_ptr() == experts.w_gate.data_ptr()
+    q_ptr = attn.q_proj.weight.data_ptr()
     fused = attn.qkv_weight()
+    assert fused.data_ptr() == q_ptr
     assert fused.data_ptr() == attn.q_proj.weight.data_ptr()  # views, not copies
     assert torch.equal(fused, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(5))

@@ -78,13 +78,24 @@ class Experts(nn.Module):
         gate, up, down = self.w_gate, self.w_up, self.w_down
         key = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), gate.dtype)
         if key != self._full_key and gate.device.type != "meta":
-            I = gate.shape[1]
-            w13 = torch.cat((gate.data, up.data), 1)
-            gate.data, up.data = w13[:, :I], w13[:, I:]
+            E, I, D = gate.shape
+            if gate.stride() == (2 * I * D, D, 1) and up.stride() == gate.stride() and \
+                    up.data_ptr() == gate.data_ptr() + I * D * gate.element_size():
+                w13 = gate.data.as_strided((E, 2 * I, D), (2 * I * D, D, 1))  # already one block (fuse_storage)
+            else:
+                w13 = torch.cat((gate.data, up.data), 1)
+                gate.data, up.data = w13[:, :I], w13[:, I:]
             self._full = FullPool(w13, down.data)
             self._full_key = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), gate.dtype)
             self._copy_rows = None
         return self._full
+
+    def fuse_storage(self) -> None:
+        """Before loading: gate and up become views of one fresh [E, 2I, D] tensor (contents
+        discarded), the full-precision pool's layout, so loading fills it in place."""
+        E, I, D = self.w_gate.shape
+        w13 = torch.empty(E, 2 * I, D, dtype=self.w_gate.dtype, device=self.w_gate.device)
+        self.w_gate.data, self.w_up.data = w13[:, :I], w13[:, I:]
 
     def _pool(self, name: str):
         return self.full_pool() if name == "full" else self.quantised[name]

@@ -44,6 +44,7 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False) ->
             if isinstance(block.gate, PrototypeGate):
                 block.gate.float()  # small, and its cosine scores want fp32
     model.to_empty(device=device)
+    model.fuse_storage()
     layout = LAYOUTS[cfg.family]
     params = list(model.named_parameters())
     try:

@@ -24,6 +24,16 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight)
 
 
+def _adjacent(*tensors: torch.Tensor) -> bool:
+    """Contiguous tensors of one dtype, each starting where the previous one ends."""
+    end = tensors[0].data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.dtype != tensors[0].dtype or t.data_ptr() != end:
+            return False
+        end += t.numel() * t.element_size()
+    return True
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -75,10 +85,22 @@ class Attention(nn.Module):
         fresh = (w is not None and w.dtype == q.dtype and w.device == q.device and q.data_ptr() == w.data_ptr()
                  and k.data_ptr() == w[len(q):].data_ptr() and v.data_ptr() == w[len(q) + len(k):].data_ptr())
         if not fresh:
-            w = torch.cat((q.data, k.data, v.data))
-            q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
+            rows = len(q) + len(k) + len(v)
+            if _adjacent(q, k, v):  # already one block of memory (fuse_storage before loading)
+                w = q.data.as_strided((rows, q.shape[1]), (q.shape[1], 1))
+            else:
+                w = torch.cat((q.data, k.data, v.data))
+                q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
             self._qkv = w
         return w
+
+    def fuse_storage(self) -> None:
+        """Before loading: q, k and v become views of one fresh matrix (contents discarded), so
+        the loader writes them straight into the fused layout."""
+        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        w = torch.empty(len(q) + len(k) + len(v), q.shape[1], dtype=q.dtype, device=q.device)
+        q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
+        self._qkv = w
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -171,6 +193,14 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def fuse_storage(self) -> None:
+        """Before loading (contents discarded): fused q/k/v and gate/up layouts, so no weight is
+        copied into them later."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_storage()
+        for block in self.moe_blocks():
+            block.experts.fuse_storage()
 
     def moe_blocks(self):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
