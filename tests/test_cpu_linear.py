@@ -83,17 +83,24 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 @needs_native
-@pytest.mark.parametrize("I,D", [(40, 48), (256, 64)])
-def test_one_token_moe_call_equals_the_per_expert_path(monkeypatch, I, D):
+@pytest.mark.parametrize("T,I,D", [(1, 40, 48), (1, 256, 64), (7, 40, 48), (20, 256, 64)])
+def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D):
     import tinymoe.experts.experts as experts_module
     from tinymoe.experts import Experts
-    torch.manual_seed(I + D)
-    E = 4
+    from tinymoe.experts.plan import Copy, ExpertPlan
+    torch.manual_seed(T + I + D)
+    E, k = 4, 2
     experts = Experts(*(torch.randn(E, I, D).bfloat16() / 4 for _ in range(2)), torch.randn(E, D, I).bfloat16() / 4)
-    x, ids, weights = torch.randn(1, D).bfloat16(), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    if T > 7:  # replicas: physical copies map to expert rows through the plan
+        experts.apply_plan(ExpertPlan([Copy(e, "full") for e in range(E)] + [Copy(1, "full"), Copy(3, "full")]))
+    x = torch.randn(T, D).bfloat16()
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])  # expert 0 may get no token
+    weights = torch.rand(T, k).softmax(-1)
     calls = []
-    native_call = experts_module.moe_token
-    monkeypatch.setattr(experts_module, "moe_token", lambda *a: calls.append(1) or native_call(*a))
+    native_call = experts_module.moe
+    monkeypatch.setattr(experts_module, "moe", lambda *a: calls.append(1) or native_call(*a))
     fused = experts(x, ids, weights)
-    monkeypatch.setattr(experts_module, "moe_token", lambda *a: None)  # the per-expert torch path
+    phys = experts.last_physical_ids
+    monkeypatch.setattr(experts_module, "moe", lambda *a: None)  # the per-copy torch path
+    monkeypatch.setattr(experts, "physical_ids", lambda _: phys)  # replicas: the same copies again
     assert calls and torch.equal(fused, experts(x, ids, weights))

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from ..kernels import backend_for
-from ..kernels.cpu_linear import moe_token
+from ..kernels.cpu_linear import moe
 from ..kernels.moe_align import moe_align
 from ..kernels.moe_gemm import fused_moe
 from .dispatch import assign_copies, copy_table
@@ -65,6 +65,7 @@ class Experts(nn.Module):
                 if c.expert not in rows:
                     rows.append(c.expert)
                 self._where.append((c.precision, rows.index(c.expert)))
+        self._full_rows = [row for _, row in self._where] if all(p == "full" for p, _ in self._where) else None
         self.quantised = nn.ModuleDict()
         if any(quant_experts.values()):
             full = self.full_pool()
@@ -127,18 +128,16 @@ class Experts(nn.Module):
     def _forward_grouped(self, x, phys, weights):
         # the CPU path: one matmul per active copy over its rows, no per-token work
         k = phys.shape[1]
+        if self._full_rows is not None:  # every copy full precision: one native call for all of them
+            pool = self.full_pool()
+            out = moe(x, phys, weights, pool.w13, pool.w2, self._full_rows)
+            if out is not None:
+                return out
         if phys.shape[0] == 1:  # decode at batch 1: nothing to sort or scatter; same sums, same order
-            # rounded to x's dtype first, a Python float multiplies exactly as the tensor would
-            chosen = sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist()))
-            where = [self._where[copy] for copy, _ in chosen]
-            if all(name == "full" for name, _ in where):  # one native call for all k experts
-                pool = self.full_pool()
-                out = moe_token(x, [pool.w13[row] for _, row in where], [pool.w2[row] for _, row in where],
-                                [weight for _, weight in chosen])
-                if out is not None:
-                    return out
             out = torch.zeros_like(x)
-            for (name, row), (_, weight) in zip(where, chosen):
+            # rounded to x's dtype first, a Python float multiplies exactly as the tensor would
+            for copy, weight in sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist())):
+                name, row = self._where[copy]
                 out += self._pool(name).mlp(row, x).to(x.dtype) * weight
             return out
         flat = phys.reshape(-1)

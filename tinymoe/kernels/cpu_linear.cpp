@@ -227,6 +227,39 @@ static void moe_token(const float* x, int64_t D, int64_t I, int64_t k, const uin
     }
 }
 
+// T tokens through their k experts each (ids [T, k] index the copies' w13/w2 pointers):
+// per copy, its tokens' rows gathered in order, the two matmuls with SwiGLU between, each
+// result times its weight; then each token's contributions added in (copy, slot) order,
+// rounded after each add. The same arithmetic as `Experts`' per-copy torch loop (index_add_
+// of the weighted rows), without its ~15 torch ops a copy.
+static void moe_tokens(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
+                       const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
+                       uint16_t* out, int threads) {
+    std::vector<std::vector<int64_t>> rows(C);  // flat (token, slot) indices per copy, ascending
+    for (int64_t f = 0; f < T * k; f++) rows[ids[f]].push_back(f);
+    std::vector<uint16_t> ys(T * k * D);
+    for (int64_t c = 0; c < C; c++) {
+        const int64_t n = rows[c].size();
+        if (!n) continue;
+        std::vector<uint16_t> xs(n * D), h(n * 2 * I), act(n * I), y(n * D);
+        for (int64_t j = 0; j < n; j++) std::memcpy(&xs[j * D], x + rows[c][j] / k * D, D * 2);
+        run(xs.data(), 1, n, D, w13[c], (const uint16_t*)nullptr, 2 * I, h.data(), 1, threads);
+        for (int64_t j = 0; j < n; j++) swiglu_row(&h[j * 2 * I], &h[j * 2 * I + I], &act[j * I], I);
+        run(act.data(), 1, n, I, w2[c], (const uint16_t*)nullptr, D, y.data(), 1, threads);
+        for (int64_t j = 0; j < n; j++) {
+            const float w = weights[rows[c][j]];
+            for (int64_t d = 0; d < D; d++) ys[rows[c][j] * D + d] = to_bf(bf(y[j * D + d]) * w);
+        }
+    }
+    std::vector<float> acc(T * D, 0.f);
+    for (int64_t c = 0; c < C; c++)
+        for (const int64_t f : rows[c]) {
+            float* a = &acc[f / k * D];
+            for (int64_t d = 0; d < D; d++) a[d] = round_bf(a[d] + bf(ys[f * D + d]));
+        }
+    for (int64_t i = 0; i < T * D; i++) out[i] = to_bf(acc[i]);
+}
+
 extern "C" {
 // x [M, K] contiguous, fp32 or (x_bf16) bf16; w [N, K] contiguous; scale bf16 [N] or null;
 // y [M, N] fp32 or bf16.
@@ -244,5 +277,12 @@ void moe_token_bf16(const uint16_t* x, int64_t D, int64_t I, int64_t k, const ui
     std::vector<float> xp(D);
     for (int64_t i = 0; i < D; i++) xp[permuted((uint16_t*)nullptr, i, D)] = bf(x[i]);
     moe_token(xp.data(), D, I, k, w13, w2, weights, out, threads);
+}
+// x bf16 [T, D]; ids int64 [T, k] in [0, C); weights fp32 [T, k] (bf16 values); w13, w2: C
+// pointers; out bf16 [T, D].
+void moe_tokens_bf16(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
+                     const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
+                     uint16_t* out, int threads) {
+    moe_tokens(x, T, D, I, k, ids, weights, C, w13, w2, out, threads);
 }
 }

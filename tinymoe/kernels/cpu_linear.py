@@ -68,23 +68,38 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def moe_token(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor], weights: list[float]):
-    """One token x [1, D] (bf16) through SwiGLU experts (w13 [2I, D] gate then up rows, w2 [D, I],
-    bf16) weighted by `weights` (values exact in bf16): sum_e weights[e] * w2_e(swiglu(w13_e x)),
-    rounded as the per-expert torch path rounds, in one native call. None when the native
-    library cannot take it (the caller then runs the experts one by one)."""
-    D = x.shape[-1]
-    tensors = (x, *w13, *w2)
-    if (x.numel() != D or native() is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
-            or not all(t.is_contiguous() for t in tensors)):
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+        rows: list[int] | None = None) -> torch.Tensor | None:
+    """SwiGLU experts for tokens x [T, D] (bf16): token t gets the sum over its slots s of
+    weights[t, s] * w2[c] . swiglu(w13[c] . x_t), c = rows[ids[t, s]] (identity without `rows`),
+    rounded exactly where the per-copy torch path rounds. w13 [C, 2I, D] (gate rows, then up
+    rows) and w2 [C, D, I] bf16; ids int64 [T, k]; weights [T, k], rounded to bf16 here. One
+    native call (one parallel region for a single token); None when the library cannot take it
+    (the caller then runs its torch path)."""
+    T, D = x.shape
+    if (native() is None or x.device.type != "cpu" or
+            any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (x, w13, w2))):
         return None
-    I = w2[0].shape[1]
-    if any(w.shape != (2 * I, D) for w in w13) or any(w.shape != (D, I) for w in w2):
-        raise ValueError(f"moe_token: expert shapes {[tuple(w.shape) for w in w13 + w2]} do not fit D={D}, I={I}")
-    k = len(w13)
+    I = w2.shape[2]
+    if w13.shape[1:] != (2 * I, D) or w2.shape[1] != D:
+        raise ValueError(f"moe: experts {tuple(w13.shape)} / {tuple(w2.shape)} do not fit D={D}")
+    base13, base2 = w13.data_ptr(), w2.data_ptr()
+    step13, step2 = w13[0].numel() * 2, w2[0].numel() * 2
+    rows = rows if rows is not None else range(w13.shape[0])
+    p13 = [base13 + r * step13 for r in rows]
+    p2 = [base2 + r * step2 for r in rows]
+    w = weights.to(torch.bfloat16).float()
     out = torch.empty_like(x)
-    pointers = ctypes.c_void_p * k
-    native().moe_token_bf16(x.contiguous().data_ptr(), D, I, k, pointers(*[w.data_ptr() for w in w13]),
-                            pointers(*[w.data_ptr() for w in w2]), (ctypes.c_float * k)(*weights), out.data_ptr(),
-                            torch.get_num_threads())
+    threads, k = torch.get_num_threads(), ids.shape[1]
+    if T == 1:  # the token's copies in ascending order: the order the per-copy path adds them
+        chosen = sorted(zip(ids[0].tolist(), w[0].tolist()))
+        ptrs = ctypes.c_void_p * k
+        native().moe_token_bf16(x.data_ptr(), D, I, k, ptrs(*[p13[c] for c, _ in chosen]),
+                                ptrs(*[p2[c] for c, _ in chosen]), (ctypes.c_float * k)(*[v for _, v in chosen]),
+                                out.data_ptr(), threads)
+    else:
+        ids, w = ids.to(torch.int64).contiguous(), w.contiguous()
+        ptrs = ctypes.c_void_p * len(p13)
+        native().moe_tokens_bf16(x.data_ptr(), T, D, I, k, ids.data_ptr(), w.data_ptr(), len(p13), ptrs(*p13),
+                                 ptrs(*p2), out.data_ptr(), threads)
     return out
