@@ -107,6 +107,10 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
             for (int64_t t0 = 0; t0 < L; t0 += block_size) {
                 const uint16_t* base = cache + int64_t(table[t0 / block_size]) * block_size * row + g0 * hd;
                 const int64_t n = L - t0 < block_size ? L - t0 : block_size;
+                if (t0 + block_size < L) {  // blocks are scattered: ask for the next one now
+                    const char* next = (const char*)(cache + int64_t(table[t0 / block_size + 1]) * block_size * row);
+                    for (int64_t off = 0; off < block_size * row * 2; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+                }
                 for (int64_t i = 0; i < n; i++) visit(t0 + i, base + i * row);
             }
         };

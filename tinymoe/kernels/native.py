@@ -84,4 +84,7 @@ def native():
 
 def takes(*tensors: torch.Tensor) -> bool:
     """Can the native bf16 ops take these tensors: all bf16 on the CPU, library loaded?"""
-    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and native() is not None
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            return False
+    return native() is not None

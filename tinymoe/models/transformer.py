@@ -105,11 +105,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = kernels.linear(x, self.qkv_weight()).split((H * hd, KV * hd, KV * hd), -1)
-        q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)
+        qkv = kernels.linear(x, self.qkv_weight())
+        v = qkv[..., (H + KV) * hd:].view(B, T, KV, hd)
         if self.qk_norm:
+            q, k = qkv[..., :H * hd].view(B, T, H, hd), qkv[..., H * hd:(H + KV) * hd].view(B, T, KV, hd)
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+            q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        else:  # q and k heads side by side share the rotation: one call
+            qk = kernels.apply_rotary(qkv[..., :(H + KV) * hd].view(B, T, H + KV, hd), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
         if cache is None:
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=True).transpose(1, 2)
