@@ -104,3 +104,13 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D):
     monkeypatch.setattr(experts_module, "moe", lambda *a: None)  # the per-copy torch path
     monkeypatch.setattr(experts, "physical_ids", lambda _: phys)  # replicas: the same copies again
     assert calls and torch.equal(fused, experts(x, ids, weights))
+
+
+@needs_native
+@pytest.mark.parametrize("T", [1, 3])
+def test_native_moe_rejects_expert_ids_out_of_range(T):
+    from tinymoe.kernels.cpu_linear import moe
+    w13, w2 = torch.zeros(4, 32, 16).bfloat16(), torch.zeros(4, 16, 16).bfloat16()
+    ids = torch.tensor([[0, 4]] * T)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        moe(torch.zeros(T, 16).bfloat16(), ids, torch.ones(T, 2), w13, w2)
