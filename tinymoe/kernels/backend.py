@@ -4,9 +4,9 @@ Choosing (process-wide; the latest call wins):
     use_backend("triton" | "torch" | "auto")    # or `with use_backend(...):`, restored on exit
     TINYMOE_BACKEND=torch                        # read when use_backend was never called
 "auto" runs Triton when the op's first tensor argument is on CUDA, torch otherwise; on the torch
-backend an op's native C++ version (bf16 on the CPU, `native.py`) runs when it takes the inputs. A forced
-"triton" with CPU tensors runs the kernels in Triton's interpreter: hundreds of times slower
-than torch, exact for fp32; for tests. On a machine without CUDA, importing this module turns
+backend an op's native C++ version (bf16 on the CPU, `native.py`) runs when it takes the
+inputs. A forced "triton" with CPU tensors runs the kernels in Triton's interpreter: hundreds
+of times slower than torch, exact for fp32; for tests. On a machine without CUDA, importing this module turns
 the interpreter on (TRITON_INTERPRET=1) unless TRITON_INTERPRET is already set or triton was
 imported first; in that last case a forced "triton" on CPU raises a clear error.
 

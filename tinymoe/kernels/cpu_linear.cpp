@@ -1,5 +1,6 @@
 // y[M, N] = x[M, K] . w[N, K]^T with bf16 (or int8 with per-row scales) weights and fp32
-// activations, accumulated in fp32: the CPU matmul of decode-sized batches. Built on first use
+// activations, accumulated in fp32: the CPU matmul of decode-sized batches; and the SwiGLU
+// experts of a MoE layer built from it (moe_token_bf16, moe_tokens_bf16). Built on first use
 // by native.py with the host compiler (-O3 -march=native -fopenmp).
 //
 // Weights are read in chunks of CH = 2 * VW values that split into two fp32 vectors with one
@@ -206,7 +207,8 @@ static void moe_token(const float* x, int64_t D, int64_t I, int64_t k, const uin
                       const uint16_t* const* w2, const float* weights, uint16_t* out, int threads) {
     std::vector<float> h(k * 2 * I), act(k * I), y(k * D);
     std::vector<uint16_t> hb(k * 2 * I), ab(k * I);
-    const int64_t chunk13 = std::max<int64_t>(1, (256 << 10) / (D * 2)), chunk2 = std::max<int64_t>(1, (256 << 10) / (I * 2));
+    const int64_t chunk13 = std::max<int64_t>(1, (256 << 10) / (D * 2));  // ~256 KB of weights, as linear()
+    const int64_t chunk2 = std::max<int64_t>(1, (256 << 10) / (I * 2));
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(dynamic, chunk13)
