@@ -5,7 +5,8 @@
 Per row count: the median time of one x [M, K] @ w[N, K].T over --matrices different weights
 (more bytes than the caches hold), as GB/s of weights streamed and GFLOP/s, for bf16 weights
 (torch: `torch.mv` for one row, else `F.linear` in bf16) and int8 weights with per-row scales
-(torch: `_weight_int8pack_mm`). Pause other work on the machine first: with two threads on two
+(torch: `_weight_int8pack_mm`); first, for scale, torch's plain `sum` over the same weights in
+bf16 and fp32. Pause other work on the machine first: with two threads on two
 vCPUs, any other busy process slows OpenMP kernels many times over.
 """
 import argparse
@@ -42,7 +43,15 @@ def main():
     torch.manual_seed(0)
     weights = [torch.randn(N, K).bfloat16() for _ in range(args.matrices)]
     quantised = [quantize_int8(w) for w in weights]
-    print(f"threads {torch.get_num_threads()}, weights {args.matrices} x [{N}, {K}], median of {args.runs}\n")
+    print(f"threads {torch.get_num_threads()}, weights {args.matrices} x [{N}, {K}], median of {args.runs}")
+    # what plain streaming reaches here, for scale: torch's sum over all the weights
+    stacked = torch.cat(weights)
+    for dtype in (torch.bfloat16, torch.float32):
+        data = stacked.to(dtype)
+        t = median_time(data.sum, args.runs)
+        print(f"torch {str(dtype)[6:]} sum over them: {data.numel() * data.element_size() / t / 1e9:.1f} GB/s")
+    del stacked, data
+    print()
     print("| weights | rows | torch GB/s | tinymoe GB/s | torch GFLOP/s | tinymoe GFLOP/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for M in (int(m) for m in args.rows.split(",")):

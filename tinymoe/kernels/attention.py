@@ -338,8 +338,9 @@ def store_kv_native(k, v, k_cache, v_cache, slot_mapping):
 
 
 def paged_attention_decode_native(q, k_cache, v_cache, block_tables, context_lens, scale):
-    if (not takes(q, k_cache, v_cache) or not _rows(q) or q.shape[2] % 8 or q.shape[2] > 256 or block_tables.dtype != torch.int32
-            or context_lens.dtype != torch.int32 or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+    if (not takes(q, k_cache, v_cache) or not _rows(q) or q.shape[2] % 8 or q.shape[2] > 256  # see MAX_HD
+            or block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
         return NotImplemented
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     B, H, hd = q.shape

@@ -2,7 +2,7 @@
 with their shared helpers in `cpu_simd.h`, built into one shared object on first use and loaded
 with ctypes.
 
-It is compiled with the host's C++ compiler for this CPU (-march=native, ~5 s) and cached under
+It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) and cached under
 `$TINYMOE_CACHE` (default `~/.cache/tinymoe`), keyed by the sources, flags and CPU. Without a
 compiler or AVX2 every op takes its torch path, after one warning; `TINYMOE_NATIVE=0` chooses
 that path silently. The process has one OpenMP runtime (torch's libgomp.so.1), so the library's
@@ -22,7 +22,9 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_simd.h")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# no FMA contraction of plain C arithmetic: a*b - c*d rounds as torch computes it (the kernels
+# that want FMAs call them explicitly)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _i64, _ptr, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {

@@ -74,33 +74,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
         self.qk_norm = cfg.qk_norm
-        self._qkv: torch.Tensor | None = None
 
     def qkv_weight(self) -> torch.Tensor:
         """q, k and v stacked as one [(H + 2 KV) hd, D] matrix: one matmul instead of three. The
-        three parameters become views of it (nothing is stored twice); rebuilt when they were
-        replaced (loading, .to())."""
+        three parameters are views of it (nothing is stored twice); when they are not adjacent
+        in memory (replaced by .to(), say), they are stacked again first."""
         q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
-        w = self._qkv
-        fresh = (w is not None and w.dtype == q.dtype and w.device == q.device and q.data_ptr() == w.data_ptr()
-                 and k.data_ptr() == w[len(q):].data_ptr() and v.data_ptr() == w[len(q) + len(k):].data_ptr())
-        if not fresh:
-            rows = len(q) + len(k) + len(v)
-            if _adjacent(q, k, v):  # already one block of memory (fuse_storage before loading)
-                w = q.data.as_strided((rows, q.shape[1]), (q.shape[1], 1))
-            else:
-                w = torch.cat((q.data, k.data, v.data))
-                q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
-            self._qkv = w
-        return w
+        if not _adjacent(q, k, v):
+            self._view_into(torch.cat((q.data, k.data, v.data)))
+        return q.data.as_strided((len(q) + len(k) + len(v), q.shape[1]), (q.shape[1], 1))
 
     def fuse_storage(self) -> None:
         """Before loading: q, k and v become views of one fresh matrix (contents discarded), so
         the loader writes them straight into the fused layout."""
         q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
-        w = torch.empty(len(q) + len(k) + len(v), q.shape[1], dtype=q.dtype, device=q.device)
-        q.data, k.data, v.data = w[:len(q)], w[len(q):len(q) + len(k)], w[len(q) + len(k):]
-        self._qkv = w
+        self._view_into(torch.empty(len(q) + len(k) + len(v), q.shape[1], dtype=q.dtype, device=q.device))
+
+    def _view_into(self, w: torch.Tensor) -> None:
+        q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        q.data, k.data, v.data = w.split((len(q), len(k), len(v)))
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
