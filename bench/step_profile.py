@@ -54,7 +54,9 @@ def main():
     timed_lib = TimedLibrary(lib, totals)
     native_module.native = lambda: timed_lib
     import tinymoe.kernels as kernels  # the op modules bound `native` at import: rebind them too
-    for module in (kernels.cpu_linear, kernels.norm, kernels.rotary, kernels.attention, kernels.activation):
+    import tinymoe.models.native_decode as native_decode
+    for module in (kernels.cpu_linear, kernels.norm, kernels.rotary, kernels.attention, kernels.activation,
+                   native_decode):
         module.native = native_module.native
     from tinymoe.engine import LLM, SamplingParams
     from tinymoe.routing.topk import TopK
@@ -94,6 +96,8 @@ def main():
         print(f"| {name} | {calls // steps} | {seconds * 1e3 / steps:.2f} |")
     print(f"| all native calls | | {native_ms:.2f} |")
     print(f"| rest (step - native) | | {elapsed * 1e3 / steps - native_ms:.2f} |")
+    if not totals["router.route (Python)"][0]:  # the one-call decode step routes natively
+        return
     router, logits, hidden, ctx = routed[-1]
     runs = 2000
     start = time.perf_counter()

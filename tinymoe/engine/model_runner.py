@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..models.native_decode import decode_step
 from .scheduler import Batch
 from .sequence import Sequence
 
@@ -95,11 +96,17 @@ class ModelRunner:
             context_lens = self._tensor(dec_lens, torch.int32)
             if prefills:
                 decode_rows = self._tensor(dec_rows)
-        self.cache.layout = StepLayout(self._tensor(slots), decode_rows, block_tables, context_lens, prefills)
-        try:
-            hidden = self.model.hidden_states(self._tensor(ids)[None], self._tensor(pos)[None], self.cache)[0]
-        finally:
-            self.cache.layout = None
+        ids, pos, slots = self._tensor(ids), self._tensor(pos), self._tensor(slots)
+        hidden = None
+        if not prefills:  # decodes only: the whole step in one native call, when the model allows
+            c = self.cache
+            hidden = decode_step(self.model, ids, pos, c.k, c.v, slots, block_tables, context_lens, c.scale)
+        if hidden is None:
+            self.cache.layout = StepLayout(slots, decode_rows, block_tables, context_lens, prefills)
+            try:
+                hidden = self.model.hidden_states(ids[None], pos[None], self.cache)[0]
+            finally:
+                self.cache.layout = None
         if not sampled:
             return None, sampled
         if len(last_rows) != len(ids):

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_simd.h"
 
 #if defined(__AVX512F__)

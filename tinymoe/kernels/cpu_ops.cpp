@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_simd.h"
 
 extern "C" {

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_simd.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_simd.h", "cpu_kernels.h")]
 # no FMA contraction of plain C arithmetic: a*b - c*d rounds as torch computes it (the kernels
 # that want FMAs call them explicitly)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -37,6 +37,7 @@ SIGNATURES = {
     "swiglu_bf16": [_ptr, _ptr, _i64, _i64],
     "store_kv_bf16": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],
     "paged_decode_bf16": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i32],
+    "decode_step_bf16": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32],
 }
 
 

@@ -1,0 +1,92 @@
+"""The one-call decode step (models/native_decode.py + kernels/cpu_decode.cpp) against the per-op
+path it replaces: the same logits and the same K/V writes, bit for bit, step by step."""
+import checkpoints
+import pytest
+import torch
+
+import tinymoe.engine.model_runner as model_runner
+from tinymoe import load_model
+from tinymoe.engine import LLM, SamplingParams
+from tinymoe.kernels.native import native
+from tinymoe.models import native_decode
+from tinymoe.routing.metrics import LoadRecorder
+
+pytestmark = pytest.mark.skipif(native() is None, reason="the native library is unavailable here")
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def checked_runner(llm, monkeypatch):
+    """Every step runs twice, per-op path first, from the same cache; asserts both agree and
+    counts the steps the one-call path took."""
+    runner, cache, taken = llm.runner, llm.runner.cache, []
+    run, step = runner.run, model_runner.decode_step
+
+    def counted(*args):
+        out = step(*args)
+        taken.append(out is not None)
+        return out
+
+    def both(batch):
+        k, v = cache.k.clone(), cache.v.clone()
+        monkeypatch.setenv("TINYMOE_NATIVE_STEP", "0")
+        ref_logits, _ = run(batch)
+        ref_k, ref_v = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+        monkeypatch.setenv("TINYMOE_NATIVE_STEP", "1")
+        logits, seqs = run(batch)
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(cache.k, ref_k) and torch.equal(cache.v, ref_v)
+        return logits, seqs
+
+    monkeypatch.setattr(model_runner, "decode_step", counted)
+    monkeypatch.setattr(runner, "run", both)
+    return taken
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_one_call_step_equals_the_per_op_path(family, tiny_mixtral, tmp_path, monkeypatch):
+    # DeepSeek: a dense first layer, shared experts, no renormalisation (head_dim 16: the native
+    # attention takes multiples of 8); Mixtral: renormalised top-2
+    path = tiny_mixtral if family == "mixtral" else checkpoints.deepseek_moe(tmp_path, hidden_size=64)
+    model = load_model(path, dtype="bfloat16")
+    llm = LLM(model, block_size=4)
+    taken = checked_runner(llm, monkeypatch)
+    # different lengths: steps with three, two and one sequence (one token: its own native path)
+    for p, n in zip(prompts([5, 13, 2]), (6, 10, 14)):
+        llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while llm.has_unfinished():
+        llm.step()
+    assert sum(taken) >= 12
+
+
+def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral, tiny_qwen3):
+    fp32 = load_model(tiny_mixtral)
+    qwen3 = load_model(tiny_qwen3, dtype="bfloat16")  # q/k norms
+    laser = load_model(tiny_mixtral, dtype="bfloat16")
+    recorded = load_model(tiny_mixtral, dtype="bfloat16")
+    LoadRecorder().attach(recorded)
+    plain = load_model(tiny_mixtral, dtype="bfloat16")
+    for model, router, covered in ((fp32, "topk", False), (qwen3, "topk", False), (laser, "laser", False),
+                                   (recorded, "topk", False), (plain, "topk", True)):
+        llm = LLM(model, router=router, block_size=4)
+        assert native_decode.covers(model, llm.runner.cache.k) == covered
+        out = llm.generate(prompts([7]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+        assert len(out.token_ids) == 4
+
+
+def test_parameters_replaced_after_the_first_step_are_seen(tiny_mixtral):
+    model = load_model(tiny_mixtral, dtype="bfloat16")
+    llm = LLM(model, block_size=4)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = llm.generate(prompts([9]), greedy)[0].token_ids
+    with torch.no_grad():  # new storage for the LM head's input: the cached description must follow
+        norm = model.model.norm.weight
+        norm.data = -norm.data.clone()
+    after = llm.generate(prompts([9]), greedy)[0].token_ids
+    assert after != before
+    assert after == LLM(model, block_size=4).generate(prompts([9]), greedy)[0].token_ids

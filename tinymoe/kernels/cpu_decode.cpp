@@ -1,0 +1,138 @@
+// A whole decode step of a bf16 MoE transformer in one call: every layer's norms, fused q/k/v,
+// rotary, K/V store, paged attention, o projection, top-k routing and experts, then the final
+// norm. It chains the library's own ops (cpu_kernels.h) in the order and with the roundings of
+// `Transformer.hidden_states`, so it computes what the per-op path computes; what it removes is
+// the ~15 Python and torch calls per layer around them, ~10 ms of a ~37 ms batch-1 step that
+// reads ~460 MB of weights (docs/DESIGN.md, "One-call decode"). models/native_decode.py
+// decides which models and batches take it.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "cpu_simd.h"
+
+// One decoder layer's weights and cache. A MoE layer has `gate` (the router's [E, D] matrix) and
+// its experts' per-expert pointers; a dense layer has gate = null. `mlp_*` is the dense MLP of a
+// dense layer or the shared experts of a MoE layer (null: none).
+struct DecodeLayer {
+    const uint16_t* attn_norm;   // [D]
+    const uint16_t* qkv;         // [(H + 2 KV) hd, D]: q rows, then k, then v
+    const uint16_t* o;           // [D, H hd]
+    const uint16_t* mlp_norm;    // [D]
+    uint16_t* k_cache;           // [blocks, block_size, KV, hd]
+    uint16_t* v_cache;
+    const uint16_t* gate;        // [E, D] or null
+    const uint16_t* const* w13;  // E pointers to [2I, D] (gate rows, then up rows)
+    const uint16_t* const* w2;   // E pointers to [D, I]
+    const uint16_t* mlp_gate;    // [Im, D] or null
+    const uint16_t* mlp_up;      // [Im, D]
+    const uint16_t* mlp_down;    // [D, Im]
+    int64_t mlp_I;
+};
+
+struct DecodeModel {
+    int64_t num_layers, D, H, KV, hd, E, top_k, I, renormalize, block_size;
+    float eps, scale;
+    const DecodeLayer* layers;
+    const uint16_t* final_norm;  // [D]
+};
+
+// The family's gate on one token, as GateRule computes it: fp32 softmax of the bf16 logits,
+// the top k (the lower expert on a tie), their probabilities (renormalised if the family does),
+// rounded to bf16 as `Experts` receives them. Returns the ids in selection order.
+static void route_topk(const uint16_t* logits, int64_t E, int64_t k, bool renormalize, int64_t* ids, float* w) {
+    std::vector<float> p(E);
+    float m = bf(logits[0]), sum = 0.f;
+    for (int64_t e = 1; e < E; e++) m = std::max(m, bf(logits[e]));
+    for (int64_t e = 0; e < E; e++) sum += p[e] = std::exp(bf(logits[e]) - m);
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    float chosen = 0.f;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            bool taken = false;
+            for (int64_t i = 0; i < j; i++) taken |= ids[i] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        ids[j] = best;
+        chosen += w[j] = p[best];
+    }
+    for (int64_t j = 0; j < k; j++) w[j] = round_bf(renormalize ? w[j] / chosen : w[j]);
+}
+
+// y = down . swiglu(gate . x, up . x) for N rows, rounded as DenseMLP's torch ops round.
+static void dense_mlp(const DecodeLayer& L, const uint16_t* x, int64_t N, int64_t D, uint16_t* y, int threads) {
+    const int64_t I = L.mlp_I;
+    std::vector<uint16_t> g(N * I), u(N * I), act(N * I);
+    linear_bf16(x, 1, N, D, L.mlp_gate, I, g.data(), 1, threads);
+    linear_bf16(x, 1, N, D, L.mlp_up, I, u.data(), 1, threads);
+    for (int64_t n = 0; n < N; n++) swiglu_row(&g[n * I], &u[n * I], &act[n * I], I);
+    linear_bf16(act.data(), 1, N, I, L.mlp_down, D, y, 1, threads);
+}
+
+// The routed experts (+ shared experts) of N tokens h [N, D] into y [N, D].
+static void moe(const DecodeModel& M, const DecodeLayer& L, const uint16_t* h, int64_t N, uint16_t* y, int threads) {
+    const int64_t D = M.D, E = M.E, k = M.top_k;
+    std::vector<uint16_t> logits(N * E);
+    std::vector<int64_t> ids(N * k);
+    std::vector<float> w(N * k);
+    linear_bf16(h, 1, N, D, L.gate, E, logits.data(), 1, threads);
+    for (int64_t n = 0; n < N; n++) route_topk(&logits[n * E], E, k, M.renormalize, &ids[n * k], &w[n * k]);
+    if (N == 1) {  // the token's experts in ascending order: the order the per-expert path adds them
+        std::vector<int64_t> order(k);
+        for (int64_t j = 0; j < k; j++) order[j] = j;
+        std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+        std::vector<const uint16_t*> w13(k), w2(k);
+        std::vector<float> ws(k);
+        for (int64_t j = 0; j < k; j++) {
+            w13[j] = L.w13[ids[order[j]]];
+            w2[j] = L.w2[ids[order[j]]];
+            ws[j] = w[order[j]];
+        }
+        moe_token_bf16(h, D, M.I, k, w13.data(), w2.data(), ws.data(), y, threads);
+    } else {
+        moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), E, L.w13, L.w2, y, threads);
+    }
+    if (L.mlp_gate) {
+        std::vector<uint16_t> shared(N * D);
+        dense_mlp(L, h, N, D, shared.data(), threads);
+        for (int64_t i = 0; i < N * D; i++) y[i] = to_bf(bf(y[i]) + bf(shared[i]));
+    }
+}
+
+extern "C" {
+// N tokens, one per sequence, each at the end of its sequence: x [N, D] their embeddings
+// (overwritten), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
+// K/V go to, tables [N, W] and lens [N] (each sequence's length including the new token) for
+// attention. out [N, D]: the final norm's output.
+void decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
+                      const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
+                      int threads) {
+    const DecodeModel& M = *model;
+    const int64_t D = M.D, H = M.H, KV = M.KV, hd = M.hd, qkv_width = (H + 2 * KV) * hd, qk_width = (H + KV) * hd;
+    std::vector<uint16_t> h(N * D), residual(N * D), qkv(N * qkv_width), qk(N * qk_width), attn(N * H * hd);
+    for (int64_t l = 0; l < M.num_layers; l++) {
+        const DecodeLayer& L = M.layers[l];
+        if (l == 0) {  // the embeddings are the first residual
+            std::memcpy(residual.data(), x, N * D * 2);
+            rms_norm_bf16(x, nullptr, L.attn_norm, h.data(), nullptr, N, D, M.eps);
+        } else {
+            rms_norm_bf16(x, residual.data(), L.attn_norm, h.data(), residual.data(), N, D, M.eps);
+        }
+        linear_bf16(h.data(), 1, N, D, L.qkv, qkv_width, qkv.data(), 1, threads);
+        rotary_bf16(qkv.data(), qkv_width, qk.data(), N, H + KV, hd, cos, sin, N);
+        store_kv_bf16(qk.data() + H * hd, qk_width, qkv.data() + qk_width, qkv_width, L.k_cache, L.v_cache, slots,
+                      N, KV * hd);
+        paged_decode_bf16(qk.data(), qk_width, L.k_cache, L.v_cache, tables, W, lens, N, H, KV, hd, M.block_size,
+                          M.scale, attn.data(), threads);
+        linear_bf16(attn.data(), 1, N, H * hd, L.o, D, x, 1, threads);
+        rms_norm_bf16(x, residual.data(), L.mlp_norm, h.data(), residual.data(), N, D, M.eps);
+        if (L.gate) moe(M, L, h.data(), N, x, threads);
+        else dense_mlp(L, h.data(), N, D, x, threads);
+    }
+    rms_norm_bf16(x, residual.data(), M.final_norm, out, residual.data(), N, D, M.eps);
+}
+}

@@ -1,0 +1,140 @@
+"""The one-call decode step: every layer of a decode batch in one native call
+(`kernels/cpu_decode.cpp`), for the models and routers it covers; None otherwise, and the
+caller runs `Transformer.hidden_states`. Same arithmetic as that path (it chains the same
+native ops); what it saves is the Python and torch glue between them, a quarter of a batch-1
+step (docs/DESIGN.md, "One-call decode").
+
+Covered: bf16 weights on the CPU with the native library, no q/k norm (Mixtral, DeepSeek-MoE),
+linear gates with the model's own top-k router, the default expert plan, no load recorder.
+`TINYMOE_NATIVE_STEP=0` turns it off (for A/B runs)."""
+import ctypes
+import os
+import weakref
+
+import torch
+
+from ..kernels.native import native
+from ..routing.topk import TopK
+from .transformer import DenseMLP, Linear, MoEBlock, Transformer
+
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class DecodeLayer(ctypes.Structure):  # mirrors cpu_decode.cpp
+    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("o", _ptr), ("mlp_norm", _ptr), ("k_cache", _ptr),
+                ("v_cache", _ptr), ("gate", _ptr), ("w13", _ptr), ("w2", _ptr), ("mlp_gate", _ptr),
+                ("mlp_up", _ptr), ("mlp_down", _ptr), ("mlp_I", _i64)]
+
+
+class DecodeModel(ctypes.Structure):
+    _fields_ = [("num_layers", _i64), ("D", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("E", _i64),
+                ("top_k", _i64), ("I", _i64), ("renormalize", _i64), ("block_size", _i64), ("eps", _f32),
+                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr)]
+
+
+def _weights(model: Transformer) -> list[torch.Tensor]:
+    """Every tensor the step reads, in a fixed order (their pointers key the cached description)."""
+    out = [model.model.norm.weight]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                attn.o_proj.weight, layer.post_attention_layernorm.weight]
+        if isinstance(mlp, MoEBlock):
+            out += [mlp.gate.weight, mlp.experts.w_gate, mlp.experts.w_up, mlp.experts.w_down]
+            mlp = mlp.shared_experts
+        if mlp is not None:
+            out += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    return out
+
+
+def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
+    """Can the one-call step run this model, as it is configured now, on this cache?"""
+    cfg = model.config
+    if os.environ.get("TINYMOE_NATIVE_STEP", "1") == "0" or native() is None or cfg.qk_norm:
+        return False
+    if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or cfg.head_dim % 8 or cfg.head_dim > 256:
+        return False
+    for layer in model.model.layers:
+        block = layer.mlp
+        if isinstance(block, MoEBlock) and not (
+                type(block.router) is TopK and block.recorder is None and type(block.gate) is Linear
+                and block.experts._identity):
+            return False
+    return True
+
+
+def _dense(mlp: DenseMLP | None) -> dict:
+    if mlp is None:
+        return {}
+    return {"mlp_gate": mlp.gate_proj.weight.data_ptr(), "mlp_up": mlp.up_proj.weight.data_ptr(),
+            "mlp_down": mlp.down_proj.weight.data_ptr(), "mlp_I": mlp.gate_proj.weight.shape[0]}
+
+
+def _per_expert(stacked: torch.Tensor):
+    step = stacked[0].numel() * stacked.element_size()
+    return (_ptr * len(stacked))(*[stacked.data_ptr() + e * step for e in range(len(stacked))])
+
+
+def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
+    """The DecodeModel struct, and the ctypes arrays it points into (to be kept alive with it)."""
+    cfg, keep = model.config, []
+    layers = (DecodeLayer * cfg.num_layers)()
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        fields = {"attn_norm": layer.input_layernorm.weight.data_ptr(), "qkv": attn.qkv_weight().data_ptr(),
+                  "o": attn.o_proj.weight.data_ptr(), "mlp_norm": layer.post_attention_layernorm.weight.data_ptr(),
+                  "k_cache": k_cache[i].data_ptr(), "v_cache": v_cache[i].data_ptr()}
+        if isinstance(layer.mlp, MoEBlock):
+            pool = layer.mlp.experts.full_pool()
+            w13, w2 = _per_expert(pool.w13), _per_expert(pool.w2)
+            keep += [w13, w2]
+            fields.update(gate=layer.mlp.gate.weight.data_ptr(), w13=ctypes.addressof(w13), w2=ctypes.addressof(w2),
+                          **_dense(layer.mlp.shared_experts))
+        else:
+            fields.update(_dense(layer.mlp))
+        layers[i] = DecodeLayer(**fields)
+    desc = DecodeModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                       cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, int(cfg.renormalize), k_cache.shape[2],
+                       model.model.norm.eps, scale, layers, model.model.norm.weight.data_ptr())
+    return desc, keep + [layers]
+
+
+# model -> (the tensors it reads, key, description, what that points into). The modules are
+# fixed after construction; their parameters may be replaced (loading, .to()), which changes
+# the key's pointers or dtypes and rebuilds the description.
+_described = weakref.WeakKeyDictionary()
+
+
+def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
+    weights = _described[model][0] if model in _described else _weights(model)
+    key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
+           *[(w.data_ptr(), w.dtype, w.device.type) for w in weights])
+    cached = _described.get(model)
+    if cached is None or cached[1] != key:
+        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" for w in weights):
+            _described[model] = (weights, key, None)
+        else:
+            _described[model] = (weights, key, *_describe(model, k_cache, v_cache, scale))
+    return _described[model][2]
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """N decode tokens, one per sequence: input_ids and positions [N], caches
+    [layers, blocks, block_size, KV, hd], slot_mapping [N] (int64), block_tables [N, W] and
+    context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
+    if not covers(model, k_cache):
+        return None
+    desc = _description(model, k_cache, v_cache, scale)
+    if desc is None:
+        return None
+    x = model.model.embed_tokens(input_ids)
+    cos, sin = model.rotary(positions)
+    slots, tables, lens = slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    out = torch.empty_like(x)
+    native().decode_step_bf16(ctypes.byref(desc), x.data_ptr(), len(input_ids), cos.data_ptr(), sin.data_ptr(),
+                              slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+    return out
