@@ -7,6 +7,9 @@ native library (`tinymoe.kernels.native`) and every `router.route` is timed duri
 steps; the table gives calls and ms per step, and "rest" is the step minus the native calls
 (Python, torch ops, routing included). Timing adds ~1 us a call. Last line: the same routing
 call on the same shapes, alone in a loop, to compare with its cost inside a step.
+
+With the one-call decode step (models/native_decode.py) a step is one `decode_step_bf16` call
+plus the LM head; `TINYMOE_NATIVE_STEP=0` gives the per-op breakdown.
 """
 import argparse
 import collections

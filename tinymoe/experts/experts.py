@@ -45,6 +45,11 @@ class Experts(nn.Module):
     def num_copies(self) -> int:
         return len(self.plan.copies)
 
+    @property
+    def one_full_copy_each(self) -> bool:
+        """Is every expert served by exactly its own full-precision weights (the default plan)?"""
+        return self._identity
+
     def apply_plan(self, plan: ExpertPlan) -> None:
         """Serve the router's logical experts from the plan's physical copies."""
         E = self.num_experts

@@ -58,7 +58,7 @@ def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
         block = layer.mlp
         if isinstance(block, MoEBlock) and not (
                 type(block.router) is TopK and block.recorder is None and type(block.gate) is Linear
-                and block.experts._identity):
+                and block.experts.one_full_copy_each):
             return False
     return True
 
