@@ -34,7 +34,8 @@ class Experts(nn.Module):
         self.quantised = nn.ModuleDict()
         self._full: FullPool | None = None
         self._full_key = None  # the parameters' storage the pool was built from
-        self.last_physical_ids: torch.Tensor | None = None  # [T, k] copies chosen in the last pass
+        # [T, k] copies chosen in the last forward (the one-call decode step, which routes natively, leaves it)
+        self.last_physical_ids: torch.Tensor | None = None
         self.apply_plan(ExpertPlan.default(self.num_experts))
 
     @property
