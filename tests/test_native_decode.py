@@ -48,20 +48,30 @@ def checked_runner(llm, monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
-def test_one_call_step_equals_the_per_op_path(family, tiny_mixtral, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, threads, cache_tokens", [
+    ("mixtral", 1, None), ("deepseek", 1, None),
+    ("mixtral", 2, None),  # the native matmuls split over threads
+    ("mixtral", 1, 28),    # a cache too small for all three: preempted and recomputed
+])
+def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tiny_mixtral, tmp_path, monkeypatch):
     # DeepSeek: a dense first layer, shared experts, no renormalisation (head_dim 16: the native
     # attention takes multiples of 8); Mixtral: renormalised top-2
     path = tiny_mixtral if family == "mixtral" else checkpoints.deepseek_moe(tmp_path, hidden_size=64)
     model = load_model(path, dtype="bfloat16")
-    llm = LLM(model, block_size=4)
+    llm = LLM(model, block_size=4, kv_cache_tokens=cache_tokens)
     taken = checked_runner(llm, monkeypatch)
-    # different lengths: steps with three, two and one sequence (one token: its own native path)
-    for p, n in zip(prompts([5, 13, 2]), (6, 10, 14)):
-        llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    while llm.has_unfinished():
-        llm.step()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # different lengths: steps with three, two and one sequence (one token: its own native path)
+        for p, n in zip(prompts([5, 13, 2]), (6, 10, 14)):
+            llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        torch.set_num_threads(threads_before)
     assert sum(taken) >= 12
+    assert (llm.scheduler.num_preemptions > 0) == (cache_tokens is not None)
 
 
 def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral, tiny_qwen3):

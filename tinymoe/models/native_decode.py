@@ -63,58 +63,70 @@ def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
     return True
 
 
+class _NotCovered(Exception):
+    pass
+
+
+def _at(t: torch.Tensor) -> int:
+    """The address the native step reads t at: a contiguous bf16 CPU tensor's."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+        raise _NotCovered
+    return t.data_ptr()
+
+
 def _dense(mlp: DenseMLP | None) -> dict:
     if mlp is None:
         return {}
-    return {"mlp_gate": mlp.gate_proj.weight.data_ptr(), "mlp_up": mlp.up_proj.weight.data_ptr(),
-            "mlp_down": mlp.down_proj.weight.data_ptr(), "mlp_I": mlp.gate_proj.weight.shape[0]}
+    return {"mlp_gate": _at(mlp.gate_proj.weight), "mlp_up": _at(mlp.up_proj.weight),
+            "mlp_down": _at(mlp.down_proj.weight), "mlp_I": mlp.gate_proj.weight.shape[0]}
 
 
 def _per_expert(stacked: torch.Tensor):
-    step = stacked[0].numel() * stacked.element_size()
-    return (_ptr * len(stacked))(*[stacked.data_ptr() + e * step for e in range(len(stacked))])
+    base, step = _at(stacked), stacked[0].numel() * stacked.element_size()
+    return (_ptr * len(stacked))(*[base + e * step for e in range(len(stacked))])
 
 
 def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
-    """The DecodeModel struct, and the ctypes arrays it points into (to be kept alive with it)."""
+    """The DecodeModel struct and the ctypes arrays it points into (to be kept alive with it);
+    raises _NotCovered when a tensor is not in the layout the native step reads."""
     cfg, keep = model.config, []
     layers = (DecodeLayer * cfg.num_layers)()
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        fields = {"attn_norm": layer.input_layernorm.weight.data_ptr(), "qkv": attn.qkv_weight().data_ptr(),
-                  "o": attn.o_proj.weight.data_ptr(), "mlp_norm": layer.post_attention_layernorm.weight.data_ptr(),
-                  "k_cache": k_cache[i].data_ptr(), "v_cache": v_cache[i].data_ptr()}
+        fields = {"attn_norm": _at(layer.input_layernorm.weight), "qkv": _at(attn.qkv_weight()),
+                  "o": _at(attn.o_proj.weight), "mlp_norm": _at(layer.post_attention_layernorm.weight),
+                  "k_cache": _at(k_cache[i]), "v_cache": _at(v_cache[i])}
         if isinstance(layer.mlp, MoEBlock):
             pool = layer.mlp.experts.full_pool()
             w13, w2 = _per_expert(pool.w13), _per_expert(pool.w2)
             keep += [w13, w2]
-            fields.update(gate=layer.mlp.gate.weight.data_ptr(), w13=ctypes.addressof(w13), w2=ctypes.addressof(w2),
+            fields.update(gate=_at(layer.mlp.gate.weight), w13=ctypes.addressof(w13), w2=ctypes.addressof(w2),
                           **_dense(layer.mlp.shared_experts))
         else:
             fields.update(_dense(layer.mlp))
         layers[i] = DecodeLayer(**fields)
     desc = DecodeModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                        cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, int(cfg.renormalize), k_cache.shape[2],
-                       model.model.norm.eps, scale, layers, model.model.norm.weight.data_ptr())
+                       model.model.norm.eps, scale, layers, _at(model.model.norm.weight))
     return desc, keep + [layers]
 
 
-# model -> (the tensors it reads, key, description, what that points into). The modules are
-# fixed after construction; their parameters may be replaced (loading, .to()), which changes
-# the key's pointers or dtypes and rebuilds the description.
+# model -> (the tensors it reads, key, description or None, what that points into). The modules
+# are fixed after construction; their parameters may be replaced (loading, .to()), which changes
+# the key's pointers, dtypes or strides and rebuilds the description.
 _described = weakref.WeakKeyDictionary()
 
 
 def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
-    weights = _described[model][0] if model in _described else _weights(model)
-    key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype, w.device.type) for w in weights])
     cached = _described.get(model)
+    weights = cached[0] if cached is not None else _weights(model)
+    key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
+           *[(w.data_ptr(), w.dtype, w.device.type, w.stride()) for w in weights])
     if cached is None or cached[1] != key:
-        if any(w.dtype != torch.bfloat16 or w.device.type != "cpu" for w in weights):
-            _described[model] = (weights, key, None)
-        else:
+        try:
             _described[model] = (weights, key, *_describe(model, k_cache, v_cache, scale))
+        except _NotCovered:
+            _described[model] = (weights, key, None)
     return _described[model][2]
 
 
