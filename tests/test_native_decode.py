@@ -49,14 +49,19 @@ def checked_runner(llm, monkeypatch):
 
 
 @pytest.mark.parametrize("family, threads, cache_tokens", [
-    ("mixtral", 1, None), ("deepseek", 1, None),
+    ("mixtral", 1, None), ("deepseek", 1, None), ("qwen3", 1, None),
     ("mixtral", 2, None),  # the native matmuls split over threads
     ("mixtral", 1, 28),    # a cache too small for all three: preempted and recomputed
 ])
-def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tiny_mixtral, tmp_path, monkeypatch):
-    # DeepSeek: a dense first layer, shared experts, no renormalisation (head_dim 16: the native
-    # attention takes multiples of 8); Mixtral: renormalised top-2
-    path = tiny_mixtral if family == "mixtral" else checkpoints.deepseek_moe(tmp_path, hidden_size=64)
+def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tiny_mixtral, tiny_qwen3, tmp_path,
+                                              monkeypatch):
+    # Mixtral: renormalised top-2; DeepSeek: a dense first layer, shared experts, no
+    # renormalisation (head_dim 16: the native attention takes multiples of 8); Qwen3: per-head
+    # q/k norms, a dense layer, top-3
+    if family == "deepseek":
+        path = checkpoints.deepseek_moe(tmp_path, hidden_size=64)
+    else:
+        path = {"mixtral": tiny_mixtral, "qwen3": tiny_qwen3}[family]
     model = load_model(path, dtype="bfloat16")
     llm = LLM(model, block_size=4, kv_cache_tokens=cache_tokens)
     taken = checked_runner(llm, monkeypatch)
@@ -74,14 +79,13 @@ def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tin
     assert (llm.scheduler.num_preemptions > 0) == (cache_tokens is not None)
 
 
-def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral, tiny_qwen3):
+def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral):
     fp32 = load_model(tiny_mixtral)
-    qwen3 = load_model(tiny_qwen3, dtype="bfloat16")  # q/k norms
     laser = load_model(tiny_mixtral, dtype="bfloat16")
     recorded = load_model(tiny_mixtral, dtype="bfloat16")
     LoadRecorder().attach(recorded)
     plain = load_model(tiny_mixtral, dtype="bfloat16")
-    for model, router, covered in ((fp32, "topk", False), (qwen3, "topk", False), (laser, "laser", False),
+    for model, router, covered in ((fp32, "topk", False), (laser, "laser", False),
                                    (recorded, "topk", False), (plain, "topk", True)):
         llm = LLM(model, router=router, block_size=4)
         assert native_decode.covers(model, llm.runner.cache.k) == covered

@@ -1,5 +1,5 @@
-// A whole decode step of a bf16 MoE transformer in one call: every layer's norms, fused q/k/v,
-// rotary, K/V store, paged attention, o projection, top-k routing and experts, then the final
+// A whole decode step of a bf16 MoE transformer in one call: every layer's norms, fused q/k/v
+// (with per-head q/k norms if the family has them), rotary, K/V store, paged attention, o projection, top-k routing and experts, then the final
 // norm. It chains the library's own ops (cpu_kernels.h) in the order and with the roundings of
 // `Transformer.hidden_states`, so it computes what the per-op path computes; what it removes is
 // the ~15 Python and torch calls per layer around them, ~10 ms of a ~37 ms batch-1 step that
@@ -20,6 +20,8 @@
 struct DecodeLayer {
     const uint16_t* attn_norm;   // [D]
     const uint16_t* qkv;         // [(H + 2 KV) hd, D]: q rows, then k, then v
+    const uint16_t* q_norm;      // [hd] per-head RMSNorm of q before RoPE (Qwen3), or null
+    const uint16_t* k_norm;      // [hd], with q_norm
     const uint16_t* o;           // [D, H hd]
     const uint16_t* mlp_norm;    // [D]
     uint16_t* k_cache;           // [blocks, block_size, KV, hd]
@@ -123,7 +125,16 @@ void decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const fl
             rms_norm_bf16(x, residual.data(), L.attn_norm, h.data(), residual.data(), N, D, M.eps);
         }
         linear_bf16(h.data(), 1, N, D, L.qkv, qkv_width, qkv.data(), 1, threads);
-        rotary_bf16(qkv.data(), qkv_width, qk.data(), N, H + KV, hd, cos, sin, N);
+        if (L.q_norm) {  // each head normalised, then rotated in place: as the per-op path
+            for (int64_t n = 0; n < N; n++) {
+                rms_norm_bf16(&qkv[n * qkv_width], nullptr, L.q_norm, &qk[n * qk_width], nullptr, H, hd, M.eps);
+                rms_norm_bf16(&qkv[n * qkv_width + H * hd], nullptr, L.k_norm, &qk[n * qk_width + H * hd], nullptr,
+                              KV, hd, M.eps);
+            }
+            rotary_bf16(qk.data(), qk_width, qk.data(), N, H + KV, hd, cos, sin, N);
+        } else {
+            rotary_bf16(qkv.data(), qkv_width, qk.data(), N, H + KV, hd, cos, sin, N);
+        }
         store_kv_bf16(qk.data() + H * hd, qk_width, qkv.data() + qk_width, qkv_width, L.k_cache, L.v_cache, slots,
                       N, KV * hd);
         paged_decode_bf16(qk.data(), qk_width, L.k_cache, L.v_cache, tables, W, lens, N, H, KV, hd, M.block_size,

@@ -39,7 +39,8 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* 
 }
 
 // Rotate-half RoPE on `heads` heads of head_dim `hd` per row: row r of x is at x + r * stride,
-// of out at out + r * heads * hd, and uses cos/sin row r % T ([T, hd / 2] fp32). a*b - c*d is
+// of out at out + r * heads * hd (out may be x when stride is heads * hd), and uses cos/sin
+// row r % T ([T, hd / 2] fp32). a*b - c*d is
 // not contracted to an FMA (-ffp-contract=off, native.py), so it rounds as the twin does.
 void rotary_bf16(const uint16_t* x, int64_t stride, uint16_t* out, int64_t rows, int64_t heads, int64_t hd,
                  const float* cos, const float* sin, int64_t T) {

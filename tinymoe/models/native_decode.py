@@ -4,7 +4,7 @@ caller runs `Transformer.hidden_states`. Same arithmetic as that path (it chains
 native ops); what it saves is the Python and torch glue between them, a quarter of a batch-1
 step (docs/DESIGN.md, "One-call decode").
 
-Covered: bf16 weights on the CPU with the native library, no q/k norm (Mixtral, DeepSeek-MoE),
+Covered: bf16 weights on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE),
 linear gates with the model's own top-k router, the default expert plan, no load recorder.
 `TINYMOE_NATIVE_STEP=0` turns it off (for A/B runs)."""
 import ctypes
@@ -21,9 +21,9 @@ _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class DecodeLayer(ctypes.Structure):  # mirrors cpu_decode.cpp
-    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("o", _ptr), ("mlp_norm", _ptr), ("k_cache", _ptr),
-                ("v_cache", _ptr), ("gate", _ptr), ("w13", _ptr), ("w2", _ptr), ("mlp_gate", _ptr),
-                ("mlp_up", _ptr), ("mlp_down", _ptr), ("mlp_I", _i64)]
+    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("o", _ptr),
+                ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("gate", _ptr), ("w13", _ptr),
+                ("w2", _ptr), ("mlp_gate", _ptr), ("mlp_up", _ptr), ("mlp_down", _ptr), ("mlp_I", _i64)]
 
 
 class DecodeModel(ctypes.Structure):
@@ -39,6 +39,8 @@ def _weights(model: Transformer) -> list[torch.Tensor]:
         attn, mlp = layer.self_attn, layer.mlp
         out += [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                 attn.o_proj.weight, layer.post_attention_layernorm.weight]
+        if attn.qk_norm:
+            out += [attn.q_norm.weight, attn.k_norm.weight]
         if isinstance(mlp, MoEBlock):
             out += [mlp.gate.weight, mlp.experts.w_gate, mlp.experts.w_up, mlp.experts.w_down]
             mlp = mlp.shared_experts
@@ -50,7 +52,7 @@ def _weights(model: Transformer) -> list[torch.Tensor]:
 def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
     """Can the one-call step run this model, as it is configured now, on this cache?"""
     cfg = model.config
-    if os.environ.get("TINYMOE_NATIVE_STEP", "1") == "0" or native() is None or cfg.qk_norm:
+    if os.environ.get("TINYMOE_NATIVE_STEP", "1") == "0" or native() is None:
         return False
     if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or cfg.head_dim % 8 or cfg.head_dim > 256:
         return False
@@ -96,6 +98,8 @@ def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         fields = {"attn_norm": _at(layer.input_layernorm.weight), "qkv": _at(attn.qkv_weight()),
                   "o": _at(attn.o_proj.weight), "mlp_norm": _at(layer.post_attention_layernorm.weight),
                   "k_cache": _at(k_cache[i]), "v_cache": _at(v_cache[i])}
+        if attn.qk_norm:
+            fields.update(q_norm=_at(attn.q_norm.weight), k_norm=_at(attn.k_norm.weight))
         if isinstance(layer.mlp, MoEBlock):
             pool = layer.mlp.experts.full_pool()
             w13, w2 = _per_expert(pool.w13), _per_expert(pool.w2)
