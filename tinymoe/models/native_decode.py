@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from ..kernels.cpu_linear import NATIVE_MAX_ROWS_WITH_BF16, native_bf16
 from ..kernels.native import native
 from ..routing.topk import TopK
 from .transformer import DenseMLP, Linear, MoEBlock, Transformer
@@ -141,8 +142,8 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
     """N decode tokens, one per sequence: input_ids and positions [N], caches
     [layers, blocks, block_size, KV, hd], slot_mapping [N] (int64), block_tables [N, W] and
     context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
-    if not covers(model, k_cache):
-        return None
+    if not covers(model, k_cache) or (native_bf16() and len(input_ids) > NATIVE_MAX_ROWS_WITH_BF16):
+        return None  # (with bf16 instructions, torch's GEMM takes the projections of larger batches)
     desc = _description(model, k_cache, v_cache, scale)
     if desc is None:
         return None
