@@ -83,8 +83,10 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 @needs_native
-@pytest.mark.parametrize("T,I,D", [(1, 40, 48), (1, 256, 64), (7, 40, 48), (20, 256, 64)])
-def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D):
+# up to 64 tokens the copies share one parallel region, beyond it they run one after another
+@pytest.mark.parametrize("T,I,D,threads", [(1, 40, 48, 1), (1, 256, 64, 1), (7, 40, 48, 1), (20, 256, 64, 1),
+                                           (20, 256, 64, 2), (80, 40, 48, 1)])
+def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads):
     import tinymoe.experts.experts as experts_module
     from tinymoe.experts import Experts
     from tinymoe.experts.plan import Copy, ExpertPlan
@@ -99,7 +101,12 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D):
     calls = []
     native_call = experts_module.moe
     monkeypatch.setattr(experts_module, "moe", lambda *a: calls.append(1) or native_call(*a))
-    fused = experts(x, ids, weights)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = experts(x, ids, weights)
+    finally:
+        torch.set_num_threads(threads_before)
     phys = experts.last_physical_ids
     monkeypatch.setattr(experts_module, "moe", lambda *a: None)  # the per-copy torch path
     monkeypatch.setattr(experts, "physical_ids", lambda _: phys)  # replicas: the same copies again

@@ -149,55 +149,73 @@ static void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, f
 constexpr int MCHUNK = 64;                  // activation rows per pass over a block of weight rows
 constexpr int64_t SERIAL_BELOW = 1 << 20;  // multiply-adds: less runs on the calling thread
 
+// Weight rows [b R, b R + R) of y = x w^T for all M activation rows (x fp32, permuted): one unit
+// of a linear()'s work, also scheduled by moe_tokens.
 template <int R, int MB, int U, typename W>
-static void linear(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
-                   void* y, int out_bf16, int threads) {
-    const int64_t blocks = (N + R - 1) / R;
-    // Chunks of ~256 KB of weights taken in turn: a worker OpenMP wakes late takes fewer
-    // (static halves leave the other thread idle), and each chunk is still one long stream.
-    const int64_t chunk = std::max<int64_t>(1, (256 << 10) / (R * K * int64_t(sizeof(W))));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * R;
-        float acc[R * MCHUNK];
-        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
-            const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
-            const float* xm = x + m0 * K;
-            if (n0 + R <= N) {
-                rows<R, MB, U>(xm, mc, K, w, n0, acc);
-            } else {
-                for (int64_t n = n0; n < N; n++) rows<1, MB, U>(xm, mc, K, w, n, acc + (n - n0) * mc);
-            }
-            for (int64_t n = n0; n < N && n < n0 + R; n++) {
-                const float s = scale ? scalar(scale[n]) : 1.f;
-                for (int64_t j = 0; j < mc; j++) {
-                    const float v = acc[(n - n0) * mc + j] * s;
-                    const int64_t at = (m0 + j) * N + n;
-                    if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
-                    else static_cast<float*>(y)[at] = v;
-                }
+static void block(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N, void* y,
+                  int out_bf16, int64_t b) {
+    const int64_t n0 = b * R;
+    float acc[R * MCHUNK];
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
+        const float* xm = x + m0 * K;
+        if (n0 + R <= N) {
+            rows<R, MB, U>(xm, mc, K, w, n0, acc);
+        } else {
+            for (int64_t n = n0; n < N; n++) rows<1, MB, U>(xm, mc, K, w, n, acc + (n - n0) * mc);
+        }
+        for (int64_t n = n0; n < N && n < n0 + R; n++) {
+            const float s = scale ? scalar(scale[n]) : 1.f;
+            for (int64_t j = 0; j < mc; j++) {
+                const float v = acc[(n - n0) * mc + j] * s;
+                const int64_t at = (m0 + j) * N + n;
+                if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
+                else static_cast<float*>(y)[at] = v;
             }
         }
     }
 }
 
-// Few activation rows: bandwidth-bound, so one weight row at a time (one stream for the
-// prefetcher) feeding all of them, with several k chains. Many: compute-bound, so tiles of
-// 3 weight rows x 4 activation rows. Small weights run on the calling thread: waking torch's
-// OpenMP workers costs more than they save.
+// The tile shape for M activation rows. Few rows: bandwidth-bound, so one weight row at a time
+// (one stream for the prefetcher) feeding all of them, with several k chains. Many:
+// compute-bound, so tiles of 3 weight rows x 4 activation rows.
+static inline int64_t rows_per_block(int64_t M) { return M >= 4 ? 3 : 1; }
+
 template <typename W>
-static void run(const void* x, int x_bf16, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
-                void* y, int out_bf16, int threads) {
-    std::vector<float> xp(M * K);  // fp32, permuted to meet split()'s lanes
+static void block_for(const float* x, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N, void* y,
+                      int out_bf16, int64_t b) {
+    if (M == 1) block<1, 1, 2>(x, M, K, w, scale, N, y, out_bf16, b);
+    else if (M == 2) block<1, 2, 2>(x, M, K, w, scale, N, y, out_bf16, b);
+    else if (M == 3) block<1, 3, 2>(x, M, K, w, scale, N, y, out_bf16, b);
+    else block<3, 4, 1>(x, M, K, w, scale, N, y, out_bf16, b);
+}
+
+// Blocks per ~256 KB of weights: work taken in turn, so a worker OpenMP wakes late takes fewer
+// (static halves leave the other thread idle), and each is still one long stream.
+template <typename W>
+static int64_t blocks_per_chunk(int64_t M, int64_t K) {
+    return std::max<int64_t>(1, (256 << 10) / (rows_per_block(M) * K * int64_t(sizeof(W))));
+}
+
+// fp32 copy of M rows of x (bf16 or fp32), permuted to meet split()'s lanes.
+template <typename W>
+static void permute_rows(const void* x, int x_bf16, int64_t M, int64_t K, float* xp) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++)
             xp[m * K + permuted((W*)nullptr, k, K)] =
                 x_bf16 ? scalar(static_cast<const uint16_t*>(x)[m * K + k]) : static_cast<const float*>(x)[m * K + k];
+}
+
+// Small weights run on the calling thread: waking torch's OpenMP workers costs more than they save.
+template <typename W>
+static void run(const void* x, int x_bf16, int64_t M, int64_t K, const W* w, const uint16_t* scale, int64_t N,
+                void* y, int out_bf16, int threads) {
+    std::vector<float> xp(M * K);
+    permute_rows<W>(x, x_bf16, M, K, xp.data());
     if (M * N * K < SERIAL_BELOW) threads = 1;
-    if (M == 1) linear<1, 1, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
-    else if (M == 2) linear<1, 2, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
-    else if (M == 3) linear<1, 3, 2>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
-    else linear<3, 4, 1>(xp.data(), M, K, w, scale, N, y, out_bf16, threads);
+    const int64_t blocks = (N + rows_per_block(M) - 1) / rows_per_block(M);
+#pragma omp parallel for schedule(dynamic, blocks_per_chunk<W>(M, K)) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) block_for(xp.data(), M, K, w, scale, N, y, out_bf16, b);
 }
 
 // One token through k SwiGLU experts (bf16 weights): out = sum over e, in order, of
@@ -230,28 +248,108 @@ static void moe_token(const float* x, int64_t D, int64_t I, int64_t k, const uin
     }
 }
 
+// The copies' SwiGLU MLPs over their gathered rows in one parallel region (three work-shared
+// loops: gate/up blocks of every copy, SwiGLU, down blocks), each block computed as run() would:
+// for decode batches, where one region per matmul costs more than the matmuls' imbalance.
+// xs[c]: copy c's n[c] rows (bf16, [n, D]); y[c] gets its [n, D] outputs (bf16).
+static void copies_one_region(const std::vector<const uint16_t*>& xs, const std::vector<int64_t>& n, int64_t D,
+                              int64_t I, const uint16_t* const* w13, const uint16_t* const* w2,
+                              const std::vector<int64_t>& copy, std::vector<std::vector<uint16_t>>& y,
+                              int threads) {
+    const int64_t A = copy.size();  // active copies
+    std::vector<std::vector<float>> xp(A), ap(A);
+    std::vector<std::vector<uint16_t>> h(A);
+    struct Item { int64_t a, b0, b1; };
+    std::vector<Item> up, down;  // ~256 KB of one copy's weight rows each
+    int64_t work = 0;
+    for (int64_t a = 0; a < A; a++) {
+        xp[a].resize(n[a] * D);
+        permute_rows<uint16_t>(xs[a], 1, n[a], D, xp[a].data());
+        h[a].resize(n[a] * 2 * I);
+        ap[a].resize(n[a] * I);
+        y[a].resize(n[a] * D);
+        const int64_t R = rows_per_block(n[a]);
+        for (int64_t b = 0, nb = (2 * I + R - 1) / R, ch = blocks_per_chunk<uint16_t>(n[a], D); b < nb; b += ch)
+            up.push_back({a, b, std::min(nb, b + ch)});
+        for (int64_t b = 0, nb = (D + R - 1) / R, ch = blocks_per_chunk<uint16_t>(n[a], I); b < nb; b += ch)
+            down.push_back({a, b, std::min(nb, b + ch)});
+        work += n[a] * 3 * I * D;
+    }
+    if (work < SERIAL_BELOW) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic)
+        for (size_t i = 0; i < up.size(); i++) {
+            const Item& it = up[i];
+            for (int64_t b = it.b0; b < it.b1; b++)
+                block_for(xp[it.a].data(), n[it.a], D, w13[copy[it.a]], (const uint16_t*)nullptr, 2 * I,
+                          h[it.a].data(), 1, b);
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t a = 0; a < A; a++) {
+            std::vector<uint16_t> act(I);
+            for (int64_t j = 0; j < n[a]; j++) {
+                swiglu_row(&h[a][j * 2 * I], &h[a][j * 2 * I + I], act.data(), I);
+                permute_rows<uint16_t>(act.data(), 1, 1, I, &ap[a][j * I]);
+            }
+        }
+#pragma omp for schedule(dynamic)
+        for (size_t i = 0; i < down.size(); i++) {
+            const Item& it = down[i];
+            for (int64_t b = it.b0; b < it.b1; b++)
+                block_for(ap[it.a].data(), n[it.a], I, w2[copy[it.a]], (const uint16_t*)nullptr, D,
+                          y[it.a].data(), 1, b);
+        }
+    }
+}
+
+constexpr int64_t ONE_REGION_TOKENS = 64;  // up to this many tokens (decode batches)
+
 // T tokens through their k experts each (ids [T, k] index the copies' w13/w2 pointers):
 // per copy, its tokens' rows gathered in order, the two matmuls with SwiGLU between, each
 // result times its weight; then each token's contributions added in (copy, slot) order,
 // rounded after each add. The same arithmetic as `Experts`' per-copy torch loop (index_add_
-// of the weighted rows), without its ~15 torch ops a copy.
+// of the weighted rows), without its ~15 torch ops a copy. Decode batches run all copies in one
+// parallel region; larger ones (prefill: compute-bound, and all copies' buffers at once would
+// be large) one copy after another.
 static void moe_tokens(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
                        const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
                        uint16_t* out, int threads) {
     std::vector<std::vector<int64_t>> rows(C);  // flat (token, slot) indices per copy, ascending
     for (int64_t f = 0; f < T * k; f++) rows[ids[f]].push_back(f);
     std::vector<uint16_t> ys(T * k * D);
-    for (int64_t c = 0; c < C; c++) {
-        const int64_t n = rows[c].size();
-        if (!n) continue;
-        std::vector<uint16_t> xs(n * D), h(n * 2 * I), act(n * I), y(n * D);
-        for (int64_t j = 0; j < n; j++) std::memcpy(&xs[j * D], x + rows[c][j] / k * D, D * 2);
-        run(xs.data(), 1, n, D, w13[c], (const uint16_t*)nullptr, 2 * I, h.data(), 1, threads);
-        for (int64_t j = 0; j < n; j++) swiglu_row(&h[j * 2 * I], &h[j * 2 * I + I], &act[j * I], I);
-        run(act.data(), 1, n, I, w2[c], (const uint16_t*)nullptr, D, y.data(), 1, threads);
-        for (int64_t j = 0; j < n; j++) {
+    auto weigh = [&](int64_t c, const uint16_t* y) {  // copy c's outputs times their weights
+        for (size_t j = 0; j < rows[c].size(); j++) {
             const float w = weights[rows[c][j]];
             for (int64_t d = 0; d < D; d++) ys[rows[c][j] * D + d] = to_bf(bf(y[j * D + d]) * w);
+        }
+    };
+    std::vector<std::vector<uint16_t>> gathered(C);
+    for (int64_t c = 0; c < C; c++) {
+        gathered[c].resize(rows[c].size() * D);
+        for (size_t j = 0; j < rows[c].size(); j++) std::memcpy(&gathered[c][j * D], x + rows[c][j] / k * D, D * 2);
+    }
+    if (T <= ONE_REGION_TOKENS) {
+        std::vector<const uint16_t*> xs;
+        std::vector<int64_t> n, copy;
+        for (int64_t c = 0; c < C; c++)
+            if (!rows[c].empty()) {
+                xs.push_back(gathered[c].data());
+                n.push_back(rows[c].size());
+                copy.push_back(c);
+            }
+        std::vector<std::vector<uint16_t>> y(copy.size());
+        copies_one_region(xs, n, D, I, w13, w2, copy, y, threads);
+        for (size_t a = 0; a < copy.size(); a++) weigh(copy[a], y[a].data());
+    } else {
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t n = rows[c].size();
+            if (!n) continue;
+            std::vector<uint16_t> h(n * 2 * I), act(n * I), y(n * D);
+            run(gathered[c].data(), 1, n, D, w13[c], (const uint16_t*)nullptr, 2 * I, h.data(), 1, threads);
+            for (int64_t j = 0; j < n; j++) swiglu_row(&h[j * 2 * I], &h[j * 2 * I + I], &act[j * I], I);
+            run(act.data(), 1, n, I, w2[c], (const uint16_t*)nullptr, D, y.data(), 1, threads);
+            weigh(c, y.data());
         }
     }
     std::vector<float> acc(T * D, 0.f);
