@@ -74,7 +74,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Te
     weights[t, s] * w2[c] . swiglu(w13[c] . x_t), c = rows[ids[t, s]] (identity without `rows`),
     rounded exactly where the per-copy torch path rounds. w13 [C, 2I, D] (gate rows, then up
     rows) and w2 [C, D, I] bf16; ids int64 [T, k]; weights [T, k], rounded to bf16 here. One
-    native call (one parallel region for a single token); None when the library cannot take it
+    native call (one parallel region up to 64 tokens); None when the library cannot take it
     (the caller then runs its torch path)."""
     T, D = x.shape
     if (native() is None or x.device.type != "cpu" or
