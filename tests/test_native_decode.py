@@ -7,6 +7,7 @@ import torch
 import tinymoe.engine.model_runner as model_runner
 from tinymoe import load_model
 from tinymoe.engine import LLM, SamplingParams
+from tinymoe.experts.plan import Copy, ExpertPlan
 from tinymoe.kernels.native import native
 from tinymoe.models import native_decode
 from tinymoe.routing.metrics import LoadRecorder
@@ -48,6 +49,20 @@ def checked_runner(llm, monkeypatch):
     return taken
 
 
+def run_three(llm, threads=1):
+    """Three requests of different lengths: steps with three, two and one sequence (one token
+    has its own native path)."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for p, n in zip(prompts([5, 13, 2]), (6, 10, 14)):
+            llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 @pytest.mark.parametrize("family, threads, cache_tokens", [
     ("mixtral", 1, None), ("deepseek", 1, None), ("qwen3", 1, None),
     ("mixtral", 2, None),  # the native matmuls split over threads
@@ -65,29 +80,79 @@ def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tin
     model = load_model(path, dtype="bfloat16")
     llm = LLM(model, block_size=4, kv_cache_tokens=cache_tokens)
     taken = checked_runner(llm, monkeypatch)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        # different lengths: steps with three, two and one sequence (one token: its own native path)
-        for p, n in zip(prompts([5, 13, 2]), (6, 10, 14)):
-            llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        while llm.has_unfinished():
-            llm.step()
-    finally:
-        torch.set_num_threads(threads_before)
+    run_three(llm, threads)
+    assert all(native_decode._routing(b) == native_decode.ROUTE_TOPK for b in model.moe_blocks())
     assert sum(taken) >= 12
     assert (llm.scheduler.num_preemptions > 0) == (cache_tokens is not None)
 
 
+def full_replicas(model):
+    """Every expert once plus full-precision replicas of experts 0 and 2: copies picked per token."""
+    for block in model.moe_blocks():
+        E = block.experts.num_experts
+        block.experts.apply_plan(ExpertPlan([Copy(e, "full") for e in range(E)] + [Copy(0, "full"), Copy(2, "full")]))
+
+
+@pytest.mark.parametrize("setup", ["laser", "balanced", "recorder", "replicas", "prototype gate"])
+def test_other_routing_is_called_back_and_equals_the_per_op_path(setup, tiny_mixtral, monkeypatch):
+    model = load_model("tiny-lpr" if setup == "prototype gate" else tiny_mixtral, dtype="bfloat16")
+    llm = LLM(model, router=setup if setup in ("laser", "balanced") else "topk", block_size=4)
+    recorder = LoadRecorder().attach(model) if setup == "recorder" else None
+    chosen = []
+    if setup == "replicas":
+        full_replicas(model)
+        for block in model.moe_blocks():
+            def recorded(ids, pick=block.experts.physical_ids):
+                chosen.append(pick(ids))
+                return chosen[-1]
+            monkeypatch.setattr(block.experts, "physical_ids", recorded)
+    taken = checked_runner(llm, monkeypatch)
+    run_three(llm)
+    if setup == "replicas":  # replicas were chosen, and their pointers led to the right weights
+        assert any(int(c.max()) >= model.config.num_experts for c in chosen)
+    assert all(native_decode._routing(b) == native_decode.ROUTE_CALLBACK for b in model.moe_blocks())
+    assert sum(taken) >= 12
+    if recorder is not None:  # each step recorded by both paths: per-op first, then the native step
+        decode_passes = len(recorder.passes["run"][model.moe_blocks()[0].ctx.layer])
+        assert decode_passes >= 2 * 12
+
+
+def test_a_router_error_surfaces_from_the_native_step(tiny_mixtral):
+    model = load_model(tiny_mixtral, dtype="bfloat16")
+    llm = LLM(model, router="balanced", block_size=4)
+    llm.generate(prompts([4]), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # prefill + decode fine
+    block = model.moe_blocks()[1]
+
+    def failing(logits, hidden, ctx):
+        raise RuntimeError("router failed")
+    block.router.route = failing
+    with pytest.raises(RuntimeError, match="router failed"):
+        llm.generate(prompts([4]), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    llm = LLM(model, router="balanced", block_size=4)
+    balanced = block.router.route
+    prefill_done = []
+
+    def out_of_range(logits, hidden, ctx):
+        ids, weights = balanced(logits, hidden, ctx)
+        if prefill_done:  # decode steps: a copy the plan does not have
+            ids = ids + ctx.rule.num_experts
+        prefill_done.append(1)
+        return ids, weights
+    block.router.route = out_of_range
+    with pytest.raises(ValueError, match="outside its layer's plan"):
+        llm.generate(prompts([4]), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+
+
 def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral):
     fp32 = load_model(tiny_mixtral)
-    laser = load_model(tiny_mixtral, dtype="bfloat16")
-    recorded = load_model(tiny_mixtral, dtype="bfloat16")
-    LoadRecorder().attach(recorded)
+    quantised = load_model(tiny_mixtral, dtype="bfloat16")
     plain = load_model(tiny_mixtral, dtype="bfloat16")
-    for model, router, covered in ((fp32, "topk", False), (laser, "laser", False),
-                                   (recorded, "topk", False), (plain, "topk", True)):
-        llm = LLM(model, router=router, block_size=4)
+    for model, covered in ((fp32, False), (quantised, False), (plain, True)):
+        llm = LLM(model, block_size=4)
+        if model is quantised:  # int8 copies run per copy, outside the one-call step
+            for block in model.moe_blocks():
+                E = block.experts.num_experts
+                block.experts.apply_plan(ExpertPlan([Copy(e, "int8" if e == 1 else "full") for e in range(E)]))
         assert native_decode.covers(model, llm.runner.cache.k) == covered
         out = llm.generate(prompts([7]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
         assert len(out.token_ids) == 4

@@ -34,7 +34,7 @@ class Experts(nn.Module):
         self.quantised = nn.ModuleDict()
         self._full: FullPool | None = None
         self._full_key = None  # the parameters' storage the pool was built from
-        # [T, k] copies chosen in the last forward (the one-call decode step, which routes natively, leaves it)
+        # [T, k] copies chosen in the last forward (the one-call decode step's native top-k leaves it)
         self.last_physical_ids: torch.Tensor | None = None
         self.apply_plan(ExpertPlan.default(self.num_experts))
 
@@ -50,6 +50,11 @@ class Experts(nn.Module):
     def one_full_copy_each(self) -> bool:
         """Is every expert served by exactly its own full-precision weights (the default plan)?"""
         return self._identity
+
+    @property
+    def full_copy_rows(self) -> list[int] | None:
+        """When every copy is full precision: each copy's expert row in the full pool; else None."""
+        return self._full_rows
 
     def apply_plan(self, plan: ExpertPlan) -> None:
         """Serve the router's logical experts from the plan's physical copies."""

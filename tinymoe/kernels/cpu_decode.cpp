@@ -1,10 +1,11 @@
 // A whole decode step of a bf16 MoE transformer in one call: every layer's norms, fused q/k/v
-// (with per-head q/k norms if the family has them), rotary, K/V store, paged attention, o projection, top-k routing and experts, then the final
-// norm. It chains the library's own ops (cpu_kernels.h) in the order and with the roundings of
-// `Transformer.hidden_states`, so it computes what the per-op path computes; what it removes is
-// the ~15 Python and torch calls per layer around them, ~10 ms of a ~37 ms batch-1 step that
-// reads ~460 MB of weights (docs/DESIGN.md, "One-call decode"). models/native_decode.py
-// decides which models and batches take it.
+// (with per-head q/k norms if the family has them), rotary, K/V store, paged attention, o
+// projection, routing (the family's top-k here, or any router through a callback into Python)
+// and experts, then the final norm. It chains the library's own ops (cpu_kernels.h) in the order
+// and with the roundings of `Transformer.hidden_states`, so it computes what the per-op path
+// computes; what it removes is the ~15 Python and torch calls per layer around them, ~10 ms of a
+// ~37 ms batch-1 step that reads ~460 MB of weights (docs/DESIGN.md, "One-call decode").
+// models/native_decode.py decides which models and batches take it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,9 +15,11 @@
 #include "cpu_kernels.h"
 #include "cpu_simd.h"
 
-// One decoder layer's weights and cache. A MoE layer has `gate` (the router's [E, D] matrix) and
-// its experts' per-expert pointers; a dense layer has gate = null. `mlp_*` is the dense MLP of a
-// dense layer or the shared experts of a MoE layer (null: none).
+// One decoder layer's weights and cache. A MoE layer routes here (ROUTE_TOPK: the family's gate
+// `gate` [E, D], with its top-k) or in Python (ROUTE_CALLBACK: DecodeModel::route picks the
+// copies), and has its expert copies' pointers; a dense layer has neither. `mlp_*` is the dense
+// MLP of a dense layer or the shared experts of a MoE layer (null: none).
+enum Routing : int64_t { DENSE = 0, ROUTE_TOPK = 1, ROUTE_CALLBACK = 2 };
 struct DecodeLayer {
     const uint16_t* attn_norm;   // [D]
     const uint16_t* qkv;         // [(H + 2 KV) hd, D]: q rows, then k, then v
@@ -26,13 +29,25 @@ struct DecodeLayer {
     const uint16_t* mlp_norm;    // [D]
     uint16_t* k_cache;           // [blocks, block_size, KV, hd]
     uint16_t* v_cache;
-    const uint16_t* gate;        // [E, D] or null
-    const uint16_t* const* w13;  // E pointers to [2I, D] (gate rows, then up rows)
-    const uint16_t* const* w2;   // E pointers to [D, I]
+    int64_t routing;             // Routing
+    const uint16_t* gate;        // [E, D] (ROUTE_TOPK)
+    const uint16_t* const* w13;  // per expert copy, [2I, D] (gate rows, then up rows)
+    const uint16_t* const* w2;   // per expert copy, [D, I]
+    int64_t copies;
     const uint16_t* mlp_gate;    // [Im, D] or null
     const uint16_t* mlp_up;      // [Im, D]
     const uint16_t* mlp_down;    // [D, Im]
     int64_t mlp_I;
+};
+
+// A ROUTE_CALLBACK layer's routing: the step copies the layer's normalised hidden states [N, D]
+// to RouteBuffers::hidden, calls route(layer), which writes the chosen copies [N, k] and their
+// weights (bf16 values) to ids and weights; nonzero: it failed (the step stops).
+typedef int (*RouteFn)(int64_t layer);
+struct RouteBuffers {
+    uint16_t* hidden;
+    int64_t* ids;
+    float* weights;
 };
 
 struct DecodeModel {
@@ -40,7 +55,11 @@ struct DecodeModel {
     float eps, scale;
     const DecodeLayer* layers;
     const uint16_t* final_norm;  // [D]
+    RouteFn route;               // for ROUTE_CALLBACK layers
 };
+
+// What decode_step_bf16 returns.
+enum Status : int { OK = 0, ROUTE_FAILED = 1, COPY_OUT_OF_RANGE = 2 };
 
 // The family's gate on one token, as GateRule computes it: fp32 softmax of the bf16 logits,
 // the top k (the lower expert on a tie), their probabilities (renormalised if the family does),
@@ -75,14 +94,25 @@ static void dense_mlp(const DecodeLayer& L, const uint16_t* x, int64_t N, int64_
     linear_bf16(act.data(), 1, N, I, L.mlp_down, D, y, 1, threads);
 }
 
-// The routed experts (+ shared experts) of N tokens h [N, D] into y [N, D].
-static void moe(const DecodeModel& M, const DecodeLayer& L, const uint16_t* h, int64_t N, uint16_t* y, int threads) {
+// The routed experts (+ shared experts) of N tokens h [N, D] of layer l into y [N, D].
+static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N, const RouteBuffers& buffers,
+                  uint16_t* y, int threads) {
+    const DecodeLayer& L = M.layers[l];
     const int64_t D = M.D, E = M.E, k = M.top_k;
-    std::vector<uint16_t> logits(N * E);
     std::vector<int64_t> ids(N * k);
     std::vector<float> w(N * k);
-    linear_bf16(h, 1, N, D, L.gate, E, logits.data(), 1, threads);
-    for (int64_t n = 0; n < N; n++) route_topk(&logits[n * E], E, k, M.renormalize, &ids[n * k], &w[n * k]);
+    if (L.routing == ROUTE_TOPK) {
+        std::vector<uint16_t> logits(N * E);
+        linear_bf16(h, 1, N, D, L.gate, E, logits.data(), 1, threads);
+        for (int64_t n = 0; n < N; n++) route_topk(&logits[n * E], E, k, M.renormalize, &ids[n * k], &w[n * k]);
+    } else {
+        std::memcpy(buffers.hidden, h, N * D * 2);
+        if (M.route(l) != 0) return ROUTE_FAILED;
+        std::memcpy(ids.data(), buffers.ids, N * k * 8);
+        std::memcpy(w.data(), buffers.weights, N * k * 4);
+        for (const int64_t c : ids)
+            if (c < 0 || c >= L.copies) return COPY_OUT_OF_RANGE;  // the pointers below are indexed unchecked
+    }
     if (N == 1) {  // the token's experts in ascending order: the order the per-expert path adds them
         std::vector<int64_t> order(k);
         for (int64_t j = 0; j < k; j++) order[j] = j;
@@ -96,23 +126,24 @@ static void moe(const DecodeModel& M, const DecodeLayer& L, const uint16_t* h, i
         }
         moe_token_bf16(h, D, M.I, k, w13.data(), w2.data(), ws.data(), y, threads);
     } else {
-        moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), E, L.w13, L.w2, y, threads);
+        moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), L.copies, L.w13, L.w2, y, threads);
     }
     if (L.mlp_gate) {
         std::vector<uint16_t> shared(N * D);
         dense_mlp(L, h, N, D, shared.data(), threads);
         for (int64_t i = 0; i < N * D; i++) y[i] = to_bf(bf(y[i]) + bf(shared[i]));
     }
+    return OK;
 }
 
 extern "C" {
 // N tokens, one per sequence, each at the end of its sequence: x [N, D] their embeddings
 // (overwritten), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
 // K/V go to, tables [N, W] and lens [N] (each sequence's length including the new token) for
-// attention. out [N, D]: the final norm's output.
-void decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
-                      const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
-                      int threads) {
+// attention. out [N, D]: the final norm's output. `buffers` serve ROUTE_CALLBACK layers (N rows).
+int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
+                     const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
+                     const RouteBuffers* buffers, int threads) {
     const DecodeModel& M = *model;
     const int64_t D = M.D, H = M.H, KV = M.KV, hd = M.hd, qkv_width = (H + 2 * KV) * hd, qk_width = (H + KV) * hd;
     std::vector<uint16_t> h(N * D), residual(N * D), qkv(N * qkv_width), qk(N * qk_width), attn(N * H * hd);
@@ -141,9 +172,14 @@ void decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const fl
                           M.scale, attn.data(), threads);
         linear_bf16(attn.data(), 1, N, H * hd, L.o, D, x, 1, threads);
         rms_norm_bf16(x, residual.data(), L.mlp_norm, h.data(), residual.data(), N, D, M.eps);
-        if (L.gate) moe(M, L, h.data(), N, x, threads);
-        else dense_mlp(L, h.data(), N, D, x, threads);
+        if (L.routing == DENSE) {
+            dense_mlp(L, h.data(), N, D, x, threads);
+        } else {
+            const Status status = moe(M, l, h.data(), N, *buffers, x, threads);
+            if (status != OK) return status;
+        }
     }
     rms_norm_bf16(x, residual.data(), M.final_norm, out, residual.data(), N, D, M.eps);
+    return OK;
 }
 }

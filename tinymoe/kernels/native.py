@@ -37,7 +37,7 @@ SIGNATURES = {
     "swiglu_bf16": [_ptr, _ptr, _i64, _i64],
     "store_kv_bf16": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],
     "paged_decode_bf16": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i32],
-    "decode_step_bf16": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i32],
+    "decode_step_bf16": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32],
 }
 
 

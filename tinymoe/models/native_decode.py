@@ -1,12 +1,14 @@
 """The one-call decode step: every layer of a decode batch in one native call
-(`kernels/cpu_decode.cpp`), for the models and routers it covers; None otherwise, and the
-caller runs `Transformer.hidden_states`. Same arithmetic as that path (it chains the same
-native ops); what it saves is the Python and torch glue between them, a quarter of a batch-1
-step (docs/DESIGN.md, "One-call decode").
+(`kernels/cpu_decode.cpp`), for the models it covers; None otherwise, and the caller runs
+`Transformer.hidden_states`. Same arithmetic as that path (it chains the same native ops); what
+it saves is the Python and torch glue between them, a quarter of a batch-1 step (docs/DESIGN.md,
+"One-call decode").
 
-Covered: bf16 weights on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE),
-linear gates with the model's own top-k router, the default expert plan, no load recorder.
-`TINYMOE_NATIVE_STEP=0` turns it off (for A/B runs)."""
+Covered: bf16 weights on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE)
+whose expert copies are all full precision. A layer with a linear gate, the `topk` router, the
+default plan and no recorder routes natively; any other router, gate, plan or a recorder is
+called back from the native step (`_PythonRouting`), so routers stay Python plugs.
+`TINYMOE_NATIVE_STEP=0` turns the step off (for A/B runs)."""
 import ctypes
 import os
 import weakref
@@ -19,18 +21,66 @@ from ..routing.topk import TopK
 from .transformer import DenseMLP, Linear, MoEBlock, Transformer
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # mirror cpu_decode.cpp's Routing
+ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
 
 
 class DecodeLayer(ctypes.Structure):  # mirrors cpu_decode.cpp
     _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("o", _ptr),
-                ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("gate", _ptr), ("w13", _ptr),
-                ("w2", _ptr), ("mlp_gate", _ptr), ("mlp_up", _ptr), ("mlp_down", _ptr), ("mlp_I", _i64)]
+                ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("routing", _i64), ("gate", _ptr),
+                ("w13", _ptr), ("w2", _ptr), ("copies", _i64), ("mlp_gate", _ptr), ("mlp_up", _ptr),
+                ("mlp_down", _ptr), ("mlp_I", _i64)]
 
 
 class DecodeModel(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("D", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("E", _i64),
                 ("top_k", _i64), ("I", _i64), ("renormalize", _i64), ("block_size", _i64), ("eps", _f32),
-                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr)]
+                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr), ("route", ROUTE_FN)]
+
+
+class RouteBuffers(ctypes.Structure):
+    _fields_ = [("hidden", _ptr), ("ids", _ptr), ("weights", _ptr)]
+
+
+def _routing(block: MoEBlock) -> int:
+    native_gate = (type(block.router) is TopK and block.recorder is None and type(block.gate) is Linear
+                   and block.experts.one_full_copy_each)
+    return ROUTE_TOPK if native_gate else ROUTE_CALLBACK
+
+
+class _PythonRouting:
+    """Routes the ROUTE_CALLBACK layers when the native step calls back: the block's own gate,
+    router and recorder (`MoEBlock.route`), then its plan's copies (`Experts.physical_ids`), as
+    the per-op path does. An exception is kept for the caller to raise."""
+
+    def __init__(self, blocks: dict[int, MoEBlock]):
+        self.blocks = blocks
+        self.callback = ROUTE_FN(self._route)
+        self.hidden = self.ids = self.weights = None
+        self.error = None
+
+    def buffers(self, N: int, D: int, k: int) -> RouteBuffers:
+        self.hidden = torch.empty(N, D, dtype=torch.bfloat16)
+        self.ids = torch.empty(N, k, dtype=torch.int64)
+        self.weights = torch.empty(N, k, dtype=torch.float32)
+        self.error = None
+        return RouteBuffers(self.hidden.data_ptr(), self.ids.data_ptr(), self.weights.data_ptr())
+
+    def _route(self, layer: int) -> int:
+        try:
+            block = self.blocks[layer]
+            ids, weights = block.route(self.hidden)
+            copies = block.experts.physical_ids(ids)
+            block.experts.last_physical_ids = copies
+            if copies.shape != self.ids.shape or weights.shape != self.ids.shape:
+                raise ValueError(f"router {block.router.name!r} returned {tuple(copies.shape)} expert ids and "
+                                 f"{tuple(weights.shape)} weights for {tuple(self.ids.shape)} slots")
+            self.ids.copy_(copies)
+            self.weights.copy_(weights)
+            return 0
+        except BaseException as e:  # noqa: BLE001 - it must not unwind through the native frames
+            self.error = e
+            return 1
 
 
 def _weights(model: Transformer) -> list[torch.Tensor]:
@@ -43,7 +93,9 @@ def _weights(model: Transformer) -> list[torch.Tensor]:
         if attn.qk_norm:
             out += [attn.q_norm.weight, attn.k_norm.weight]
         if isinstance(mlp, MoEBlock):
-            out += [mlp.gate.weight, mlp.experts.w_gate, mlp.experts.w_up, mlp.experts.w_down]
+            out += [mlp.experts.w_gate, mlp.experts.w_up, mlp.experts.w_down]
+            if type(mlp.gate) is Linear:
+                out.append(mlp.gate.weight)
             mlp = mlp.shared_experts
         if mlp is not None:
             out += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
@@ -57,13 +109,7 @@ def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
         return False
     if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or cfg.head_dim % 8 or cfg.head_dim > 256:
         return False
-    for layer in model.model.layers:
-        block = layer.mlp
-        if isinstance(block, MoEBlock) and not (
-                type(block.router) is TopK and block.recorder is None and type(block.gate) is Linear
-                and block.experts.one_full_copy_each):
-            return False
-    return True
+    return all(block.experts.full_copy_rows is not None for block in model.moe_blocks())
 
 
 class _NotCovered(Exception):
@@ -84,15 +130,16 @@ def _dense(mlp: DenseMLP | None) -> dict:
             "mlp_down": _at(mlp.down_proj.weight), "mlp_I": mlp.gate_proj.weight.shape[0]}
 
 
-def _per_expert(stacked: torch.Tensor):
+def _per_copy(stacked: torch.Tensor, rows: list[int]):
     base, step = _at(stacked), stacked[0].numel() * stacked.element_size()
-    return (_ptr * len(stacked))(*[base + e * step for e in range(len(stacked))])
+    return (_ptr * len(rows))(*[base + r * step for r in rows])
 
 
 def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
-    """The DecodeModel struct and the ctypes arrays it points into (to be kept alive with it);
-    raises _NotCovered when a tensor is not in the layout the native step reads."""
-    cfg, keep = model.config, []
+    """The DecodeModel struct, the Python routing it calls back, and what the struct points into
+    (to be kept alive with it); raises _NotCovered when a tensor is not in the layout the native
+    step reads."""
+    cfg, keep, routed = model.config, [], {}
     layers = (DecodeLayer * cfg.num_layers)()
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -101,24 +148,31 @@ def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                   "k_cache": _at(k_cache[i]), "v_cache": _at(v_cache[i])}
         if attn.qk_norm:
             fields.update(q_norm=_at(attn.q_norm.weight), k_norm=_at(attn.k_norm.weight))
-        if isinstance(layer.mlp, MoEBlock):
-            pool = layer.mlp.experts.full_pool()
-            w13, w2 = _per_expert(pool.w13), _per_expert(pool.w2)
+        block = layer.mlp
+        if isinstance(block, MoEBlock):
+            pool, rows = block.experts.full_pool(), block.experts.full_copy_rows
+            w13, w2 = _per_copy(pool.w13, rows), _per_copy(pool.w2, rows)
             keep += [w13, w2]
-            fields.update(gate=_at(layer.mlp.gate.weight), w13=ctypes.addressof(w13), w2=ctypes.addressof(w2),
-                          **_dense(layer.mlp.shared_experts))
+            routing = _routing(block)
+            if routing == ROUTE_TOPK:
+                fields["gate"] = _at(block.gate.weight)
+            else:
+                routed[i] = block
+            fields.update(routing=routing, w13=ctypes.addressof(w13), w2=ctypes.addressof(w2), copies=len(rows),
+                          **_dense(block.shared_experts))
         else:
-            fields.update(_dense(layer.mlp))
+            fields.update(routing=DENSE, **_dense(block))
         layers[i] = DecodeLayer(**fields)
+    routing = _PythonRouting(routed)
     desc = DecodeModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                        cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, int(cfg.renormalize), k_cache.shape[2],
-                       model.model.norm.eps, scale, layers, _at(model.model.norm.weight))
-    return desc, keep + [layers]
+                       model.model.norm.eps, scale, layers, _at(model.model.norm.weight), routing.callback)
+    return desc, routing, keep + [layers]
 
 
-# model -> (the tensors it reads, key, description or None, what that points into). The modules
-# are fixed after construction; their parameters may be replaced (loading, .to()), which changes
-# the key's pointers, dtypes or strides and rebuilds the description.
+# model -> (the tensors it reads, key, description or None, its routing, what it points into).
+# The modules are fixed after construction; their parameters may be replaced (loading, .to()),
+# routers installed, plans applied, recorders attached: each changes the key and rebuilds.
 _described = weakref.WeakKeyDictionary()
 
 
@@ -126,13 +180,14 @@ def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tenso
     cached = _described.get(model)
     weights = cached[0] if cached is not None else _weights(model)
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype, w.device.type, w.stride()) for w in weights])
+           *[(w.data_ptr(), w.dtype, w.device.type, w.stride()) for w in weights],
+           *[(_routing(b), tuple(b.experts.full_copy_rows)) for b in model.moe_blocks()])
     if cached is None or cached[1] != key:
         try:
             _described[model] = (weights, key, *_describe(model, k_cache, v_cache, scale))
         except _NotCovered:
-            _described[model] = (weights, key, None)
-    return _described[model][2]
+            _described[model] = (weights, key, None, None)
+    return _described[model][2:4]
 
 
 @torch.inference_mode()
@@ -144,14 +199,20 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
     context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
     if not covers(model, k_cache) or (native_bf16() and len(input_ids) > NATIVE_MAX_ROWS_WITH_BF16):
         return None  # (with bf16 instructions, torch's GEMM takes the projections of larger batches)
-    desc = _description(model, k_cache, v_cache, scale)
+    desc, routing = _description(model, k_cache, v_cache, scale)
     if desc is None:
         return None
+    N, cfg = len(input_ids), model.config
+    buffers = routing.buffers(N, cfg.hidden_size, cfg.top_k) if routing.blocks else RouteBuffers()
     x = model.model.embed_tokens(input_ids)
     cos, sin = model.rotary(positions)
     slots, tables, lens = slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     out = torch.empty_like(x)
-    native().decode_step_bf16(ctypes.byref(desc), x.data_ptr(), len(input_ids), cos.data_ptr(), sin.data_ptr(),
-                              slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(),
-                              torch.get_num_threads())
+    status = native().decode_step_bf16(ctypes.byref(desc), x.data_ptr(), N, cos.data_ptr(), sin.data_ptr(),
+                                       slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
+                                       out.data_ptr(), ctypes.byref(buffers), torch.get_num_threads())
+    if status == 1:
+        raise routing.error
+    if status == 2:
+        raise ValueError("a router chose expert copies outside its layer's plan")
     return out

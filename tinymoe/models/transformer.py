@@ -144,12 +144,16 @@ class MoEBlock(nn.Module):
         self.ctx = RouteContext(layer_idx, cfg.num_layers, GateRule(E, cfg.top_k, cfg.renormalize))
         self.recorder = None
 
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
+    def route(self, flat):
+        """Tokens [T, D] -> (expert ids [T, k], their weights in flat's dtype), recorded if asked."""
         ids, weights = self.router.route(self.gate(flat), flat, self.ctx)
         if self.recorder is not None:
             self.recorder.record(self.ctx.layer, ids)
-        out = self.experts(flat, ids, weights.to(flat.dtype))
+        return ids, weights.to(flat.dtype)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.experts(flat, *self.route(flat))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)
