@@ -113,10 +113,11 @@ static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N,
         for (const int64_t c : ids)
             if (c < 0 || c >= L.copies) return COPY_OUT_OF_RANGE;  // the pointers below are indexed unchecked
     }
-    if (N == 1) {  // the token's experts in ascending order: the order the per-expert path adds them
+    if (N == 1) {  // the token's (copy, weight) pairs in ascending order: the order the per-copy path adds them
         std::vector<int64_t> order(k);
         for (int64_t j = 0; j < k; j++) order[j] = j;
-        std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+        std::sort(order.begin(), order.end(),
+                  [&](int64_t a, int64_t b) { return ids[a] != ids[b] ? ids[a] < ids[b] : w[a] < w[b]; });
         std::vector<const uint16_t*> w13(k), w2(k);
         std::vector<float> ws(k);
         for (int64_t j = 0; j < k; j++) {
