@@ -1,15 +1,18 @@
 """Where a tinymoe decode step goes: time in each native CPU call, in routing, and the rest.
 
-    python bench/step_profile.py [--batch 1] [--prompt-len 128] [--decode-tokens 32] [--model DIR]
+    python bench/step_profile.py [--batch 1] [--router topk] [--prompt-len 128] [--decode-tokens 32]
+                                 [--model DIR]
 
 Same checkpoint as bench/decode.py (written to a temp dir without --model). Every call into the
-native library (`tinymoe.kernels.native`) and every `router.route` is timed during the decode
-steps; the table gives calls and ms per step, and "rest" is the step minus the native calls
-(Python, torch ops, routing included). Timing adds ~1 us a call. Last line: the same routing
-call on the same shapes, alone in a loop, to compare with its cost inside a step.
+native library (`tinymoe.kernels.native`) and every Python routing call (`MoEBlock.route`: gate,
+router, recorder) is timed during the decode steps; the table gives calls and ms per step, and
+"rest" is the step minus the native calls (Python, torch ops, routing included). Timing adds ~1
+us a call. Last line: the same routing call on the same shapes, alone in a loop, to compare with
+its cost inside a step.
 
 With the one-call decode step (models/native_decode.py) a step is one `decode_step_bf16` call
-plus the LM head; `TINYMOE_NATIVE_STEP=0` gives the per-op breakdown.
+(which contains the routing called back for routers other than topk) plus the LM head;
+`TINYMOE_NATIVE_STEP=0` gives the per-op breakdown.
 """
 import argparse
 import collections
@@ -24,20 +27,26 @@ from decode import write_checkpoint
 import tinymoe.kernels.native as native_module
 
 
+NESTED = " (inside decode_step_bf16)"  # called back from the one-call step: part of its time
+
+
 class TimedLibrary:
     """Stands in for the loaded library: each function call is timed into `totals`."""
 
     def __init__(self, lib, totals):
-        self._lib, self._totals = lib, totals
+        self._lib, self._totals, self.depth = lib, totals, 0
 
     def __getattr__(self, name):
-        fn, total = getattr(self._lib, name), self._totals[name]
+        fn = getattr(self._lib, name)
 
         def timed(*args):
+            total = self._totals[name + NESTED if self.depth else name]
+            self.depth += 1
             start = time.perf_counter()
             try:
                 return fn(*args)
             finally:
+                self.depth -= 1
                 total[0] += 1
                 total[1] += time.perf_counter() - start
         return timed
@@ -47,6 +56,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--router", default="topk")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
@@ -62,23 +72,25 @@ def main():
                    native_decode):
         module.native = native_module.native
     from tinymoe.engine import LLM, SamplingParams
-    from tinymoe.routing.topk import TopK
+    from tinymoe.models.transformer import MoEBlock
 
-    route = TopK.route
+    route = MoEBlock.route
     routed = []
 
-    def timed_route(self, logits, hidden, ctx):
+    def timed_route(self, flat):
+        total = totals["MoEBlock.route (Python)" + (NESTED if timed_lib.depth else "")]
         start = time.perf_counter()
-        out = route(self, logits, hidden, ctx)
-        totals["router.route (Python)"][0] += 1
-        totals["router.route (Python)"][1] += time.perf_counter() - start
-        routed.append((self, logits, hidden, ctx))
+        out = route(self, flat)
+        total[0] += 1
+        total[1] += time.perf_counter() - start
+        routed.append((self, flat.clone()))  # the callback's buffer is reused
         return out
-    TopK.route = timed_route
+    MoEBlock.route = timed_route
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else write_checkpoint(Path(tmp) / "mixtral-mini")
-        llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False)
+        llm = LLM(str(path), router=args.router, dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192,
+                  prefix_caching=False)
         torch.manual_seed(0)
         prompts = torch.randint(3, 32000, (args.batch, args.prompt_len)).tolist()
         for warm_up in (True, False):
@@ -91,7 +103,7 @@ def main():
                 llm.step()
                 steps += 1
             elapsed = time.perf_counter() - start
-    native_ms = sum(t for name, (_, t) in totals.items() if not name.startswith("router")) * 1e3 / steps
+    native_ms = sum(t for name, (_, t) in totals.items() if "route" not in name and NESTED not in name) * 1e3 / steps
     print(f"batch {args.batch}, {steps} decode steps, {elapsed * 1e3 / steps:.1f} ms a step\n")
     print("| call | calls / step | ms / step |")
     print("|---|---|---|")
@@ -99,15 +111,15 @@ def main():
         print(f"| {name} | {calls // steps} | {seconds * 1e3 / steps:.2f} |")
     print(f"| all native calls | | {native_ms:.2f} |")
     print(f"| rest (step - native) | | {elapsed * 1e3 / steps - native_ms:.2f} |")
-    if not totals["router.route (Python)"][0]:  # the one-call decode step routes natively
+    inside = [sum(totals[name][i] for name in totals if name.startswith("MoEBlock.route")) for i in (0, 1)]
+    if not inside[0]:  # the one-call decode step routed natively
         return
-    router, logits, hidden, ctx = routed[-1]
-    runs = 2000
+    block, flat = routed[-1]
+    runs = 200
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(runs):
-            route(router, logits, hidden, ctx)
-    inside = totals["router.route (Python)"]
+            route(block, flat)
     print(f"\nrouting one layer: {inside[1] / inside[0] * 1e6:.0f} us inside a step, "
           f"{(time.perf_counter() - start) / runs * 1e6:.0f} us alone in a loop")
 
