@@ -76,6 +76,31 @@ def test_laser_equals_topk_at_one_token_and_for_peaked_scores():
     assert torch.equal(a, logits.topk(2, -1).indices)
 
 
+@pytest.mark.parametrize("eps_high", [None, 0.0, 0.5, 1.0])
+def test_laser_one_token_shortcut_equals_the_scan(eps_high):
+    # one token (batch-1 decode) through the shortcut against the general scan's functions on the
+    # same token; bf16 logits and a forced tie make tied scores common
+    g = torch.Generator().manual_seed(0)
+    for exact in (True, False):
+        ctx = ctx_for(8, 2)
+        router = make_router("laser", eps_high=eps_high, t_fix=0.3, c=4, exact=exact)
+        flat_count = 0
+        for _ in range(200):
+            logits = (torch.randn(1, 8, generator=g) * 2).bfloat16().float()
+            logits[0, 3] = logits[0, 5]
+            ids, w = router.route(logits, None, ctx)
+            probs = ctx.rule.probs(logits)
+            mass = top_mass(probs, 2)
+            flat = mass < router.threshold(mass)
+            pool, valid = candidate_pools(probs, 2, 4, 0.3)
+            scan = greedy_reference if exact else greedy_chunked
+            ref = scan(pool, valid, flat, 2, 8)
+            assert torch.equal(ids, ref) and torch.equal(w, ctx.rule.weights(probs, ref))
+            flat_count += int(flat.sum())
+        assert ctx.state["flat"] == flat_count and ctx.state["tokens"] == 200
+        assert flat_count == {None: 0, 0.0: 0, 1.0: 200}.get(eps_high, flat_count)
+
+
 @pytest.mark.parametrize("E,k", [(8, 2), (64, 6), (128, 8)])
 def test_fast_laser_within_two_percent_of_reference(E, k):
     for seed in range(3):

@@ -86,20 +86,29 @@ class Laser(Router):
             return float(self.eps_high)
         if self.calibrated is not None:
             return self.calibrated
-        # The project's fallback without a calibration file: the quantile over this pass's tokens.
-        return float(torch.quantile(mass, self.q))
+        # The project's fallback without a calibration file: the quantile over this pass's tokens
+        # (of one token: its own mass, without torch.quantile's cost).
+        return float(mass) if mass.numel() == 1 else float(torch.quantile(mass, self.q))
 
     def route(self, logits, hidden, ctx):
         rule = ctx.rule
         E, k = rule.num_experts, rule.top_k
+        c = min(E, max(k, self.c or 2 * k))
         probs = rule.probs(logits)
-        mass = top_mass(probs, k)
-        flat = mass < self.threshold(mass)
-        pool, valid = candidate_pools(probs, k, min(E, max(k, self.c or 2 * k)), self.t_fix)
-        if self.exact:
-            ids = greedy_reference(pool, valid, flat, k, E)
+        if probs.shape[0] == 1:  # one token (batch-1 decode): every load is zero, so the scan
+            # picks the pool's first k, flat or not; the same picks and counts in a few ops
+            vals, pool = probs.topk(c, dim=-1)
+            mass = vals[:, :k].sum(-1)  # = top_mass: the same values in the same order
+            flat = mass < self.threshold(mass)
+            ids = pool[:, :k]
         else:
-            ids = greedy_chunked(pool, valid, flat, k, E, self.chunk)
+            mass = top_mass(probs, k)
+            flat = mass < self.threshold(mass)
+            pool, valid = candidate_pools(probs, k, c, self.t_fix)
+            if self.exact:
+                ids = greedy_reference(pool, valid, flat, k, E)
+            else:
+                ids = greedy_chunked(pool, valid, flat, k, E, self.chunk)
         ctx.state["flat"] = ctx.state.get("flat", 0) + int(flat.sum())
         ctx.state["tokens"] = ctx.state.get("tokens", 0) + flat.numel()
         return ids, rule.weights(probs, ids)
