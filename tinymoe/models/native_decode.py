@@ -102,6 +102,23 @@ def _weights(model: Transformer) -> list[torch.Tensor]:
     return out
 
 
+class _Parts:
+    """The model's MoE blocks and the tensors the step reads: the modules are fixed after
+    construction (their parameters may be replaced), so these lists are built once per model."""
+
+    def __init__(self, model: Transformer):
+        self.blocks, self.weights = model.moe_blocks(), _weights(model)
+
+
+_parts = weakref.WeakKeyDictionary()
+
+
+def _parts_of(model: Transformer) -> _Parts:
+    if model not in _parts:
+        _parts[model] = _Parts(model)
+    return _parts[model]
+
+
 def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
     """Can the one-call step run this model, as it is configured now, on this cache?"""
     cfg = model.config
@@ -109,7 +126,7 @@ def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
         return False
     if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or cfg.head_dim % 8 or cfg.head_dim > 256:
         return False
-    return all(block.experts.full_copy_rows is not None for block in model.moe_blocks())
+    return all(block.experts.full_copy_rows is not None for block in _parts_of(model).blocks)
 
 
 class _NotCovered(Exception):
@@ -170,24 +187,24 @@ def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return desc, routing, keep + [layers]
 
 
-# model -> (the tensors it reads, key, description or None, its routing, what it points into).
-# The modules are fixed after construction; their parameters may be replaced (loading, .to()),
-# routers installed, plans applied, recorders attached: each changes the key and rebuilds.
+# model -> (key, description or None, its routing, what it points into). Replaced parameters
+# (loading, .to()), installed routers, applied plans and attached recorders change the key (the
+# parameters' addresses and dtypes, each layer's routing mode and copy rows) and rebuild it.
 _described = weakref.WeakKeyDictionary()
 
 
 def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
-    cached = _described.get(model)
-    weights = cached[0] if cached is not None else _weights(model)
+    parts = _parts_of(model)
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype, w.device.type, w.stride()) for w in weights],
-           *[(_routing(b), tuple(b.experts.full_copy_rows)) for b in model.moe_blocks()])
-    if cached is None or cached[1] != key:
+           *[(w.data_ptr(), w.dtype) for w in parts.weights],
+           *[(_routing(b), tuple(b.experts.full_copy_rows)) for b in parts.blocks])
+    cached = _described.get(model)
+    if cached is None or cached[0] != key:
         try:
-            _described[model] = (weights, key, *_describe(model, k_cache, v_cache, scale))
+            _described[model] = (key, *_describe(model, k_cache, v_cache, scale))
         except _NotCovered:
-            _described[model] = (weights, key, None, None)
-    return _described[model][2:4]
+            _described[model] = (key, None, None)
+    return _described[model][1:3]
 
 
 @torch.inference_mode()
