@@ -22,6 +22,7 @@ from .transformer import DenseMLP, Linear, MoEBlock, Transformer
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # mirror cpu_decode.cpp's Routing
+ROUTE_FAILED, COPY_OUT_OF_RANGE = 1, 2  # and its Status
 ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
 
 
@@ -228,8 +229,8 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
     status = native().decode_step_bf16(ctypes.byref(desc), x.data_ptr(), N, cos.data_ptr(), sin.data_ptr(),
                                        slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
                                        out.data_ptr(), ctypes.byref(buffers), torch.get_num_threads())
-    if status == 1:
+    if status == ROUTE_FAILED:
         raise routing.error
-    if status == 2:
+    if status == COPY_OUT_OF_RANGE:
         raise ValueError("a router chose expert copies outside its layer's plan")
     return out
