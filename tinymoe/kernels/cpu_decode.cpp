@@ -113,22 +113,7 @@ static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N,
         for (const int64_t c : ids)
             if (c < 0 || c >= L.copies) return COPY_OUT_OF_RANGE;  // the pointers below are indexed unchecked
     }
-    if (N == 1) {  // the token's (copy, weight) pairs in ascending order: the order the per-copy path adds them
-        std::vector<int64_t> order(k);
-        for (int64_t j = 0; j < k; j++) order[j] = j;
-        std::sort(order.begin(), order.end(),
-                  [&](int64_t a, int64_t b) { return ids[a] != ids[b] ? ids[a] < ids[b] : w[a] < w[b]; });
-        std::vector<const uint16_t*> w13(k), w2(k);
-        std::vector<float> ws(k);
-        for (int64_t j = 0; j < k; j++) {
-            w13[j] = L.w13[ids[order[j]]];
-            w2[j] = L.w2[ids[order[j]]];
-            ws[j] = w[order[j]];
-        }
-        moe_token_bf16(h, D, M.I, k, w13.data(), w2.data(), ws.data(), y, threads);
-    } else {
-        moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), L.copies, L.w13, L.w2, y, threads);
-    }
+    moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), L.copies, L.w13, L.w2, y, threads);
     if (L.mlp_gate) {
         std::vector<uint16_t> shared(N * D);
         dense_mlp(L, h, N, D, shared.data(), threads);

@@ -6,8 +6,6 @@
 extern "C" {
 void linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                  int out_bf16, int threads);
-void moe_token_bf16(const uint16_t* x, int64_t D, int64_t I, int64_t k, const uint16_t* const* w13,
-                    const uint16_t* const* w2, const float* weights, uint16_t* out, int threads);
 void moe_tokens_bf16(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
                      const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
                      uint16_t* out, int threads);

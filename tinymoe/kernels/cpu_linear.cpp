@@ -1,6 +1,6 @@
 // y[M, N] = x[M, K] . w[N, K]^T with bf16 (or int8 with per-row scales) weights and fp32
 // activations, accumulated in fp32: the CPU matmul of decode-sized batches; and the SwiGLU
-// experts of a MoE layer built from it (moe_token_bf16, moe_tokens_bf16). Built on first use
+// experts of a MoE layer built from it (moe_tokens_bf16). Built on first use
 // by native.py with the host compiler (-O3 -march=native -fopenmp).
 //
 // Weights are read in chunks of CH = 2 * VW values that split into two fp32 vectors with one
@@ -226,8 +226,7 @@ static void moe_token(const float* x, int64_t D, int64_t I, int64_t k, const uin
                       const uint16_t* const* w2, const float* weights, uint16_t* out, int threads) {
     std::vector<float> h(k * 2 * I), act(k * I), y(k * D);
     std::vector<uint16_t> hb(k * 2 * I), ab(k * I);
-    const int64_t chunk13 = std::max<int64_t>(1, (256 << 10) / (D * 2));  // ~256 KB of weights, as linear()
-    const int64_t chunk2 = std::max<int64_t>(1, (256 << 10) / (I * 2));
+    const int64_t chunk13 = blocks_per_chunk<uint16_t>(1, D), chunk2 = blocks_per_chunk<uint16_t>(1, I);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(dynamic, chunk13)
@@ -309,12 +308,28 @@ constexpr int64_t ONE_REGION_TOKENS = 64;  // up to this many tokens (decode bat
 // per copy, its tokens' rows gathered in order, the two matmuls with SwiGLU between, each
 // result times its weight; then each token's contributions added in (copy, slot) order,
 // rounded after each add. The same arithmetic as `Experts`' per-copy torch loop (index_add_
-// of the weighted rows), without its ~15 torch ops a copy. Decode batches run all copies in one
-// parallel region; larger ones (prefill: compute-bound, and all copies' buffers at once would
+// of the weighted rows), without its ~15 torch ops a copy. One token takes moe_token; decode
+// batches run all copies in one parallel region; larger ones (prefill: compute-bound, and all copies' buffers at once would
 // be large) one copy after another.
 static void moe_tokens(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
                        const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
                        uint16_t* out, int threads) {
+    if (T == 1) {  // its (copy, weight) pairs in ascending order: the order the per-copy path adds them
+        std::vector<int64_t> order(k);
+        for (int64_t j = 0; j < k; j++) order[j] = j;
+        std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+            return ids[a] != ids[b] ? ids[a] < ids[b] : weights[a] < weights[b];
+        });
+        std::vector<const uint16_t*> p13(k), p2(k);
+        std::vector<float> w(k), xp(D);
+        for (int64_t j = 0; j < k; j++) {
+            p13[j] = w13[ids[order[j]]];
+            p2[j] = w2[ids[order[j]]];
+            w[j] = weights[order[j]];
+        }
+        for (int64_t i = 0; i < D; i++) xp[permuted((uint16_t*)nullptr, i, D)] = bf(x[i]);
+        return moe_token(xp.data(), D, I, k, p13.data(), p2.data(), w.data(), out, threads);
+    }
     std::vector<std::vector<int64_t>> rows(C);  // flat (token, slot) indices per copy, ascending
     for (int64_t f = 0; f < T * k; f++) rows[ids[f]].push_back(f);
     std::vector<uint16_t> ys(T * k * D);
@@ -371,13 +386,6 @@ void linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t
 void linear_int8(const void* x, int x_bf16, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
                  int64_t N, void* y, int out_bf16, int threads) {
     run(x, x_bf16, M, K, w, scale, N, y, out_bf16, threads);
-}
-// x bf16 [D]; w13, w2: k pointers each; weights fp32 [k] (bf16 values); out bf16 [D].
-void moe_token_bf16(const uint16_t* x, int64_t D, int64_t I, int64_t k, const uint16_t* const* w13,
-                    const uint16_t* const* w2, const float* weights, uint16_t* out, int threads) {
-    std::vector<float> xp(D);
-    for (int64_t i = 0; i < D; i++) xp[permuted((uint16_t*)nullptr, i, D)] = bf(x[i]);
-    moe_token(xp.data(), D, I, k, w13, w2, weights, out, threads);
 }
 // x bf16 [T, D]; ids int64 [T, k] in [0, C); weights fp32 [T, k] (bf16 values); w13, w2: C
 // pointers; out bf16 [T, D].

@@ -88,23 +88,12 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Te
     rows = rows if rows is not None else range(w13.shape[0])
     p13 = [base13 + r * step13 for r in rows]
     p2 = [base2 + r * step2 for r in rows]
-    w = weights.to(torch.bfloat16).float()
+    ids, w = ids.to(torch.int64).contiguous(), weights.to(torch.bfloat16).float().contiguous()
+    low, high = ids.aminmax()
+    if low < 0 or high >= len(p13):  # the native code indexes with them unchecked
+        raise ValueError(f"moe: expert ids in {int(low)}..{int(high)}, outside 0..{len(p13) - 1}")
     out = torch.empty_like(x)
-    threads, k = torch.get_num_threads(), ids.shape[1]
-    if T == 1:  # the token's copies in ascending order: the order the per-copy path adds them
-        chosen = sorted(zip(ids[0].tolist(), w[0].tolist()))
-        if not 0 <= chosen[0][0] <= chosen[-1][0] < len(p13):
-            raise ValueError(f"moe: expert ids {[c for c, _ in chosen]} outside 0..{len(p13) - 1}")
-        ptrs = ctypes.c_void_p * k
-        native().moe_token_bf16(x.data_ptr(), D, I, k, ptrs(*[p13[c] for c, _ in chosen]),
-                                ptrs(*[p2[c] for c, _ in chosen]), (ctypes.c_float * k)(*[v for _, v in chosen]),
-                                out.data_ptr(), threads)
-    else:
-        ids, w = ids.to(torch.int64).contiguous(), w.contiguous()
-        low, high = ids.aminmax()
-        if low < 0 or high >= len(p13):  # the native loop indexes with them unchecked
-            raise ValueError(f"moe: expert ids in {int(low)}..{int(high)}, outside 0..{len(p13) - 1}")
-        ptrs = ctypes.c_void_p * len(p13)
-        native().moe_tokens_bf16(x.data_ptr(), T, D, I, k, ids.data_ptr(), w.data_ptr(), len(p13), ptrs(*p13),
-                                 ptrs(*p2), out.data_ptr(), threads)
+    ptrs = ctypes.c_void_p * len(p13)
+    native().moe_tokens_bf16(x.data_ptr(), T, D, I, ids.shape[1], ids.data_ptr(), w.data_ptr(), len(p13), ptrs(*p13),
+                             ptrs(*p2), out.data_ptr(), torch.get_num_threads())
     return out

@@ -30,7 +30,6 @@ _i64, _ptr, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 SIGNATURES = {
     "linear_bf16": [_ptr, _i32, _i64, _i64, _ptr, _i64, _ptr, _i32, _i32],
     "linear_int8": [_ptr, _i32, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i32, _i32],
-    "moe_token_bf16": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i32],
     "moe_tokens_bf16": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32],
     "rms_norm_bf16": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],
     "rotary_bf16": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64],
