@@ -33,3 +33,13 @@ def tiny_deepseek(tmp_path_factory):
 def tiny_checkpoint(request, tiny_mixtral, tiny_qwen3, tiny_deepseek):
     """Each family's tiny checkpoint in turn."""
     return {"mixtral": tiny_mixtral, "qwen3": tiny_qwen3, "deepseek": tiny_deepseek}[request.param]
+
+
+@pytest.fixture(params=[False, True], ids=["native-any-rows", "torch-gemm-over-16-rows"])
+def bf16_cpu(request):
+    """Both sides of the "CPU has bf16 instructions" decision (`cpu_linear.native_bf16`), forced
+    whatever this CPU has: False = the native kernels take any number of rows (as on AVX2); True =
+    batches over 16 rows go to torch's GEMM (as with AVX512-BF16 or AMX)."""
+    from tinymoe.kernels import cpu_linear
+    with cpu_linear.bf16_instructions(request.param):
+        yield request.param

@@ -14,12 +14,17 @@ SHAPES = [(1, 7, 13), (1, 300, 1024), (2, 64, 1000), (3, 5, 32), (4, 9, 48), (6,
           (70, 33, 160)]
 
 
+def native_takes(rows, bf16_cpu):
+    """The path the decision promises: the native kernel, unless bf16 instructions and > 16 rows."""
+    return not bf16_cpu or rows <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16
+
+
 @needs_native
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_bf16_weights_match_float64(M, N, K):
+def test_bf16_weights_match_float64(M, N, K, bf16_cpu):
     torch.manual_seed(M * N + K)
     x, w = torch.randn(M, K), torch.randn(N, K).bfloat16()
-    assert cpu_linear.supports(x, w)
+    assert cpu_linear.supports(x, w) == native_takes(M, bf16_cpu)
     y = linear(x, w)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
@@ -27,11 +32,12 @@ def test_bf16_weights_match_float64(M, N, K):
 
 @needs_native
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_int8_weights_with_scales_match_float64(M, N, K):
+def test_int8_weights_with_scales_match_float64(M, N, K, bf16_cpu):
     torch.manual_seed(M + N * K)
     x = torch.randn(M, K)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     s = (torch.rand(N) / 100).bfloat16()
+    assert cpu_linear.supports(x, q, s) == native_takes(M, bf16_cpu)
     y = linear(x, q, s)
     ref = (x.double() @ q.double().t()) * s.double()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
@@ -77,6 +83,57 @@ def test_fp32_weights_are_plain_torch():
 
 
 @needs_native
+def test_the_decision_splits_at_16_rows(bf16_cpu):
+    w = torch.randn(8, 32).bfloat16()
+    assert cpu_linear.supports(torch.randn(16, 32), w)
+    assert cpu_linear.supports(torch.randn(2, 8, 32), w)  # rows are all leading dimensions
+    assert cpu_linear.supports(torch.randn(17, 32), w) == (not bf16_cpu)
+    assert cpu_linear.supports(torch.randn(3, 6, 32), w) == (not bf16_cpu)
+
+
+def test_bf16_decision_from_the_cpu_the_env_and_the_override(monkeypatch):
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    monkeypatch.delenv("TINYMOE_CPU_BF16", raising=False)
+    assert cpu_linear.native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    for env, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("TINYMOE_CPU_BF16", env)
+        assert cpu_linear.native_bf16() is want  # read at each call, not at import
+        for forced in (False, True):  # the override wins over the env, both ways, and is undone
+            with cpu_linear.bf16_instructions(forced):
+                assert cpu_linear.native_bf16() is forced
+                with cpu_linear.bf16_instructions(None):  # None: back to the env
+                    assert cpu_linear.native_bf16() is want
+                assert cpu_linear.native_bf16() is forced
+            assert cpu_linear.native_bf16() is want
+    cpu_linear.bf16_instructions(False)  # the plain setter
+    try:
+        assert cpu_linear.native_bf16() is False
+    finally:
+        cpu_linear.bf16_instructions(None)
+    assert cpu_linear.native_bf16() is True
+
+
+BAD_ENV = ("TINYMOE_CPU_BF16='yes': use 0 (no bf16 instructions), 1 (bf16 instructions) or leave it unset "
+           "(detect)")
+
+
+def test_bad_bf16_env_value_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("TINYMOE_CPU_BF16", "yes")
+    with pytest.raises(ValueError) as e:
+        cpu_linear.native_bf16()
+    assert str(e.value) == BAD_ENV
+    with pytest.raises(ValueError) as e:  # at the first matmul, even of one row
+        linear(torch.randn(1, 8), torch.randn(3, 8).bfloat16())
+    assert str(e.value) == BAD_ENV
+    with cpu_linear.bf16_instructions(True):  # an override does not read the env
+        assert cpu_linear.native_bf16() is True
+    with pytest.raises(TypeError) as e:
+        cpu_linear.bf16_instructions("1")
+    assert str(e.value) == "bf16_instructions takes True, False or None, not '1'"
+
+
+@needs_native
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="features"):
         linear(torch.randn(2, 8), torch.randn(3, 9).bfloat16())
@@ -86,7 +143,10 @@ def test_shape_mismatch_is_a_clear_error():
 # up to 64 tokens the copies share one parallel region, beyond it they run one after another
 @pytest.mark.parametrize("T,I,D,threads", [(1, 40, 48, 1), (1, 256, 64, 1), (7, 40, 48, 1), (20, 256, 64, 1),
                                            (20, 256, 64, 2), (80, 40, 48, 1)])
-def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads):
+def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads, bf16_cpu):
+    """Bit for bit while the per-copy path's matmuls run the native kernel (no bf16 instructions,
+    or no copy over 16 rows); beyond that they run torch's GEMM, which sums in its own order (on
+    AMX it differs in the last bits), so both are held to a float64 reference instead."""
     import tinymoe.experts.experts as experts_module
     from tinymoe.experts import Experts
     from tinymoe.experts.plan import Copy, ExpertPlan
@@ -107,10 +167,31 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads
         fused = experts(x, ids, weights)
     finally:
         torch.set_num_threads(threads_before)
+    assert calls
     phys = experts.last_physical_ids
     monkeypatch.setattr(experts_module, "moe", lambda *a: None)  # the per-copy torch path
     monkeypatch.setattr(experts, "physical_ids", lambda _: phys)  # replicas: the same copies again
-    assert calls and torch.equal(fused, experts(x, ids, weights))
+    taken, supports = [], cpu_linear.supports
+
+    def spied(x, *rest):
+        taken.append(supports(x, *rest))
+        return taken[-1]
+    monkeypatch.setattr(cpu_linear, "supports", spied)
+    per_copy = experts(x, ids, weights)
+    exact = native_takes(int(torch.bincount(phys.flatten()).max()), bf16_cpu)
+    assert taken and all(taken) == exact  # every per-copy matmul native, or some on torch's GEMM
+    if exact:
+        assert torch.equal(fused, per_copy)
+    else:
+        w = weights.bfloat16().double()
+        ref = torch.zeros(T, D, dtype=torch.float64)
+        for t in range(T):
+            for s in range(k):
+                w13, w2 = experts.full_pool().w13[ids[t, s]].double(), experts.w_down[ids[t, s]].double()
+                h = w13 @ x[t].double()
+                ref[t] += w[t, s] * (w2 @ (torch.nn.functional.silu(h[:I]) * h[I:]))
+        for out in (fused, per_copy):  # a few bf16 roundings (hidden, output, sum): ~8e-3 measured
+            assert (out.double() - ref).abs().max() / ref.abs().max() < 2e-2
 
 
 @needs_native

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import linear, swiglu
-from ..kernels.cpu_linear import native_bf16, supports
+from ..kernels import cpu_linear, linear, swiglu
+from ..kernels.cpu_linear import supports
 from ..kernels.moe_gemm import MoEWeights
 from .quant import dequantize_int4, int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
@@ -17,7 +17,8 @@ def use_packed(x: torch.Tensor) -> bool:
     """Weight-only quantised CPU kernel, or dequantise and run a bf16 matmul? The kernels win at
     few rows; with many rows a bf16 GEMM on AMX wins, but without bf16 instructions torch's bf16
     GEMM is emulated and slower than the kernels at any row count (bench/experts.py)."""
-    return x.device.type == "cpu" and (x.shape[0] <= 16 or not native_bf16())
+    return x.device.type == "cpu" and (x.shape[0] <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16 or
+                                     not cpu_linear.native_bf16())
 
 
 class FullPool:
