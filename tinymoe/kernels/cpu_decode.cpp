@@ -5,61 +5,17 @@
 // and with the roundings of `Transformer.hidden_states`, so it computes what the per-op path
 // computes; what it removes is the ~15 Python and torch calls per layer around them, ~10 ms of a
 // ~37 ms batch-1 step that reads ~460 MB of weights (docs/DESIGN.md, "One-call decode").
-// models/native_decode.py decides which models and batches take it.
+// models/native_decode.py decides which models and batches take it; its structs and enums are
+// declared in cpu_kernels.h.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "cpu_kernels.h"
 #include "cpu_simd.h"
-
-// One decoder layer's weights and cache. A MoE layer routes here (ROUTE_TOPK: the family's gate
-// `gate` [E, D], with its top-k) or in Python (ROUTE_CALLBACK: DecodeModel::route picks the
-// copies), and has its expert copies' pointers; a dense layer has neither. `mlp_*` is the dense
-// MLP of a dense layer or the shared experts of a MoE layer (null: none).
-enum Routing : int64_t { DENSE = 0, ROUTE_TOPK = 1, ROUTE_CALLBACK = 2 };
-struct DecodeLayer {
-    const uint16_t* attn_norm;   // [D]
-    const uint16_t* qkv;         // [(H + 2 KV) hd, D]: q rows, then k, then v
-    const uint16_t* q_norm;      // [hd] per-head RMSNorm of q before RoPE (Qwen3), or null
-    const uint16_t* k_norm;      // [hd], with q_norm
-    const uint16_t* o;           // [D, H hd]
-    const uint16_t* mlp_norm;    // [D]
-    uint16_t* k_cache;           // [blocks, block_size, KV, hd]
-    uint16_t* v_cache;
-    int64_t routing;             // Routing
-    const uint16_t* gate;        // [E, D] (ROUTE_TOPK)
-    const uint16_t* const* w13;  // per expert copy, [2I, D] (gate rows, then up rows)
-    const uint16_t* const* w2;   // per expert copy, [D, I]
-    int64_t copies;
-    const uint16_t* mlp_gate;    // [Im, D] or null
-    const uint16_t* mlp_up;      // [Im, D]
-    const uint16_t* mlp_down;    // [D, Im]
-    int64_t mlp_I;
-};
-
-// A ROUTE_CALLBACK layer's routing: the step copies the layer's normalised hidden states [N, D]
-// to RouteBuffers::hidden, calls route(layer), which writes the chosen copies [N, k] and their
-// weights (bf16 values) to ids and weights; nonzero: it failed (the step stops).
-typedef int (*RouteFn)(int64_t layer);
-struct RouteBuffers {
-    uint16_t* hidden;
-    int64_t* ids;
-    float* weights;
-};
-
-struct DecodeModel {
-    int64_t num_layers, D, H, KV, hd, E, top_k, I, renormalize, block_size;
-    float eps, scale;
-    const DecodeLayer* layers;
-    const uint16_t* final_norm;  // [D]
-    RouteFn route;               // for ROUTE_CALLBACK layers
-};
-
-// What decode_step_bf16 returns.
-enum Status : int { OK = 0, ROUTE_FAILED = 1, COPY_OUT_OF_RANGE = 2 };
 
 // The family's gate on one token, as GateRule computes it: fp32 softmax of the bf16 logits,
 // the top k (the lower expert on a tie), their probabilities (renormalised if the family does),
@@ -168,4 +124,42 @@ int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const flo
     rms_norm_bf16(x, residual.data(), M.final_norm, out, residual.data(), N, D, M.eps);
     return OK;
 }
+}
+
+// What decode_step_abi reports (cpu_kernels.h): each struct's size, then its fields in order.
+struct AbiEntry {
+    const char* name;
+    int64_t a, b;
+};
+#define ABI_STRUCT(S) {#S, 0, sizeof(S)}
+#define ABI_FIELD(S, f) {#S "." #f, offsetof(S, f), sizeof(S::f)}
+#define ABI_ENUM(E, v) {#E "." #v, v, 0}
+static const AbiEntry ABI[] = {
+    ABI_STRUCT(DecodeLayer),
+    ABI_FIELD(DecodeLayer, attn_norm), ABI_FIELD(DecodeLayer, qkv), ABI_FIELD(DecodeLayer, q_norm),
+    ABI_FIELD(DecodeLayer, k_norm), ABI_FIELD(DecodeLayer, o), ABI_FIELD(DecodeLayer, mlp_norm),
+    ABI_FIELD(DecodeLayer, k_cache), ABI_FIELD(DecodeLayer, v_cache), ABI_FIELD(DecodeLayer, routing),
+    ABI_FIELD(DecodeLayer, gate), ABI_FIELD(DecodeLayer, w13), ABI_FIELD(DecodeLayer, w2),
+    ABI_FIELD(DecodeLayer, copies), ABI_FIELD(DecodeLayer, mlp_gate), ABI_FIELD(DecodeLayer, mlp_up),
+    ABI_FIELD(DecodeLayer, mlp_down), ABI_FIELD(DecodeLayer, mlp_I),
+    ABI_STRUCT(DecodeModel),
+    ABI_FIELD(DecodeModel, num_layers), ABI_FIELD(DecodeModel, D), ABI_FIELD(DecodeModel, H),
+    ABI_FIELD(DecodeModel, KV), ABI_FIELD(DecodeModel, hd), ABI_FIELD(DecodeModel, E),
+    ABI_FIELD(DecodeModel, top_k), ABI_FIELD(DecodeModel, I), ABI_FIELD(DecodeModel, renormalize),
+    ABI_FIELD(DecodeModel, block_size), ABI_FIELD(DecodeModel, eps), ABI_FIELD(DecodeModel, scale),
+    ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, final_norm), ABI_FIELD(DecodeModel, route),
+    ABI_STRUCT(RouteBuffers),
+    ABI_FIELD(RouteBuffers, hidden), ABI_FIELD(RouteBuffers, ids), ABI_FIELD(RouteBuffers, weights),
+    ABI_ENUM(Routing, DENSE), ABI_ENUM(Routing, ROUTE_TOPK), ABI_ENUM(Routing, ROUTE_CALLBACK),
+    ABI_ENUM(Status, OK), ABI_ENUM(Status, ROUTE_FAILED), ABI_ENUM(Status, COPY_OUT_OF_RANGE),
+};
+
+extern "C" int64_t decode_step_abi(const char** names, int64_t* values, int64_t n) {
+    const int64_t count = sizeof(ABI) / sizeof(ABI[0]);
+    for (int64_t i = 0; i < std::min(n, count); i++) {
+        names[i] = ABI[i].name;
+        values[2 * i] = ABI[i].a;
+        values[2 * i + 1] = ABI[i].b;
+    }
+    return count;
 }

@@ -1,6 +1,11 @@
-"""The native CPU library: `cpu_linear.cpp` (matmul) and `cpu_ops.cpp` (the small per-layer ops),
-with their shared helpers in `cpu_simd.h`, built into one shared object on first use and loaded
-with ctypes.
+"""The native CPU library: `cpu_linear.cpp` (matmul), `cpu_ops.cpp` (the small per-layer ops) and
+`cpu_decode.cpp` (the one-call decode step), with their shared helpers in `cpu_simd.h`, built into
+one shared object on first use and loaded with ctypes.
+
+Its ABI has one source, `cpu_kernels.h`: the ctypes bindings of every entry point are generated
+from the header's prototypes at load (`prototypes`), and the decode step's structs and enums,
+mirrored below for ctypes, are checked at load against the layout the compiler exports
+(`decode_step_abi`, `check_abi`); a difference is one error naming the field.
 
 It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) and cached under
 `$TINYMOE_CACHE` (default `~/.cache/tinymoe`), keyed by the sources, flags and CPU. Without a
@@ -13,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import warnings
@@ -21,23 +27,123 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_simd.h", "cpu_kernels.h")]
+HEADER = Path(__file__).with_name("cpu_kernels.h")
+HEADERS = [Path(__file__).with_name("cpu_simd.h"), HEADER]
 # no FMA contraction of plain C arithmetic: a*b - c*d rounds as torch computes it (the kernels
-# that want FMAs call them explicitly)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# that want FMAs call them explicitly); an entry point not declared in cpu_kernels.h would get
+# no bindings, so a non-static function without a declaration is an error
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+         "-Werror=missing-declarations"]
 
-_i64, _ptr, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-SIGNATURES = {
-    "linear_bf16": [_ptr, _i32, _i64, _i64, _ptr, _i64, _ptr, _i32, _i32],
-    "linear_int8": [_ptr, _i32, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i32, _i32],
-    "moe_tokens_bf16": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32],
-    "rms_norm_bf16": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],
-    "rotary_bf16": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64],
-    "swiglu_bf16": [_ptr, _ptr, _i64, _i64],
-    "store_kv_bf16": [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],
-    "paged_decode_bf16": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _ptr, _i32],
-    "decode_step_bf16": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i32],
-}
+_SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
+_PROTOTYPE = re.compile(r"(?P<result>[\w\s*]+?)\s*\b(?P<name>\w+)\s*\((?P<params>[^()]*)\)")
+_PARAMETER = re.compile(r"(?P<type>[\w\s*]*?[\s*])(?P<name>\w+)")
+
+
+def _ctype(c_type: str, what: str, result: bool = False):
+    tokens = c_type.replace("*", " * ").split()
+    if "*" in tokens:
+        return ctypes.c_void_p
+    base = " ".join(t for t in tokens if t != "const")
+    if base in _SCALARS:
+        return _SCALARS[base]
+    if result and base == "void":
+        return None
+    known = "int, int64_t, float, void or a pointer" if result else "int, int64_t, float or a pointer"
+    raise ValueError(f"{HEADER.name}: {what} has type {' '.join(tokens)!r}, which native.py cannot bind ({known})")
+
+
+def prototypes(header: str) -> dict[str, tuple]:
+    """The entry points that the extern "C" block of `header` (cpu_kernels.h's text) declares:
+    name -> (restype, argtypes) for ctypes."""
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", header, flags=re.S)
+    blocks = re.findall(r'extern\s+"C"\s*\{([^{}]*)\}', text)
+    if not blocks or len(blocks) != len(re.findall(r'extern\s+"C"', text)):
+        raise ValueError(f'{HEADER.name}: the entry points must be prototypes inside extern "C" {{ ... }} blocks')
+    found = {}
+    for declaration in ";".join(blocks).split(";"):
+        declaration = " ".join(declaration.split())
+        if not declaration:
+            continue
+        m = _PROTOTYPE.fullmatch(declaration)
+        if m is None:
+            raise ValueError(f"{HEADER.name}: cannot read {declaration!r} as a prototype `type name(type name, ...)`")
+        name, params = m["name"], [p.strip() for p in m["params"].split(",")]
+        if name in found:
+            raise ValueError(f"{HEADER.name}: {name} is declared twice")
+        argtypes = []
+        for i, param in enumerate([] if params in ([""], ["void"]) else params, 1):
+            p = _PARAMETER.fullmatch(param)
+            if p is None:
+                raise ValueError(f"{HEADER.name}: parameter {i} of {name}, {param!r}, is not `type name`")
+            argtypes.append(_ctype(p["type"], f"parameter {p['name']!r} of {name}"))
+        found[name] = (_ctype(m["result"], f"the result of {name}", result=True), argtypes)
+    return found
+
+
+# The decode step's structs and enums (cpu_kernels.h), for ctypes; check_abi holds them to it.
+DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # Routing
+ROUTE_FAILED, COPY_OUT_OF_RANGE = 1, 2  # Status (OK is 0)
+ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("o", _ptr),
+                ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("routing", _i64), ("gate", _ptr),
+                ("w13", _ptr), ("w2", _ptr), ("copies", _i64), ("mlp_gate", _ptr), ("mlp_up", _ptr),
+                ("mlp_down", _ptr), ("mlp_I", _i64)]
+
+
+class DecodeModel(ctypes.Structure):
+    _fields_ = [("num_layers", _i64), ("D", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("E", _i64),
+                ("top_k", _i64), ("I", _i64), ("renormalize", _i64), ("block_size", _i64), ("eps", _f32),
+                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr), ("route", ROUTE_FN)]
+
+
+class RouteBuffers(ctypes.Structure):
+    _fields_ = [("hidden", _ptr), ("ids", _ptr), ("weights", _ptr)]
+
+
+STRUCTS = (DecodeLayer, DecodeModel, RouteBuffers)
+ENUMS = {"Routing.DENSE": DENSE, "Routing.ROUTE_TOPK": ROUTE_TOPK, "Routing.ROUTE_CALLBACK": ROUTE_CALLBACK,
+         "Status.OK": 0, "Status.ROUTE_FAILED": ROUTE_FAILED, "Status.COPY_OUT_OF_RANGE": COPY_OUT_OF_RANGE}
+
+
+def abi_table(lib) -> dict[str, tuple[int, int]]:
+    """The library's decode_step_abi: "Struct" -> (0, size), "Struct.field" -> (offset, size),
+    "Enum.VALUE" -> (value, 0)."""
+    n = lib.decode_step_abi(None, None, 0)
+    names, values = (ctypes.c_char_p * n)(), (ctypes.c_int64 * (2 * n))()
+    lib.decode_step_abi(names, values, n)
+    return {names[i].decode(): (values[2 * i], values[2 * i + 1]) for i in range(n)}
+
+
+def check_abi(table: dict[str, tuple[int, int]], structs, enums: dict[str, int]) -> None:
+    """Raise a ValueError naming the first field, struct or enum value where the ctypes mirror
+    (`structs`, `enums`: STRUCTS, ENUMS) differs from the library's `table` (abi_table)."""
+    mirror = {}
+    for struct in structs:
+        mirror[struct.__name__] = (0, ctypes.sizeof(struct))
+        for field, *_ in struct._fields_:
+            mirror[f"{struct.__name__}.{field}"] = (getattr(struct, field).offset, getattr(struct, field).size)
+    mirror.update({name: (value, 0) for name, value in enums.items()})
+    for key in table:
+        if key not in mirror:
+            raise ValueError(f"native ABI: {key} is in {HEADER.name} but not in native.py's ctypes mirror")
+    for key in mirror:
+        if key not in table:
+            raise ValueError(f"native ABI: {key} is in native.py's ctypes mirror but not in {HEADER.name}")
+    for key in sorted(table, key=lambda k: "." not in k):  # fields before whole structs: name the field
+        (a, b), (mine_a, mine_b) = table[key], mirror[key]
+        if (a, b) == (mine_a, mine_b):
+            continue
+        if key in enums:
+            raise ValueError(f"native ABI: {key} is {a} in {HEADER.name} but {mine_a} in native.py")
+        if "." in key:
+            raise ValueError(f"native ABI: {key} is at offset {a} ({b} bytes) in {HEADER.name} but at offset "
+                             f"{mine_a} ({mine_b} bytes) in ctypes")
+        raise ValueError(f"native ABI: {key} is {b} bytes in {HEADER.name} but {mine_b} in ctypes")
 
 
 def _cache_dir() -> Path:
@@ -73,14 +179,18 @@ def native():
     """The loaded library, or None (torch paths) with one warning saying why."""
     if os.environ.get("TINYMOE_NATIVE", "1") == "0":
         return None
+    bindings = prototypes(HEADER.read_text())  # before the build: a header it cannot bind is a bug
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"tinymoe: native CPU kernels unavailable, using torch ops ({detail.strip()[:200]})")
         return None
-    for name, args in SIGNATURES.items():
-        getattr(lib, name).argtypes = args
+    for name, (restype, argtypes) in bindings.items():
+        if not hasattr(lib, name):
+            raise ValueError(f"{HEADER.name} declares {name}, which the native library does not define")
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    check_abi(abi_table(lib), STRUCTS, ENUMS)
     return lib
 
 

@@ -15,32 +15,14 @@ import weakref
 
 import torch
 
-from ..kernels.cpu_linear import NATIVE_MAX_ROWS_WITH_BF16, native_bf16
-from ..kernels.native import native
+from ..kernels import cpu_linear
+# the decode step's structs and enums: cpu_kernels.h's, mirrored and checked at load in native.py
+from ..kernels.native import (COPY_OUT_OF_RANGE, DENSE, ROUTE_CALLBACK, ROUTE_FAILED, ROUTE_FN, ROUTE_TOPK,
+                              DecodeLayer, DecodeModel, RouteBuffers, native)
 from ..routing.topk import TopK
 from .transformer import DenseMLP, Linear, MoEBlock, Transformer
 
-_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # mirror cpu_decode.cpp's Routing
-ROUTE_FAILED, COPY_OUT_OF_RANGE = 1, 2  # and its Status
-ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
-
-
-class DecodeLayer(ctypes.Structure):  # mirrors cpu_decode.cpp
-    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("o", _ptr),
-                ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("routing", _i64), ("gate", _ptr),
-                ("w13", _ptr), ("w2", _ptr), ("copies", _i64), ("mlp_gate", _ptr), ("mlp_up", _ptr),
-                ("mlp_down", _ptr), ("mlp_I", _i64)]
-
-
-class DecodeModel(ctypes.Structure):
-    _fields_ = [("num_layers", _i64), ("D", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("E", _i64),
-                ("top_k", _i64), ("I", _i64), ("renormalize", _i64), ("block_size", _i64), ("eps", _f32),
-                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr), ("route", ROUTE_FN)]
-
-
-class RouteBuffers(ctypes.Structure):
-    _fields_ = [("hidden", _ptr), ("ids", _ptr), ("weights", _ptr)]
+_ptr = ctypes.c_void_p
 
 
 def _routing(block: MoEBlock) -> int:
@@ -215,7 +197,8 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
     """N decode tokens, one per sequence: input_ids and positions [N], caches
     [layers, blocks, block_size, KV, hd], slot_mapping [N] (int64), block_tables [N, W] and
     context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
-    if not covers(model, k_cache) or (native_bf16() and len(input_ids) > NATIVE_MAX_ROWS_WITH_BF16):
+    if not covers(model, k_cache) or (cpu_linear.native_bf16() and
+                                      len(input_ids) > cpu_linear.NATIVE_MAX_ROWS_WITH_BF16):
         return None  # (with bf16 instructions, torch's GEMM takes the projections of larger batches)
     desc, routing = _description(model, k_cache, v_cache, scale)
     if desc is None:
