@@ -136,3 +136,43 @@ def test_cli_calibrate_bench_eval(setup, tmp_path):
     assert res["router"] == "laser" and res["ppl"] > 1 and 0 <= res["agree_top1"] <= 1
     r = run(cli, ["bench", str(path), "--router", "nope", "--data", str(root / "data.txt")])
     assert r.exit_code != 0 and "valid routers" in r.output and "Traceback" not in r.output
+
+
+# --- progress bars end at their totals (they used to stop at 1150/1152 and 399/400) ---
+
+
+def _last_bar_line(stderr: str, desc: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith(f"{desc}:")]
+    assert lines and "\r" not in stderr, stderr
+    return lines[-1]
+
+
+def test_bench_eval_and_calibrate_bars_end_at_their_totals(tmp_path):
+    """The embedded tiny-mixtral through the CLI: stderr is not a terminal, so each bar writes a
+    few lines, and the last one shows all of its total done."""
+    from click.testing import CliRunner
+    from tinymoe.cli import cli
+    from tinymoe.weights import ASSETS
+    run = CliRunner().invoke
+    data = ASSETS / "data" / "heldout.txt"
+    # 2 routers x 1 round (batch 2, 2 sequences) x 3 passes (1 prefill + 2 decodes) = 6
+    r = run(cli, ["bench", "tiny", "--router", "topk,balanced", "--batch", "2", "--prompt-len", "8",
+                  "--gen-len", "3", "--sequences", "2", "--data", str(data), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert "| 6/6 [" in _last_bar_line(r.stderr, "bench")
+    assert "100%" in _last_bar_line(r.stderr, "loading tiny-mixtral")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join((ASSETS / "data" / "heldout_mc.jsonl").read_text().splitlines(True)[:7]))
+    r = run(cli, ["eval", "tiny", "--data", str(mc), "--mc-prompt", "{question}", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["items"] == 7 and "| 7/7 [" in _last_bar_line(r.stderr, "eval")
+    # top-k's 3 windows, then balanced's 3
+    r = run(cli, ["eval", "tiny", "--router", "balanced", "--data", str(data), "--window", "16",
+                  "--max-windows", "3", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert "| 6/6 [" in _last_bar_line(r.stderr, "eval")
+    # 1000 tokens in windows of 64: calibrate runs 15 whole windows (the bar used to say 16)
+    r = run(cli, ["calibrate", "tiny", "--data", str(data), "--out", str(tmp_path / "c.safetensors"),
+                  "--seq-len", "64", "--max-tokens", "1000", "--proto-steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "| 15/15 [" in _last_bar_line(r.stderr, "calibrate")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .evaluation import perplexity
+from .progress import bar
 from .routing import install, label, make_router
 from .routing.metrics import LoadRecorder, flat_fraction, measure_alpha_beta
 
@@ -121,10 +122,11 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
 
 def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
         gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
-        min_sequences: int = 16, engine: bool = True, progress=None, plan=None) -> dict:
+        min_sequences: int = 16, engine: bool = True, progress: bool = False, plan=None) -> dict:
     """The whole bench; top-k always runs as the reference. Every router in `routers` runs under
-    `plan` if given (rows say "laser+rnq"). Returns {"rows": [Row], "prefill": [dict], "heat":
-    {router: [layers, E]}, "alpha", "beta" (seconds), "devices"}."""
+    `plan` if given (rows say "laser+rnq"). With `progress`, a bar on stderr counts the model's
+    forward passes. Returns {"rows": [Row], "prefill": [dict], "heat": {router: [layers, E]},
+    "alpha", "beta" (seconds), "devices"}."""
     opts = check_routers(routers, router_opts or {}, plan)
     blocks = list(model.moe_blocks())
     if not blocks:
@@ -137,48 +139,50 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     wanted = [label(r, plan) for r in routers]
     names = ["topk"] + [r for r in routers if label(r, plan) != "topk"]
     rounds = {B: max(1, math.ceil(min_sequences / B)) for B in batches}
-    tick = progress(sum(len(names) * rounds[B] * gen_len for B in batches)) if progress else None
 
     out, prefill, heat, notes = [], [], {}, {}
-    for B in batches:
-        seqs = _windows(source, B * rounds[B], prompt_len + gen_len)
-        for i, name in enumerate(names):
-            with_plan = plan if i else None  # the first is the plain top-k reference
-            tag = label(name, with_plan)
-            install(model, name, calib, plan=with_plan, **opts.get(name, {}))
-            if "plan" in blocks[0].ctx.state:
-                notes[tag] = _plan_note(tag, blocks)
-            rec = LoadRecorder().attach(model)
-            parts = []
-            try:
-                for r in range(rounds[B]):  # small batches: several rounds, so enough tokens are scored
-                    parts.append(decode_teacher_forced(model, seqs[r * B:(r + 1) * B], prompt_len, rec, tick))
-            finally:
-                rec.detach(model)
-            nll, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            t_pre, t_dec = sum(p[2] for p in parts), sum(p[3] for p in parts)
-            flats = [p[4] for p in parts if p[4] is not None]
-            flat = sum(flats) / len(flats) if flats else None
-            dec = rec.summary("decode", devices, alpha, beta)
-            if i == 0:
-                ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
-            if tag not in wanted:
-                continue
-            speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
-                                      gen_len, with_plan) if engine else None
-            if speed is None:  # no engine: the bench driver's own timings
-                n = rounds[B] * B
-                speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
-            ppl = perplexity(nll)
-            out.append(Row(tag, B, *speed,
-                           dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
-                           dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
-                           float((top == ref_top).float().mean()),
-                           ref_time / dec["ep_time"] if dec["ep_time"] else math.nan))
-            prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
-                            **rec.summary("prefill", devices, alpha, beta)})
-            if B == max(batches):
-                heat[tag] = _heat(rec, model)
+    passes = sum(len(names) * rounds[B] * gen_len for B in batches)  # a round: 1 prefill, gen_len - 1 decodes
+    with bar(total=passes, desc="bench", unit="pass", disable=not progress) as counter:
+        for B in batches:
+            seqs = _windows(source, B * rounds[B], prompt_len + gen_len)
+            for i, name in enumerate(names):
+                with_plan = plan if i else None  # the first is the plain top-k reference
+                tag = label(name, with_plan)
+                install(model, name, calib, plan=with_plan, **opts.get(name, {}))
+                if "plan" in blocks[0].ctx.state:
+                    notes[tag] = _plan_note(tag, blocks)
+                rec = LoadRecorder().attach(model)
+                parts = []
+                try:
+                    for r in range(rounds[B]):  # small batches: several rounds, so enough tokens are scored
+                        rows = seqs[r * B:(r + 1) * B]
+                        parts.append(decode_teacher_forced(model, rows, prompt_len, rec, counter.update))
+                finally:
+                    rec.detach(model)
+                nll, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                t_pre, t_dec = sum(p[2] for p in parts), sum(p[3] for p in parts)
+                flats = [p[4] for p in parts if p[4] is not None]
+                flat = sum(flats) / len(flats) if flats else None
+                dec = rec.summary("decode", devices, alpha, beta)
+                if i == 0:
+                    ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
+                if tag not in wanted:
+                    continue
+                speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
+                                          gen_len, with_plan) if engine else None
+                if speed is None:  # no engine: the bench driver's own timings
+                    n = rounds[B] * B
+                    speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
+                ppl = perplexity(nll)
+                out.append(Row(tag, B, *speed,
+                               dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
+                               dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
+                               float((top == ref_top).float().mean()),
+                               ref_time / dec["ep_time"] if dec["ep_time"] else math.nan))
+                prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
+                                **rec.summary("prefill", devices, alpha, beta)})
+                if B == max(batches):
+                    heat[tag] = _heat(rec, model)
     install(model, "topk")
     return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
             "notes": list(notes.values()), "layers": [b.ctx.layer for b in blocks]}
@@ -256,7 +260,7 @@ def format_rows(result: dict, fmt: str) -> str:
         lines.append(f"| {p['router']} | {p['batch']} | {p['tokens']} | {p['i_agg']:.3f} | "
                      f"{p['i_agg_pooled']:.3f} | {p['i_dev']:.3f} | {p['gini']:.3f} | {p['minmax']:.3f} |")
     lines += [""] + result.get("notes", [])
-    lines.append(f"\nEP speedup is modelled (ALGORITHMS.md section 7) with alpha = "
+    lines.append(f"\nEP speedup is modelled (docs/routing.md, section 9) with alpha = "
                  f"{result['alpha'] * 1e6:.2f} us/token, beta = {result['beta'] * 1e6:.2f} us/expert "
                  f"measured here, on {G} devices.")
     return "\n".join(lines)

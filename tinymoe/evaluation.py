@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .progress import bar
+
 
 def read_tokens(tokenizer, path) -> torch.Tensor:
     path = Path(path)
@@ -87,14 +89,14 @@ def _answer_index(answer, choices, labels) -> int:
 
 
 @torch.no_grad()
-def multiple_choice(model, tokenizer, items: list[dict], progress=None,
+def multiple_choice(model, tokenizer, items: list[dict], progress: bool = False,
                     prompt: str = "Question: {question}\nAnswer:") -> dict:
     """Pick the choice whose tokens are most likely after the question (written into `prompt`,
     the choice following after a space); `acc` on the summed log-likelihood, `acc_norm` divided
-    by the choice's length in characters."""
+    by the choice's length in characters. With `progress`, a bar on stderr counts the items."""
     device = next(model.parameters()).device
     correct = correct_norm = 0
-    for item in items:
+    for item in bar(items, desc="eval", unit="item", disable=not progress):
         question = prompt.format(question=item["question"])
         context = tokenizer.encode(question, add_bos=True)
         conts = [tokenizer.encode(f"{question} {c}", add_bos=True)[len(context):]
@@ -111,25 +113,28 @@ def multiple_choice(model, tokenizer, items: list[dict], progress=None,
         norm = [s / max(1, len(ch)) for s, ch in zip(scores, item["choices"])]
         correct += max(range(len(scores)), key=scores.__getitem__) == item["answer"]
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == item["answer"]
-        if progress:
-            progress(1)
     return {"items": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
 
 
 def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None, window: int = 128,
-                  batch: int = 8, max_windows: int | None = None, progress=None, plan=None, **opts) -> dict:
+                  batch: int = 8, max_windows: int | None = None, progress: bool = False, plan=None,
+                  **opts) -> dict:
     """Perplexity of `router` (under `plan` if given) and its top-1 agreement with top-k on the
-    same windows."""
+    same windows. With `progress`, a bar on stderr counts the windows scored (top-k's, then the
+    router's)."""
     from .routing import install, label
     rows = windows(tokens, window, max_windows)
-    install(model, "topk")
-    ref_nll, ref_top = teacher_forced(model, rows, batch, progress)
-    if router == "topk" and plan is None:
-        nll, top = ref_nll, ref_top
-    else:
-        install(model, router, calib, plan=plan, **opts)
-        nll, top = teacher_forced(model, rows, batch, progress)
+    same = router == "topk" and plan is None
+    with bar(total=rows.shape[0] * (1 if same else 2), desc="eval", unit="window",
+             disable=not progress) as counter:
         install(model, "topk")
+        ref_nll, ref_top = teacher_forced(model, rows, batch, counter.update)
+        if same:
+            nll, top = ref_nll, ref_top
+        else:
+            install(model, router, calib, plan=plan, **opts)
+            nll, top = teacher_forced(model, rows, batch, counter.update)
+            install(model, "topk")
     ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)
     return {"router": label(router, plan), "tokens": int(nll.numel()), "ppl": ppl, "ppl_topk": ref_ppl,
             "ppl_delta_pct": 100 * (ppl / ref_ppl - 1), "agree_top1": float((top == ref_top).float().mean())}

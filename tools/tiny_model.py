@@ -32,7 +32,7 @@ class TinyConfig:
     rope_theta: float = 1e6
     rms_eps: float = 1e-5
     aux_coef: float = 1e-3        # switch load-balancing loss (softmax routers only)
-    # Latent prototype routing (ALGORITHMS.md section 3, second way).
+    # Latent prototype routing (docs/routing.md, section 4: trained with the model).
     latent_dim: int = 16
     tau: float = 0.1
     lambda_r: float = 0.01

@@ -29,8 +29,8 @@ TOKENIZER = ("sentencepiece BPE, 4096 pieces, byte fallback, `<unk>`=0 `<s>`=1 `
 ROUTING = {
     "tiny-mixtral": "softmax gate, top-2, weights renormalised over the chosen two (Mixtral), "
                     "switch load-balancing loss 1e-3 per layer.",
-    "tiny-lpr": "latent prototype routing (ALGORITHMS.md section 3, second way): mu = A SiLU(LN(x)) + a "
-                "(d=16), a variance head, z = mu + sigma eps in training, 8 prototypes, scores "
+    "tiny-lpr": "latent prototype routing (docs/routing.md, section 4: trained with the model): "
+                "mu = A SiLU(LN(x)) + a (d=16), a variance head, z = mu + sigma eps in training, 8 prototypes, scores "
                 "cos(z, P)/tau with tau = {tau} fixed, top-2, weights softmax over the chosen scores; "
                 "loss per layer lambda_R (beta_div L_div + beta_KL KL + beta_align L_align) with "
                 "lambda_R = {lambda_r}, beta_div = {beta_div}, beta_KL = {beta_kl}, beta_align = {beta_align}, "

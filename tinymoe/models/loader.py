@@ -1,8 +1,8 @@
 """Build a Transformer for a checkpoint and fill it tensor by tensor from its safetensors."""
 import torch
-from tqdm import tqdm
 
 from ..config import load_config
+from ..progress import bar
 from ..weights import Checkpoint, resolve
 from . import deepseek_moe, mixtral, qwen3_moe
 from ..routing.prototype_gate import PrototypeGate
@@ -49,8 +49,8 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False) ->
     params = list(model.named_parameters())
     try:
         with torch.no_grad():
-            for name, param in tqdm(params, desc=f"loading {model_dir.name}", unit="tensor",
-                                    disable=not progress, leave=False):
+            for name, param in bar(params, desc=f"loading {model_dir.name}", unit="tensor",
+                                   disable=not progress):
                 _fill(param, name, ckpt, layout, cfg)
     finally:
         ckpt.close()
