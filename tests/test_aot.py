@@ -5,14 +5,17 @@ import re
 import subprocess
 import sys
 
+import pytest
 
-def test_aot_compiles_paged_attention_for_sm80():
+
+# decode: the split-slice variants; varlen prefill: its per-program sequence search (a while loop)
+@pytest.mark.parametrize("kernel", ["paged_attention_decode_bf16_g4", "paged_attention_prefill_varlen_bf16_g4"])
+def test_aot_compiles_paged_attention_for_sm80(kernel):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "tinymoe.kernels.aot", "--arch", "80",
-                           "--only", "paged_attention_decode_bf16_g4"],
+    done = subprocess.run([sys.executable, "-m", "tinymoe.kernels.aot", "--arch", "80", "--only", kernel],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    line = re.search(r"^paged_attention_decode_bf16_g4\S*\s+sm_80\s+ok\s+ptx\s+([\d.]+) KiB\s+cubin\s+([\d.]+) KiB",
+    line = re.search(rf"^{kernel}\S*\s+sm_80\s+ok\s+ptx\s+([\d.]+) KiB\s+cubin\s+([\d.]+) KiB",
                      done.stdout, re.M)
     assert line, done.stdout
     assert float(line[1]) > 1 and float(line[2]) > 1  # real PTX text and a real cubin

@@ -1,4 +1,4 @@
-"""RMSNorm, rotary, store_kv, paged-attention decode and prefill: each Triton kernel (run by Triton's
+"""RMSNorm, rotary, store_kv, paged-attention decode, prefill and varlen prefill: each Triton kernel (run by Triton's
 interpreter on CPU) and each torch twin against a float64 reference on fresh random inputs.
 Every torch.empty/empty_like is NaN-poisoned while an op runs, so a row it forgets fails."""
 import math
@@ -239,6 +239,58 @@ def test_paged_attention_prefill(impl, dtype, n, context_len, H, KV, hd, block_s
         assert_close(out, ref, bf16_ulps(dtype, 1))
     else:
         assert_close(out, ref, 1, atol=2.0 ** -7 * magnitude)
+
+
+def varlen_case(new_tokens, context_lens, H, KV, hd, block_size, dtype):
+    """Ragged prefills packed as the engine packs them: q [sum(new_tokens), H, hd]."""
+    _, k_cache, v_cache, tables, lens = paged_case(context_lens, H, KV, hd, block_size, dtype)
+    q = torch.randn(sum(new_tokens), H, hd, dtype=dtype)
+    cu = torch.tensor([0] + new_tokens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, cu, lens
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("new_tokens,context_lens,H,KV,hd,block_size", [
+    ([7, 5, 1], [7, 13, 9], 6, 2, 16, 4),    # fresh, cached prefix of 8, one new token; GQA groups of 3
+    ([20, 3], [20, 40], 4, 1, 16, 8),        # MQA: several query tiles, two key tiles
+    ([9, 0, 2], [9, 4, 6], 2, 2, 16, 4),     # MHA; a sequence with no new tokens takes no rows
+])
+def test_paged_attention_prefill_varlen(impl, dtype, new_tokens, context_lens, H, KV, hd, block_size, poisoned):
+    q, k_cache, v_cache, tables, cu, lens = varlen_case(new_tokens, context_lens, H, KV, hd, block_size, dtype)
+    out = run(impl, kernels.paged_attention_prefill_varlen, q, k_cache, v_cache, tables, cu, lens, hd ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    for s, L in enumerate(context_lens):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        if lo == hi:
+            continue
+        ref, magnitude = prefill_ref(q[lo:hi], k_cache, v_cache, tables[s], L, hd ** -0.5)
+        if impl == "triton" or dtype == torch.float32:
+            assert_close(out[lo:hi], ref, bf16_ulps(dtype, 1))  # fp32 inside, one rounding on the store
+        else:
+            assert_close(out[lo:hi], ref, 1, atol=2.0 ** -7 * magnitude)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_attention_prefill_varlen_rejects_bad_inputs(impl):
+    q, k_cache, v_cache, tables, cu, lens = varlen_case([3, 2], [3, 6], 4, 2, 16, 4, torch.float32)
+    op = kernels.paged_attention_prefill_varlen
+    with pytest.raises(ValueError, match=r"^paged_attention_prefill_varlen: q \(5, 3, 16\) does not fit a cache "
+                                         r"of \(4, 4, 2, 16\) \(query heads must be a multiple of KV heads\)$"):
+        run(impl, op, q[:, :3], k_cache, v_cache, tables, cu, lens, 1.0)
+    with pytest.raises(ValueError, match=r"^paged_attention_prefill_varlen: block_tables \(2, 3\), cu_seqlens_q "
+                                         r"\(2,\) and context_lens \(2,\) must be \[S, max_blocks\], \[S \+ 1\] and \[S\]$"):
+        run(impl, op, q, k_cache, v_cache, tables, cu[1:], lens, 1.0)
+    with pytest.raises(TypeError, match=r"^paged_attention_prefill_varlen: cu_seqlens_q must be int32, got torch.int64$"):
+        run(impl, op, q, k_cache, v_cache, tables, cu.long(), lens, 1.0)
+    with pytest.raises(ValueError, match=r"^paged_attention_prefill_varlen: cu_seqlens_q must rise from 0 to the 5 "
+                                         r"query rows, got \[0, 3, 4\]$"):
+        run(impl, op, q, k_cache, v_cache, tables, torch.tensor([0, 3, 4], dtype=torch.int32), lens, 1.0)
+    with pytest.raises(ValueError, match=r"^paged_attention_prefill_varlen: sequence 1 has 2 new tokens and "
+                                         r"context_len 13, its block table holds 12 tokens$"):
+        run(impl, op, q, k_cache, v_cache, tables, cu, torch.tensor([3, 13], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="sequence 0 has 3 new tokens and context_len 2"):
+        run(impl, op, q, k_cache, v_cache, tables, cu, torch.tensor([2, 6], dtype=torch.int32), 1.0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

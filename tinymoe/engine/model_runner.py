@@ -1,7 +1,6 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..models.native_decode import decode_step
@@ -9,20 +8,26 @@ from .scheduler import Batch
 from .sequence import Sequence
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One whole sequence: q [n, H, hd], k/v [n, KV, hd]."""
-    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                          is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+def step_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A step's host-built ints on the device. On CUDA they are built in pinned memory and copied
+    asynchronously (torch.tensor(..., device=cuda) waits for each copy); the pinned allocator
+    keeps the buffer until its copy is done."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @dataclass
 class StepLayout:
     """Where this step's packed tokens go in the cache and what each one attends to."""
-    slot_mapping: torch.Tensor           # [N]
-    decode_rows: torch.Tensor | None     # rows with one new token (None: every row)
-    block_tables: torch.Tensor | None    # [D, max_blocks] for those rows
-    context_lens: torch.Tensor | None    # [D]
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (first row, end row, context_len, block table)
+    slot_mapping: torch.Tensor             # [N]
+    decode_rows: torch.Tensor | None       # rows with one new token (None: every row, or no row)
+    block_tables: torch.Tensor | None      # [D, max_blocks] for those rows
+    context_lens: torch.Tensor | None      # [D]
+    prefill_rows: torch.Tensor | None      # rows of the prefilling sequences (None: every row, or no row)
+    prefill_tables: torch.Tensor | None    # [P, max_blocks] int32 for those P sequences
+    prefill_cu_seqlens: torch.Tensor | None  # [P + 1] int32: where each one's rows start among them
+    prefill_lens: torch.Tensor | None      # [P] int32 context lengths
 
 
 class PagedKVCache:
@@ -40,17 +45,18 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, kc, vc = self.layout, self.k[layer], self.v[layer]
         kernels.store_kv(k, v, kc, vc, s.slot_mapping)
-        if not s.prefills:
+        if s.prefill_tables is None:
             return kernels.paged_attention_decode(q, kc, vc, s.block_tables, s.context_lens, self.scale)
+
+        def prefill(rows):  # every prefilling sequence in one call
+            return kernels.paged_attention_prefill_varlen(rows, kc, vc, s.prefill_tables, s.prefill_cu_seqlens,
+                                                          s.prefill_lens, self.scale)
+        if s.decode_rows is None:
+            return prefill(q)
         out = torch.empty_like(q)
-        if s.decode_rows is not None:
-            out[s.decode_rows] = kernels.paged_attention_decode(q[s.decode_rows], kc, vc, s.block_tables,
-                                                                s.context_lens, self.scale)
-        for lo, hi, context_len, table in s.prefills:
-            if context_len == hi - lo:  # nothing cached before: attend to the new k/v directly
-                out[lo:hi] = causal_attention(q[lo:hi], k[lo:hi], v[lo:hi], self.scale)
-            else:
-                out[lo:hi] = kernels.paged_attention_prefill(q[lo:hi], kc, vc, table, context_len, self.scale)
+        out[s.decode_rows] = kernels.paged_attention_decode(q[s.decode_rows], kc, vc, s.block_tables,
+                                                            s.context_lens, self.scale)
+        out[s.prefill_rows] = prefill(q[s.prefill_rows])
         return out
 
 
@@ -65,7 +71,12 @@ class ModelRunner:
                                   weight.dtype, weight.device)
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return step_tensor(values, dtype, self.device)
+
+    def _tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """[len(tables), longest] int32, short rows padded with block 0 (never read: masked by length)."""
+        width = max(map(len, tables))
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -73,7 +84,8 @@ class ModelRunner:
         scheduled tokens reach their end (the ones that sample a token now), and those sequences."""
         bs = self.block_size
         ids, pos, slots = [], [], []
-        dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
+        dec_rows, dec_tables, dec_lens = [], [], []
+        pre_rows, pre_tables, pre_starts, pre_lens = [], [], [0], []
         last_rows, sampled = [], []
         for seq, n in batch:
             start, end, row, table = seq.num_computed, seq.num_computed + n, len(ids), seq.block_table
@@ -85,24 +97,30 @@ class ModelRunner:
                 dec_tables.append(table)
                 dec_lens.append(end)
             else:
-                prefills.append((row, row + n, end, self._tensor(table[:-(-end // bs)], torch.int32)))
+                pre_rows += range(row, row + n)
+                pre_tables.append(table[:-(-end // bs)])
+                pre_starts.append(pre_starts[-1] + n)
+                pre_lens.append(end)
             if end == len(seq):
                 last_rows.append(row + n - 1)
                 sampled.append(seq)
         block_tables = context_lens = decode_rows = None
         if dec_rows:
-            width = max(map(len, dec_tables))
-            block_tables = self._tensor([t + [0] * (width - len(t)) for t in dec_tables], torch.int32)
-            context_lens = self._tensor(dec_lens, torch.int32)
-            if prefills:
-                decode_rows = self._tensor(dec_rows)
+            block_tables, context_lens = self._tables(dec_tables), self._tensor(dec_lens, torch.int32)
+        prefill_tables = cu_seqlens = prefill_lens = prefill_rows = None
+        if pre_tables:
+            prefill_tables, prefill_lens = self._tables(pre_tables), self._tensor(pre_lens, torch.int32)
+            cu_seqlens = self._tensor(pre_starts, torch.int32)
+        if dec_rows and pre_tables:
+            decode_rows, prefill_rows = self._tensor(dec_rows), self._tensor(pre_rows)
         ids, pos, slots = self._tensor(ids), self._tensor(pos), self._tensor(slots)
         hidden = None
-        if not prefills:  # decodes only: the whole step in one native call, when the model allows
+        if not pre_tables:  # decodes only: the whole step in one native call, when the model allows
             c = self.cache
             hidden = decode_step(self.model, ids, pos, c.k, c.v, slots, block_tables, context_lens, c.scale)
         if hidden is None:
-            self.cache.layout = StepLayout(slots, decode_rows, block_tables, context_lens, prefills)
+            self.cache.layout = StepLayout(slots, decode_rows, block_tables, context_lens,
+                                           prefill_rows, prefill_tables, cu_seqlens, prefill_lens)
             try:
                 hidden = self.model.hidden_states(ids[None], pos[None], self.cache)[0]
             finally:

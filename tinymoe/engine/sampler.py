@@ -28,6 +28,19 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def generator_for(seq: Sequence, device: torch.device) -> torch.Generator | None:
+    """The seeded request's own generator on `device` (None when unseeded), made from the seed at its
+    first sample, so the stream is the same whatever the batch and wherever the model runs."""
+    if seq.params.seed is None:
+        return None
+    if seq.generator is None:
+        seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+    elif seq.generator.device != device:
+        raise ValueError(f"request {seq.seq_id}: its seeded generator is on {seq.generator.device}, "
+                         f"its logits on {device}")
+    return seq.generator
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token per sequence from `logits [B, V]`, each with its own SamplingParams."""
     params = [s.params for s in seqs]
@@ -51,11 +64,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         probs = filtered.softmax(-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per seeded request.
         race = torch.empty_like(probs)
-        unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+        generators = [generator_for(seqs[i], race.device) for i in rows]
+        unseeded = [j for j, g in enumerate(generators) if g is None]
         if unseeded:
             race[unseeded] = race[unseeded].exponential_()
-        for j, i in enumerate(rows):
-            if seqs[i].generator is not None:
-                race[j].exponential_(generator=seqs[i].generator)
+        for j, g in enumerate(generators):
+            if g is not None:
+                race[j].exponential_(generator=g)
         tokens[idx] = (probs / race).argmax(-1)
     return tokens.tolist()

@@ -28,9 +28,9 @@ class Sequence:
         self.num_cached_prompt = 0   # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        # a seeded request's random stream; the sampler makes it on the logits' device at the
+        # first sample (a CPU generator cannot drive CUDA tensors)
+        self.generator: torch.Generator | None = None
         self.text = ""
         self.detokenizer = None  # set by the engine when it has a tokenizer
         self.emitted = 0         # characters of text already streamed

@@ -1,6 +1,7 @@
 """Paged KV cache: writing new keys/values into their slots, and attention through the block
 table for decode (one new token per sequence) and prefill (a sequence's new tokens over its
-cached prefix). Layout in docs/DESIGN.md. Torch twins and Triton kernels.
+cached prefix; the varlen op does every prefilling sequence of a step in one call). Layout in
+docs/DESIGN.md. Torch twins and Triton kernels.
 
 k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot = block * block_size + offset.
 """
@@ -91,6 +92,63 @@ def paged_attention_prefill_torch(q, k_cache, v_cache, block_table, context_len:
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                          scale=scale, enable_gqa=KV != H)
     return out.transpose(0, 1)
+
+
+def _check_varlen(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens):
+    _check_cache(k_cache, v_cache)
+    name = "paged_attention_prefill_varlen"
+    if q.dim() != 3 or q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not fit a cache of {tuple(k_cache.shape)} "
+                         f"(query heads must be a multiple of KV heads)")
+    S = context_lens.shape[0] if context_lens.dim() == 1 else -1
+    if S < 0 or block_tables.dim() != 2 or block_tables.shape[0] != S or cu_seqlens_q.shape != (S + 1,):
+        raise ValueError(f"{name}: block_tables {tuple(block_tables.shape)}, cu_seqlens_q "
+                         f"{tuple(cu_seqlens_q.shape)} and context_lens {tuple(context_lens.shape)} must be "
+                         f"[S, max_blocks], [S + 1] and [S]")
+    for label, t in (("block_tables", block_tables), ("cu_seqlens_q", cu_seqlens_q), ("context_lens", context_lens)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: {label} must be int32, got {t.dtype}")
+
+
+def _check_varlen_values(N, starts, lens, capacity):
+    """Host values (free on CPU; on a GPU the Triton twin skips this rather than wait for the device)."""
+    if starts[0] != 0 or starts[-1] != N or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"paged_attention_prefill_varlen: cu_seqlens_q must rise from 0 to the {N} query "
+                         f"rows, got {starts}")
+    for s, L in enumerate(lens):
+        if not starts[s + 1] - starts[s] <= L <= capacity:
+            raise ValueError(f"paged_attention_prefill_varlen: sequence {s} has {starts[s + 1] - starts[s]} new "
+                             f"tokens and context_len {L}, its block table holds {capacity} tokens")
+
+
+def _gathered(cache, table, context_len):
+    """[KV, L, hd]: the first `context_len` cached rows of one sequence."""
+    blocks = table[:-(-context_len // cache.shape[1])]
+    return cache.index_select(0, blocks).flatten(0, 1)[:context_len].transpose(0, 1)
+
+
+def paged_attention_prefill_varlen_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    """Every prefilling sequence of a step in one call. q [N, H, hd] packs their new tokens:
+    rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] are the last ones of sequence s, which attend causally
+    over its first context_lens[s] cached tokens (a cached prefix, then those new ones, already
+    stored) through block_tables[s]."""
+    _check_varlen(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    _check_varlen_values(q.shape[0], starts, lens, block_tables.shape[1] * k_cache.shape[1])
+    out = torch.empty_like(q)
+    gqa = k_cache.shape[2] != q.shape[1]
+    for s, L in enumerate(lens):
+        lo, hi = starts[s], starts[s + 1]
+        if lo == hi:
+            continue
+        k = _gathered(k_cache, block_tables[s], L).to(q.dtype)
+        v = _gathered(v_cache, block_tables[s], L).to(q.dtype)
+        mask = None  # nothing cached before: plain causal attention (SDPA's causal kernels)
+        if L != hi - lo:
+            mask = torch.arange(L, device=q.device) <= torch.arange(L - (hi - lo), L, device=q.device)[:, None]
+        out[lo:hi] = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
+                                                    scale=scale, enable_gqa=gqa).transpose(0, 1)
+    return out
 
 
 @triton.jit
@@ -322,6 +380,105 @@ def paged_attention_prefill_triton(q, k_cache, v_cache, block_table, context_len
     return out
 
 
+@triton.jit
+def _paged_prefill_varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr,
+                                 context_lens_ptr, out_ptr,
+                                 scale, num_seqs, max_blocks, block_size, stride_block, stride_slot, stride_head,
+                                 H, KV, HD,
+                                 FAST_DOT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (tile of BLOCK_Q new tokens of one sequence, KV head): the tile's tokens
+    times the BLOCK_G query heads of that KV head are the rows of one flash-attention tile, so
+    each K/V tile is loaded once for the whole group. Causal from the sequence's first new token."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Sequence s owns the tiles from cu_seqlens[s] // BLOCK_Q + s on: room for all its tiles
+    # with no host-side lengths (a few spare tiles do nothing). Binary search for this tile's.
+    lo = tl.zeros([], tl.int32)
+    hi = tl.zeros([], tl.int32) + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid
+        else:
+            hi = mid
+    q_start = tl.load(cu_seqlens_ptr + lo)
+    n = tl.load(cu_seqlens_ptr + lo + 1) - q_start
+    first = (tile - q_start // BLOCK_Q - lo) * BLOCK_Q  # this tile's first new token in the sequence
+    if first < n:
+        context_len = tl.load(context_lens_ptr + lo)
+        group = H // KV
+        r = tl.arange(0, BLOCK_Q * BLOCK_G)
+        tok = first + r // BLOCK_G
+        g = r % BLOCK_G
+        d = tl.arange(0, BLOCK_D)
+        row_mask = (tok < n) & (g < group)
+        d_mask = d < HD
+        q_offs = ((q_start + tok).to(tl.int64) * H + kv_head * group + g)[:, None] * HD + d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        if not FAST_DOT:
+            q = q.to(tl.float32)
+        # rows past n get positions past the context: they see every key and stay finite, unstored
+        pos = context_len - n + tok
+        table = block_tables_ptr + lo.to(tl.int64) * max_blocks
+
+        m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], tl.float32)
+        end = tl.minimum(context_len, context_len - n + first + BLOCK_Q)
+        for start in range(0, end, BLOCK_N):
+            key = start + tl.arange(0, BLOCK_N)
+            k_mask = key < context_len
+            block = tl.load(table + key // block_size, mask=k_mask, other=0)
+            offs = (block.to(tl.int64) * stride_block + (key % block_size) * stride_slot
+                    + kv_head * stride_head)[:, None] + d[None, :]
+            kv_mask = k_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+            if FAST_DOT:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            s = tl.where((key[None, :] <= pos[:, None]) & k_mask[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            if FAST_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            m = m_new
+        tl.store(out_ptr + q_offs, (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & d_mask[None, :])
+
+
+def _varlen_tile(group: int, fast_dot: bool, tokens: int) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_G): about _prefill_rows rows of tokens x grouped heads, at least 16 (tl.dot)."""
+    block_g = triton.next_power_of_2(group)
+    block_q = min(max(1, _prefill_rows(fast_dot) // block_g), triton.next_power_of_2(max(tokens, 1)))
+    return max(block_q, 16 // block_g, 1), block_g
+
+
+def paged_attention_prefill_varlen_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    _check_varlen(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    N, H, hd = q.shape
+    S, KV = context_lens.shape[0], k_cache.shape[2]
+    if not q.is_cuda:  # the values are on the host anyway (the interpreter)
+        _check_varlen_values(N, cu_seqlens_q.tolist(), context_lens.tolist(), block_tables.shape[1] * k_cache.shape[1])
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if N and S:
+        fast = q.is_cuda and q.dtype != torch.float32
+        block_q, block_g = _varlen_tile(H // KV, fast, N)
+        _paged_prefill_varlen_kernel[(N // block_q + S, KV)](
+            q, k_cache, v_cache, block_tables.contiguous(), cu_seqlens_q.contiguous(), context_lens.contiguous(), out,
+            scale, S, block_tables.shape[1], k_cache.shape[1], k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), H, KV, hd,
+            FAST_DOT=fast, BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=32, BLOCK_D=max(16, triton.next_power_of_2(hd)))
+    return out
+
+
 def _rows(t: torch.Tensor) -> bool:
     """[N, heads, hd] with packed heads; rows may be strided (views into a fused projection)."""
     return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
@@ -356,6 +513,7 @@ store_kv = dispatch(store_kv_torch, store_kv_triton, store_kv_native)
 paged_attention_decode = dispatch(paged_attention_decode_torch, paged_attention_decode_triton,
                                   paged_attention_decode_native)
 paged_attention_prefill = dispatch(paged_attention_prefill_torch, paged_attention_prefill_triton)
+paged_attention_prefill_varlen = dispatch(paged_attention_prefill_varlen_torch, paged_attention_prefill_varlen_triton)
 
 
 def _aot_store(dtype: str, kv_heads: int, head_dim: int):
@@ -395,8 +553,22 @@ def _aot_prefill(dtype: str, head_dim: int, fast: bool):
             {"FAST_DOT": fast, "BLOCK_M": _prefill_rows(fast), "BLOCK_N": 32, "BLOCK_D": head_dim})
 
 
+def _aot_prefill_varlen(dtype: str, group: int, head_dim: int, fast: bool):
+    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+           "block_tables_ptr": "*i32", "cu_seqlens_ptr": "*i32", "context_lens_ptr": "*i32", "out_ptr": f"*{dtype}",
+           "scale": "fp32", "num_seqs": "i32", "max_blocks": "i32", "block_size": "i32", "stride_block": "i32",
+           "stride_slot": "i32", "stride_head": "i32", "H": "i32", "KV": "i32", "HD": "i32",
+           "FAST_DOT": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr",
+           "BLOCK_D": "constexpr"}
+    block_q, block_g = _varlen_tile(group, fast, 1 << 20)
+    return (f"paged_attention_prefill_varlen_{dtype}_g{group}_d{head_dim}", _paged_prefill_varlen_kernel, sig,
+            {"FAST_DOT": fast, "BLOCK_Q": block_q, "BLOCK_G": block_g, "BLOCK_N": 32, "BLOCK_D": head_dim})
+
+
 AOT_KERNELS = ([_aot_store(dtype, 8, 128) for dtype in ("bf16", "fp16", "fp32")]
                + [_aot_decode(dtype, group, 128, split) for dtype in ("bf16", "fp16", "fp32")
                   for group, split in ((1, False), (4, False), (4, True), (8, True))]
                + [_aot_reduce(dtype, 4, 128) for dtype in ("bf16", "fp16", "fp32")]
-               + [_aot_prefill(dtype, 128, dtype != "fp32") for dtype in ("bf16", "fp16", "fp32")])
+               + [_aot_prefill(dtype, 128, dtype != "fp32") for dtype in ("bf16", "fp16", "fp32")]
+               + [_aot_prefill_varlen(dtype, group, 128, dtype != "fp32") for dtype in ("bf16", "fp16", "fp32")
+                  for group in (1, 4, 8)])
