@@ -117,3 +117,20 @@ def test_wrong_shape(ckpt):
 def test_bad_dtype_argument(tiny_deepseek):
     with pytest.raises(ValueError, match="unknown dtype"):
         tinymoe.load_model(tiny_deepseek, dtype="int3")
+
+
+def test_a_file_inside_a_checkpoint_means_its_folder(tmp_path):
+    path = checkpoints.mixtral(tmp_path / "m", shard=True)
+    shard = sorted(path.glob("*.safetensors"))[0]
+    for f in (shard, path / "config.json", path / "model.safetensors.index.json"):
+        assert resolve(f) == path and resolve(str(f)) == path
+    assert tinymoe.load_model(shard).config.family == "mixtral"
+    stray = tmp_path / "weights.safetensors"
+    stray.write_bytes(shard.read_bytes())
+    with pytest.raises(CheckpointError) as e:
+        tinymoe.load_model(stray)
+    assert one_line(e) == (f"{stray} is a file and its folder has no config.json; pass the checkpoint directory "
+                           "(the one holding config.json and the .safetensors files)")
+    with pytest.raises(CheckpointError) as e:
+        resolve(tmp_path / "missing.safetensors")
+    assert one_line(e) == f"model {str(tmp_path / 'missing.safetensors')!r} not found: no such file or directory"

@@ -72,6 +72,9 @@ def deepseek_reference(path, ids):
             @ W[p + "down_proj.weight"].T
 
     inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if cfg.get("rope_scaling"):  # DeepSeek's linear scaling divides the positions by the factor
+        assert cfg["rope_scaling"]["type"] == "linear"
+        inv = inv / cfg["rope_scaling"]["factor"]
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
@@ -176,3 +179,87 @@ def test_fused_qkv_follows_the_parameters(tiny_mixtral):
         attn.v_proj.weight.zero_()
         assert attn.qkv_weight()[-attn.v_proj.weight.shape[0]:].abs().sum() == 0
     assert before.dtype == torch.float32
+
+
+def _published_rope_scaling(path, scaling: dict):
+    """Rewrite config.json the way a model card says to: a top-level `rope_scaling` (and
+    rope_theta), as published checkpoints carry it; transformers and tinymoe read the same file."""
+    cfg = json.loads((path / "config.json").read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_theta": theta, "rope_scaling": scaling}))
+    return path
+
+
+# Short pre-training lengths so the 40-token inputs run past them and the YaRN ramp covers pairs.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+ROPE_SCALINGS = [
+    {"type": "linear", "factor": 2.5},                                     # old spelling: "type"
+    YARN,                                                                  # Qwen3's model card, scaled down
+    {**YARN, "factor": 3.0, "beta_fast": 8, "beta_slow": 2, "truncate": False},
+    {**YARN, "mscale": 0.8, "mscale_all_dim": 0.5},                        # DeepSeek's attention factor
+    {**YARN, "attention_factor": 1.3},
+]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("family", ["mixtral", "qwen3"])
+def test_rope_scaling_matches_transformers(tmp_path, family, scaling):
+    if family == "mixtral":
+        # head_dim given: transformers' YaRN reads config.head_dim, which Mixtral leaves None otherwise
+        path = checkpoints.mixtral(tmp_path, num_hidden_layers=2, head_dim=8, rope_theta=500.0, seed=4)
+    else:
+        path = checkpoints.qwen3_moe(tmp_path, num_hidden_layers=2, rope_theta=1000.0, seed=5)
+    path = _published_rope_scaling(path, scaling)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(6))
+    model = tinymoe.load_model(path)
+    assert model.config.rope_scaling["type"] == scaling.get("rope_type", scaling.get("type"))
+    with torch.no_grad():
+        ours = model(ids)
+    ref = hf_logits(path, ids)
+    assert rel_err(ours, ref) < 1e-4
+    # the scaling matters: without it the logits are far off
+    model.rotary = type(model.rotary)(model.config.head_dim, model.config.rope_theta)
+    with torch.no_grad():
+        assert rel_err(model(ids), ref) > 1e-3
+
+
+def test_yarn_extends_the_context_and_the_engine_matches_the_forward(tmp_path):
+    path = checkpoints.qwen3_moe(tmp_path, num_hidden_layers=2, max_position_embeddings=32, seed=7)
+    model = tinymoe.load_model(_published_rope_scaling(path, YARN))
+    assert model.config.max_position == 64  # 4 x 16, past max_position_embeddings (32)
+    ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(8))
+    llm = tinymoe.LLM(model)
+    out = llm.generate([ids[0].tolist()], tinymoe.SamplingParams(max_tokens=6, temperature=0))[0]
+    seq = ids[0].tolist()
+    with torch.no_grad():  # greedy through the paged cache equals recomputing the whole sequence
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out.token_ids == seq[30:]
+
+
+def test_deepseek_linear_rope_matches_float64_reference(tmp_path):
+    path = checkpoints.deepseek_moe(tmp_path, rope_scaling={"type": "linear", "factor": 2.0})
+    ids = torch.randint(0, 96, (1, 21), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ours = tinymoe.load_model(path)(ids)[0]
+    assert rel_err(ours, deepseek_reference(path, ids[0])) < 1e-4
+
+
+def test_yarn_in_bf16_one_call_decode_equals_the_per_op_path(tmp_path, monkeypatch):
+    """The one-call decode step reads the same scaled cos/sin tables as the per-op path."""
+    import tinymoe.engine.model_runner as model_runner
+    from tinymoe.kernels.native import native
+    if native() is None:
+        pytest.skip("the native library is unavailable here")
+    path = checkpoints.qwen3_moe(tmp_path, num_hidden_layers=2, max_position_embeddings=32, seed=10)
+    model = tinymoe.load_model(_published_rope_scaling(path, {**YARN, "attention_factor": 1.5}), dtype="bf16")
+    prompt = torch.randint(0, 96, (30,), generator=torch.Generator().manual_seed(11)).tolist()
+    params = tinymoe.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    step, taken, outs = model_runner.decode_step, [], {}
+    monkeypatch.setattr(model_runner, "decode_step", lambda *a: taken.append(step(*a)) or taken[-1])
+    for native_step in ("1", "0"):
+        monkeypatch.setenv("TINYMOE_NATIVE_STEP", native_step)
+        taken.clear()
+        outs[native_step] = tinymoe.LLM(model).generate([prompt], params)[0].token_ids
+        assert any(t is not None for t in taken) == (native_step == "1")
+    assert outs["1"] == outs["0"]

@@ -50,13 +50,22 @@ def resolve(model: str | os.PathLike) -> Path:
     """A model argument -> the directory holding its config.json and safetensors."""
     name = str(model)
     target = ALIASES.get(name, name)
+    if isinstance(target, str) and target.startswith("~"):
+        target = os.path.expanduser(target)
     if isinstance(target, Path) or Path(target).exists():
         path = Path(target)
         if (path / "config.json").is_file():
             return path
         if path.is_dir():
             raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        if path.is_file():  # e.g. .../model.safetensors or .../config.json: the checkpoint is its folder
+            if (path.parent / "config.json").is_file():
+                return path.parent
+            raise CheckpointError(f"{path} is a file and its folder has no config.json; pass the checkpoint "
+                                  f"directory (the one holding config.json and the .safetensors files)")
         raise CheckpointError(f"model {name!r} not found at {path}")
+    if os.path.isabs(target) or target.startswith((".", "~")) or target.count("/") > 1:
+        raise CheckpointError(f"model {name!r} not found: no such file or directory")
     if target.count("/") == 1:
         looked = []
         for cache in hf_cache_dirs():

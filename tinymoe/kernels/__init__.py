@@ -3,10 +3,10 @@ the backend switch in `backend.py` (Triton on CUDA, torch on CPU; see docs/DESIG
 CPU, bf16 calls run the native C++ library (`native.py`) when it is built."""
 from .backend import backend_for, current_backend, use_backend  # first: it sets up triton
 from .activation import swiglu
-from .attention import paged_attention_decode, paged_attention_prefill, store_kv
+from .attention import paged_attention_decode, paged_attention_prefill, paged_attention_prefill_varlen, store_kv
 from .cpu_linear import linear
 from .norm import rms_norm
 from .rotary import apply_rotary
 
 __all__ = ["linear", "swiglu", "rms_norm", "apply_rotary", "store_kv", "paged_attention_decode", "paged_attention_prefill",
-           "use_backend", "current_backend", "backend_for"]
+           "paged_attention_prefill_varlen", "use_backend", "current_backend", "backend_for"]

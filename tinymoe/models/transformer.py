@@ -9,6 +9,7 @@ from torch import nn
 from .. import kernels
 from ..config import ModelConfig
 from ..experts import Experts
+from ..kernels.rotary import rope_frequencies
 from ..routing import GateRule, RouteContext
 from ..routing.prototype_gate import PrototypeGate
 from ..routing.topk import TopK
@@ -45,18 +46,24 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """cos/sin tables for RoPE, grown on demand (max_position can be 128k)."""
+    """cos/sin tables for RoPE. On the CPU grown on demand (max_position can be 128k); on another
+    device built once for `max_position` tokens, as reading the positions there would wait for it
+    every forward (positions past it are the caller's error; the engine keeps within the context)."""
 
-    def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None, max_position: int | None = None):
+        self.inv_freq, self.scale = rope_frequencies(head_dim, theta, scaling)
         self.cos = self.sin = torch.empty(0, head_dim // 2, device="cpu")
+        self.max_position = max_position
 
     def __call__(self, positions: torch.Tensor):
-        need = int(positions.max()) + 1 if positions.numel() else 0
+        if positions.device.type != "cpu" and self.max_position is not None:
+            need = max(self.max_position, self.cos.shape[0])
+        else:
+            need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0] or self.cos.device != positions.device:
             n = max(need, 2 * self.cos.shape[0], 256)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), self.inv_freq).to(positions.device)
-            self.cos, self.sin = freqs.cos(), freqs.sin()
+            self.cos, self.sin = freqs.cos() * self.scale, freqs.sin() * self.scale  # YaRN's mscale
         return self.cos[positions], self.sin[positions]
 
 
@@ -192,7 +199,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
 
     def fuse_storage(self) -> None:
         """Before loading (contents discarded): fused q/k/v and gate/up layouts, so no weight is
