@@ -108,3 +108,61 @@ def test_chat_with_the_embedded_model_in_a_fresh_process():
                            "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-500:]
     assert "tok/s" in done.stderr
+
+
+def test_ctrl_c_in_a_batch_generate_prints_what_was_generated(model_dir, monkeypatch):
+    from test_engine import interrupt_after
+    prompts = ["the cat", "hello"]
+    full = LLM(model_dir).generate(prompts, SamplingParams(temperature=0, max_tokens=4))
+    assert [o.finish_reason for o in full] == ["length", "length"]  # no EOS in the first four
+    interrupt_after(monkeypatch, 4)  # four tokens each, then Ctrl-C
+    result = run("generate", model_dir, "-p", prompts[0], "-p", prompts[1], "--max-tokens", 10)
+    assert result.exit_code == 130, result.output
+    assert result.stdout == f"--- 0: the cat\n{full[0].text}\n--- 1: hello\n{full[1].text}\n"
+    assert result.stderr.count("[4 tokens,") == 2 and result.stderr.count(", abort]") == 2
+    assert result.stderr.endswith("Interrupted.\n")
+
+
+def record_chats(monkeypatch):
+    """The messages of every reply the chat command asks for, and each one's prompt length."""
+    seen, original = [], LLM.chat
+
+    def recording_chat(self, messages, *args, **kwargs):
+        seen.append(([dict(m) for m in messages], len(self.chat_prompt(messages))))
+        return original(self, messages, *args, **kwargs)
+    monkeypatch.setattr(LLM, "chat", recording_chat)
+    return seen
+
+
+def test_chat_drops_the_oldest_turns_past_the_context(model_dir, monkeypatch):
+    seen = record_chats(monkeypatch)
+    lines = ["hello", "how are you", "the cat sat", "hello world", "the cat sat"]
+    result = run("chat", model_dir, "-i", "--max-model-len", 48, "--max-tokens", 6, "--temperature", 0,
+                 "--system", "be brief", input="\n".join(lines + ["/exit"]) + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("(older turns dropped to fit the context of 48 tokens)") == 1
+    assert result.stderr.count("tok/s") == len(lines) == len(seen)
+    dropped = 0
+    for k, (messages, length) in enumerate(seen):
+        assert length < 48 and messages[0] == {"role": "system", "content": "be brief"}
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * (len(users) - 1) + ["user"]
+        assert users == lines[k + 1 - len(users):k + 1]  # the newest turns, in order
+        dropped += len(users) < k + 1
+    assert dropped >= 2  # dropped on several turns, said once
+
+
+def test_chat_refuses_a_message_past_the_context_and_keeps_the_conversation(model_dir, monkeypatch):
+    seen = record_chats(monkeypatch)
+    long_line = "the cat " * 30
+    alone = len(LLM(model_dir).chat_prompt([{"role": "user", "content": long_line}]))
+    assert alone >= 64
+    result = run("chat", model_dir, "-i", "--max-model-len", 64, "--max-tokens", 6, "--temperature", 0,
+                 input=f"hello\n{long_line}\nhow are you\n/exit\n")
+    assert result.exit_code == 0, result.output
+    notice = f"(that message alone takes {alone} tokens, the context holds 64: not sent; the conversation is kept)"
+    assert notice + "\n" in result.stderr and "dropped" not in result.stderr
+    assert [[m["content"] for m in messages if m["role"] == "user"] for messages, _ in seen] == \
+        [["hello"], ["hello", "how are you"]]
+    bad = run("chat", model_dir, "-i", "--max-model-len", 1)
+    assert bad.exit_code == 2 and "Invalid value for '--max-model-len': 1 is not in the range x>=2." in bad.output

@@ -207,3 +207,66 @@ def test_abandoned_stream_frees_its_blocks(mixtral_with_tokenizer):
     stream_iter = iter(stream)  # a fresh iterator; the first was closed by break
     del stream_iter
     assert not llm.has_unfinished() and llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def interrupt_after(monkeypatch, steps: int):
+    """Make LLM._step raise KeyboardInterrupt (a Ctrl-C) once `steps` steps have run."""
+    calls, original = [], LLM._step
+
+    def step(self):
+        calls.append(1)
+        if len(calls) > steps:
+            raise KeyboardInterrupt
+        return original(self)
+    monkeypatch.setattr(LLM, "_step", step)
+    return calls
+
+
+def test_interrupted_generate_aborts_and_keeps_what_was_generated(mixtral_model, monkeypatch):
+    llm = LLM(mixtral_model, block_size=4)
+    ps = prompts([5, 9, 3], seed=9)
+    params = [GREEDY, GREEDY, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)]
+    full = llm.generate(ps, params)
+    interrupt_after(monkeypatch, 5)  # one step of prefill (a token each), then four decodes
+    with pytest.raises(KeyboardInterrupt) as info:
+        llm.generate(ps, params)
+    outs = info.value.outputs
+    assert [o.finish_reason for o in outs] == ["abort", "abort", "length"]
+    assert [o.token_ids for o in outs] == [full[0].token_ids[:5], full[1].token_ids[:5], full[2].token_ids]
+    assert not llm.has_unfinished() and llm.blocks.num_free == llm.blocks.num_blocks
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in full]  # still usable
+
+
+def test_numpy_and_torch_token_ids_are_prompts(mixtral_model):
+    import numpy as np
+    llm = LLM(mixtral_model, block_size=4)
+    a, b = prompts([6, 6], seed=10)
+    one, two = llm.generate(a, GREEDY)[0].token_ids, llm.generate(b, GREEDY)[0].token_ids
+    for single in (np.array(a), np.array(a, dtype=np.int32), np.array(a, dtype=np.uint8), torch.tensor(a),
+                   [np.int64(t) for t in a]):
+        assert [o.token_ids for o in llm.generate(single, GREEDY)] == [one]
+    for several in (np.array([a, b]), torch.tensor([a, b], dtype=torch.int32), [np.array(a), torch.tensor(b)]):
+        assert [o.token_ids for o in llm.generate(several, GREEDY)] == [one, two]
+
+
+def test_bad_token_id_arrays_are_one_line_errors_before_any_step(mixtral_model, monkeypatch):
+    import numpy as np
+    llm = LLM(mixtral_model, block_size=4)
+    steps = interrupt_after(monkeypatch, 0)
+    cases = [
+        (np.array([1.0, 2.0], dtype=np.float32), TypeError, "token ids must be integers, not float32"),
+        (torch.tensor([1.0, 2.0]), TypeError, "token ids must be integers, not torch.float32"),
+        (np.array([True, False]), TypeError, "token ids must be integers, not bool"),
+        (np.zeros((1, 2, 3), dtype=np.int64), ValueError,
+         "a token-id array must be 1-D (one prompt) or 2-D (several prompts), not 3-D"),
+        (np.array(5), ValueError, "a token-id array must be 1-D (one prompt) or 2-D (several prompts), not 0-D"),
+        ([np.array([[1, 2]])], ValueError, "a token-id array must be 1-D, not 2-D"),
+        ([[1.5, 2]], TypeError, "token ids must be integers, not float"),
+        ([None], TypeError, "a prompt is text or token ids, not NoneType"),
+    ]
+    for prompt, kind, message in cases:
+        with pytest.raises(kind) as info:
+            llm.generate(prompt, GREEDY)
+        assert str(info.value) == message
+    assert steps == [] and not llm.has_unfinished()

@@ -151,6 +151,16 @@ def _print_stream(stream, strip_leading=False) -> str:
     return text
 
 
+def _drop_oldest_turns(llm, messages: list[dict], keep: int) -> bool:
+    """Drop the oldest user/assistant turns after the first `keep` messages until the conversation
+    leaves room for a reply in the context; whether any were dropped. The last message must fit alone."""
+    dropped = False
+    while len(llm.chat_prompt(messages)) >= llm.max_model_len:
+        del messages[keep:keep + 2]
+        dropped = True
+    return dropped
+
+
 @click.group(cls=Group)
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
 def cli(debug):
@@ -162,12 +172,16 @@ def cli(debug):
 @click.option("--prompt", "-p", default=None, help="answer this one message and exit")
 @click.option("--system", default=None, help="system message")
 @click.option("--interactive", "-i", is_flag=True, help="keep the conversation loop even if stdin is not a terminal")
+@click.option("--max-model-len", type=click.IntRange(min=2), default=None,
+              help="context in tokens (default: the model's); older turns are dropped past it")
 @sampling_options(temperature=0.7, max_tokens=512)
 @engine_options
-def chat(model, prompt, system, interactive, engine, **kw):
+def chat(model, prompt, system, interactive, max_model_len, engine, **kw):
     """Chat with MODEL (default: the embedded tiny model). /reset clears, /exit leaves.
 
-    With --prompt, or with text on standard input, answers once without the interactive loop."""
+    With --prompt, or with text on standard input, answers once without the interactive loop.
+    When the conversation outgrows the context, its oldest turns are dropped (the system message
+    stays)."""
     params = _params(kw)
     if prompt is not None and not prompt.strip():
         raise click.UsageError("the prompt is empty")
@@ -176,7 +190,7 @@ def chat(model, prompt, system, interactive, engine, **kw):
         if not prompt.strip():
             click.echo("Nothing on standard input to answer (use -i for the interactive loop).", err=True)
             return
-    llm = engine.llm(model)
+    llm = engine.llm(model, max_model_len=max_model_len)
     start = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         stream = llm.chat(start + [{"role": "user", "content": prompt.strip()}], params, stream=True)
@@ -184,7 +198,7 @@ def chat(model, prompt, system, interactive, engine, **kw):
         click.echo(_stats(stream.output), err=True)
         return
     click.echo("Type a message; /reset clears the conversation, /exit leaves.", err=True)
-    messages = list(start)
+    messages, told = list(start), False
     while True:
         try:
             line = input(">>> ")
@@ -200,7 +214,16 @@ def chat(model, prompt, system, interactive, engine, **kw):
             continue
         if not command:
             continue
-        messages.append({"role": "user", "content": line})
+        message = {"role": "user", "content": line}
+        alone = len(llm.chat_prompt(start + [message]))
+        if alone >= llm.max_model_len:
+            click.echo(f"(that message alone takes {alone} tokens, the context holds {llm.max_model_len}: "
+                       "not sent; the conversation is kept)", err=True)
+            continue
+        messages.append(message)
+        if _drop_oldest_turns(llm, messages, len(start)) and not told:
+            click.echo(f"(older turns dropped to fit the context of {llm.max_model_len} tokens)", err=True)
+            told = True
         stream = llm.chat(messages, params, stream=True)
         try:
             reply = _print_stream(stream, strip_leading=True)
@@ -227,7 +250,16 @@ def generate(model, prompts, engine, **kw):
         _print_stream(stream)
         click.echo(_stats(stream.output), err=True)
         return
-    for i, out in enumerate(llm.generate(list(prompts), params)):
+    try:
+        outs = llm.generate(list(prompts), params)
+    except KeyboardInterrupt as e:  # print what was generated, then the group exits with 130
+        _print_outputs(prompts, getattr(e, "outputs", []))
+        raise
+    _print_outputs(prompts, outs)
+
+
+def _print_outputs(prompts, outs):
+    for i, out in enumerate(outs):
         click.echo(f"--- {i}: {prompts[i]}")
         click.echo(out.text)
         click.echo(_stats(out), err=True)
@@ -253,18 +285,27 @@ def main():
 # --- routing commands (routing engineer) ---
 
 
-def _progress(desc: str):
-    """A tqdm bar on stderr: progress(total) -> tick(n)."""
-    def start(total):
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
-        return bar.update
-    return start
+def _windows_bar(tokens, seq_len: int):
+    """A bar on stderr for calibrate(), which runs max(1, tokens // seq_len) windows."""
+    from .progress import bar
+    return bar(total=max(1, tokens.numel() // seq_len), desc="calibrate", unit="window")
 
 
 def _load(model: str, dtype):
     from . import load_model, load_tokenizer
     return load_model(model, dtype=dtype, progress=True), load_tokenizer(model)
+
+
+def _load_checked(model: str, engine: EngineOptions):
+    """_load, with --calib read before the weights (a weights file is refused at once) and checked
+    against the model before any evaluation runs."""
+    from .routing.calibrate import load_calibration
+    calib = load_calibration(engine.calib) if engine.calib is not None else None
+    net, tok = _load(model, engine.dtype)
+    if calib is not None:
+        calib.check(net)
+        engine.calib = calib
+    return net, tok
 
 
 def _int_list(_ctx, _param, value: str) -> list[int]:
@@ -275,6 +316,29 @@ def _int_list(_ctx, _param, value: str) -> list[int]:
     if not out or min(out) < 1:
         raise click.BadParameter(f"{value!r}: give positive integers")
     return out
+
+
+def _output_file(_ctx, param, value):
+    """--out / --plot: the folder must exist and be writable (and a plot's format be known) before any
+    loading, not after the whole run."""
+    if value is None:
+        return value
+    import os
+    folder = os.path.dirname(value) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise click.BadParameter(f"{folder} is not a folder", param=param)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"folder {folder} does not exist (create it first)", param=param)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {folder} is not writable", param=param)
+    if param.name == "plot":
+        from matplotlib.backend_bases import FigureCanvasBase
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        ext = os.path.splitext(value)[1].lstrip(".").lower()
+        if ext and ext not in kinds:
+            raise click.BadParameter(f"cannot write a .{ext} image; use one of {', '.join(sorted(kinds))}",
+                                     param=param)
+    return value
 
 
 def _default_data(model) -> str:
@@ -288,11 +352,14 @@ def _default_data(model) -> str:
 @cli.command()
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="calibration text")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="calibration file to write")
-@click.option("--seq-len", default=256, show_default=True, type=int, help="tokens a window")
-@click.option("--batch", default=8, show_default=True, type=int, help="windows a forward pass")
-@click.option("--max-tokens", default=65536, show_default=True, type=int, help="use at most this many tokens")
-@click.option("--proto-steps", default=200, show_default=True, type=int, help="Adam steps of the prototype fit (0: skip)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_output_file,
+              help="calibration file to write")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=1), help="tokens a window")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="windows a forward pass")
+@click.option("--max-tokens", default=65536, show_default=True, type=click.IntRange(min=2),
+              help="use at most this many tokens")
+@click.option("--proto-steps", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Adam steps of the prototype fit (0: skip)")
 @click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
 def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, debug):
@@ -302,8 +369,9 @@ def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, 
     from .routing.calibrate import calibrate as run_calibration
     net, tok = _load(model, dtype)
     tokens = read_tokens(tok, data)[:max_tokens]
-    calib = run_calibration(net, tokens, seq_len=seq_len, batch=batch, proto_steps=proto_steps,
-                            progress=_progress("calibrate")(-(-tokens.numel() // seq_len)))
+    with _windows_bar(tokens, seq_len) as counter:
+        calib = run_calibration(net, tokens, seq_len=seq_len, batch=batch, proto_steps=proto_steps,
+                                progress=counter.update)
     calib.save(out)
     click.echo(f"wrote {out}: {len(calib.layers)} MoE layers, {calib.meta['tokens']} tokens", err=True)
 
@@ -325,15 +393,15 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
     import json
     from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
     from .routing import install, label
-    net, tok = _load(model, engine.dtype)
+    net, tok = _load_checked(model, engine)
     if data.endswith(".jsonl"):
         items = read_choices(data)
         install(net, engine.router, engine.calib, plan=engine.plan, **engine.router_opts)
         res = {"router": label(engine.router, engine.plan),
-               **multiple_choice(net, tok, items, _progress("eval")(len(items)), prompt=mc_prompt)}
+               **multiple_choice(net, tok, items, progress=True, prompt=mc_prompt)}
     else:
         res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
-                            max_windows, plan=engine.plan, **engine.router_opts)
+                            max_windows, progress=True, plan=engine.plan, **engine.router_opts)
     if fmt == "json":
         click.echo(json.dumps(res))
     else:
@@ -351,7 +419,8 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
 @click.option("--sequences", default=16, show_default=True, type=int,
               help="score at least this many sequences per row (small batches run several rounds)")
 @click.option("--format", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)
-@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="write a load heatmap per router")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), callback=_output_file,
+              help="write a load heatmap per router")
 @engine_options
 def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot, engine):
     """Speed, balance and accuracy of each --router (comma-separated; each under --plan if given)
@@ -364,16 +433,16 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
     if ctx.get_parameter_source("router") == click.core.ParameterSource.DEFAULT:
         names = ["topk", "laser", "bias"] if engine.plan else ["topk", "laser", "rnq", "bias"]
     benchmark.check_routers(names, engine.router_opts, engine.plan)
-    net, tok = _load(model, engine.dtype)
+    net, tok = _load_checked(model, engine)
     data = data or _default_data(model)
     tokens = read_tokens(tok, data)
     calib = engine.calib
     if calib is None and (engine.plan or set(names) - {"topk", "balanced", "random", "bias"}):
         click.echo(f"calibrating on {data} (pass --calib FILE to use your own)", err=True)
-        calib = run_calibration(net, tokens[:32768], seq_len=128,
-                                progress=_progress("calibrate")(-(-min(tokens.numel(), 32768) // 128)))
+        with _windows_bar(tokens[:32768], 128) as counter:
+            calib = run_calibration(net, tokens[:32768], seq_len=128, progress=counter.update)
     res = benchmark.run(net, names, batch, tokens, prompt_len, gen_len, devices, calib, engine.router_opts,
-                        min_sequences=sequences, progress=_progress("bench"), plan=engine.plan)
+                        min_sequences=sequences, progress=True, plan=engine.plan)
     click.echo(benchmark.format_rows(res, fmt))
     if plot:
         benchmark.plot_heatmaps(res, plot)

@@ -1,4 +1,9 @@
+import numbers
+import operator
 import os
+import threading
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +38,46 @@ class RequestOutput:
 
 class Stream:
     """Iterates over text pieces as they are generated; `.output` holds the RequestOutput once done.
-    Leaving the loop early aborts the request."""
+    Leaving the loop early aborts the request; so does `llm.abort(stream.request_id)` from any
+    thread (the loop then ends with what was generated)."""
 
     def __init__(self, llm: "LLM", seq: Sequence):
         self.llm, self.seq, self.output = llm, seq, None
+        self.request_id = seq.seq_id
 
     def __iter__(self):
         try:
             while True:
                 if not self.seq.finished:
-                    self.llm.step()
+                    self.llm._advance()
                 piece = self.llm._take_text(self.seq)
                 if piece:
                     yield piece
                 if self.seq.finished:
                     break
         finally:
-            if not self.seq.finished:
-                self.llm.abort(self.seq.seq_id)
-            self.output = self.llm._output(self.seq)
+            if self.llm._owner == threading.get_ident():
+                # Closed by the garbage collector inside a step: waiting for the engine would never end,
+                # so the request runs to its end instead of being aborted.
+                self.output = self.llm._output(self.seq)
+            else:
+                with self.llm._exclusive():  # the step that finished the request may still be running
+                    self.llm._abort(self.seq.seq_id)
+                    self.output = self.llm._output(self.seq)
+
+
+def _id_array(a, ndims=(1, 2)) -> list:
+    """A numpy array or torch tensor of token ids as a list (1-D) or a list of lists (2-D)."""
+    if a.ndim not in ndims:
+        wanted = "1-D (one prompt) or 2-D (several prompts)" if ndims == (1, 2) else "1-D"
+        raise ValueError(f"a token-id array must be {wanted}, not {a.ndim}-D")
+    if isinstance(a, torch.Tensor):
+        integer = not (a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool)
+    else:
+        integer = getattr(a.dtype, "kind", None) in ("i", "u")
+    if not integer:
+        raise TypeError(f"token ids must be integers, not {a.dtype}")
+    return a.tolist()
 
 
 class LLM:
@@ -62,7 +88,11 @@ class LLM:
     name such as "rnq", or (name, {option: value}); see tinymoe.routing). The tokenizer is the
     checkpoint's unless `tokenizer` (an object or a path) is given; without one, prompts must be
     token ids. The engine options size the batch (`max_num_seqs`, `max_batch_tokens` per step)
-    and the paged KV cache (`block_size`, `kv_cache_tokens`, `max_model_len`)."""
+    and the paged KV cache (`block_size`, `kv_cache_tokens`, `max_model_len`).
+
+    Safe to share between threads: requests from every thread join the same running batch. One
+    thread at a time is inside the engine (stepping, adding or aborting); a thread waiting for
+    its own requests steps the engine for everyone, or waits while another thread does."""
 
     def __init__(self, model, router: str | None = "topk", dtype=None, device=None, *, tokenizer=None,
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
@@ -106,14 +136,64 @@ class LLM:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size)
         self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
+        self._cond = threading.Condition()
+        self._busy = False    # a thread is inside the engine
+        self._owner = None    # and which one
+        self._waiting = 0     # threads queued to add, abort or step by hand: stepping lets them in first
+        self._releases = 0    # times a thread left the engine: "a step went by" for those waiting
+
+    # --- one thread inside at a time ----------------------------------------------------------
+    @contextmanager
+    def _exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._busy)
+            finally:
+                self._waiting -= 1
+            self._busy, self._owner = True, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self):
+        with self._cond:
+            self._busy, self._owner = False, None
+            self._releases += 1
+            self._cond.notify_all()
+
+    def _advance(self):
+        """One step of the engine for a caller waiting on its requests: run it, or wait until
+        the thread inside the engine leaves (so a finished request returns without delay)."""
+        with self._cond:
+            if self._busy or self._waiting:
+                seen = self._releases
+                self._cond.wait_for(lambda: self._releases != seen)
+                return
+            self._busy, self._owner = True, threading.get_ident()
+        try:
+            self._step()
+        finally:
+            self._release()
 
     # --- requests -----------------------------------------------------------------------------
     def encode(self, prompt) -> list[int]:
+        """Token ids of one prompt: text, or token ids (a list, a 1-D numpy array or torch tensor)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"a text prompt needs a tokenizer ({self._tokenizer_error}); pass token ids instead")
             return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
+        if hasattr(prompt, "ndim") and hasattr(prompt, "dtype"):
+            prompt = _id_array(prompt, ndims=(1,))
+        if not isinstance(prompt, Iterable):
+            raise TypeError(f"a prompt is text or token ids, not {type(prompt).__name__}")
+        ids = []
+        for t in prompt:
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise TypeError(f"token ids must be integers, not {type(t).__name__}") from None
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
@@ -137,24 +217,34 @@ class LLM:
 
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         """Queue a request (text or token ids); returns its id. `step()` advances every request."""
-        return self._submit(self._make(prompt, params))
+        seq = self._make(prompt, params)
+        with self._exclusive():
+            return self._submit(seq)
 
     def abort(self, request_id: int):
+        """End a request (from any thread): it finishes with reason "abort", keeping its output so far."""
+        with self._exclusive():
+            self._abort(request_id)
+
+    def _abort(self, request_id: int):
         seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return
-        if seq.status is Status.WAITING:
-            self.scheduler.waiting.remove(seq)
-        seq.finish("abort")
+        if seq is not None and not seq.finished:  # finished but still listed: a step was interrupted
+            if seq.status is Status.WAITING:
+                self.scheduler.waiting.remove(seq)
+            seq.finish("abort")
         self.scheduler.reap()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # --- the loop -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One forward over the scheduled batch; returns the requests that finished in it."""
+        with self._exclusive():
+            return self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished():
@@ -179,32 +269,26 @@ class LLM:
         if seq.detokenizer is not None:
             piece = seq.detokenizer.step(seq.token_ids)
             if piece:
-                seq.text += piece
-                if p.stop and self._cut_at_stop(seq, len(piece)):
+                # One assignment of the text already cut: a stream in another thread never sees the stop string.
+                text = seq.text + piece
+                hits = [i for s in p.stop if (i := text.find(s, max(0, len(text) - len(piece) - len(s) + 1))) >= 0]
+                seq.text = text[:min(hits)] if hits else text
+                if hits:
                     return seq.finish("stop")
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.finish("length")
 
-    @staticmethod
-    def _cut_at_stop(seq: Sequence, new_chars: int) -> bool:
-        hits = []
-        for s in seq.params.stop:
-            i = seq.text.find(s, max(0, len(seq.text) - new_chars - len(s) + 1))
-            if i >= 0:
-                hits.append(i)
-        if hits:
-            seq.text = seq.text[:min(hits)]
-        return bool(hits)
-
     def _take_text(self, seq: Sequence) -> str:
         """Text not yet streamed; while running, holds back what could still become a stop string."""
-        start, end = seq.emitted, len(seq.text)
-        if not seq.finished and seq.params.stop:
+        finished = seq.finished  # read before the text: a finished request's text is final
+        text = seq.text
+        start, end = seq.emitted, len(text)
+        if not finished and seq.params.stop:
             end -= max(map(len, seq.params.stop)) - 1
         if end <= start:
             return ""
         seq.emitted = end
-        return seq.text[start:end]
+        return text[start:end]
 
     def _output(self, seq: Sequence) -> RequestOutput:
         now = seq.finish_time or 0.0
@@ -216,38 +300,58 @@ class LLM:
     # --- public API ---------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for one prompt or a list of prompts (each text or token ids), batched together."""
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                               and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
+        """Generate for one prompt or a list of prompts (each text or token ids), batched together.
+        Token ids may also come as a numpy array or torch tensor: 1-D for one prompt, 2-D for several.
+
+        If the call is interrupted (Ctrl-C, or an error), its unfinished requests are aborted and
+        the exception is re-raised carrying `.outputs`: a RequestOutput for every prompt with what
+        was generated so far (finish_reason "abort" for the unfinished ones)."""
+        if hasattr(prompts, "ndim") and hasattr(prompts, "dtype"):
+            ids = _id_array(prompts)
+            prompts = [ids] if prompts.ndim == 1 else ids
+        elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                          and isinstance(prompts[0], numbers.Integral)):
+            prompts = [prompts]
+        else:
+            prompts = list(prompts)
         if not isinstance(params, (list, tuple)):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         seqs = [self._make(p, sp) for p, sp in zip(prompts, params)]  # validate all before queueing any
-        for seq in seqs:
-            self._submit(seq)
         bar = None
         if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+            from ..progress import bar as progress_bar
+            bar = progress_bar(total=len(seqs), desc="generate", unit="req", leave=True)
         try:
-            while not all(s.finished for s in seqs):
-                done = self.step()
+            with self._exclusive():
+                for seq in seqs:
+                    self._submit(seq)
+            done = 0
+            while done < len(seqs):
+                self._advance()
+                now = sum(s.finished for s in seqs)
                 if bar is not None:
-                    bar.update(sum(1 for o in done if o.request_id in {s.seq_id for s in seqs}))
+                    bar.update(now - done)
+                done = now
+        except BaseException as e:
+            with self._exclusive():  # an interrupted call leaves nothing queued
+                for seq in seqs:
+                    self._abort(seq.seq_id)
+                e.outputs = [self._output(s) for s in seqs]
+            raise
         finally:
             if bar is not None:
                 bar.close()
-            for seq in seqs:
-                self.abort(seq.seq_id)  # no-op for finished ones; an interrupted call leaves nothing queued
-        return [self._output(s) for s in seqs]
+        with self._exclusive():  # the step that finished the last of them may still be running
+            return [self._output(s) for s in seqs]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Stream:
         """Text pieces of one request as they are generated (other queued requests advance too)."""
-        return Stream(self, self._seqs[self.add_request(prompt, params)])
+        seq = self._make(prompt, params)
+        with self._exclusive():
+            self._submit(seq)
+        return Stream(self, seq)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` through the checkpoint's chat template, ready for a reply."""
