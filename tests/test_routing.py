@@ -1,4 +1,4 @@
-"""Routers and balance metrics on crafted gate logits (ALGORITHMS.md sections 1-6)."""
+"""Routers and balance metrics on crafted gate logits (docs/routing.md, sections 1-8)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from tinymoe.experts.plan import Copy, ExpertPlan
 from tinymoe.routing import GateRule, RouteContext, make_router
 from tinymoe.routing import metrics
-from tinymoe.routing.laser import candidate_pools, greedy_chunked, greedy_reference, top_mass
+from tinymoe.routing.laser import candidate_pools, greedy_fast, greedy_reference, top_mass
 from tinymoe.routing.rnq import expert_bytes, plan_bytes, rnq_plan
 
 
@@ -55,7 +55,7 @@ def test_laser_hand_worked_example():
     expected = [{0, 1}, {2, 3}, {0, 1}, {1, 2}, {2, 3}, {0, 3}]
     ctx = ctx_for(4, 2)
     for exact in (True, False):
-        router = make_router("laser", eps_high=0.7, t_fix=0.3, c=4, exact=exact, chunk=1)
+        router = make_router("laser", eps_high=0.7, t_fix=0.3, c=4, exact=exact)
         ids, w = router.route(logits, None, ctx)
         assert [set(r) for r in ids.tolist()] == expected
         probs = torch.softmax(logits.float(), -1)
@@ -93,7 +93,7 @@ def test_laser_one_token_shortcut_equals_the_scan(eps_high):
             mass = top_mass(probs, 2)
             flat = mass < router.threshold(mass)
             pool, valid = candidate_pools(probs, 2, 4, 0.3)
-            scan = greedy_reference if exact else greedy_chunked
+            scan = greedy_reference if exact else greedy_fast
             ref = scan(pool, valid, flat, 2, 8)
             assert torch.equal(ids, ref) and torch.equal(w, ctx.rule.weights(probs, ref))
             flat_count += int(flat.sum())
@@ -112,7 +112,7 @@ def test_fast_laser_within_two_percent_of_reference(E, k):
         flat = mass < mass.median()
         pool, valid = candidate_pools(probs, k, min(E, 2 * k), 0.3)
         ref = metrics.imbalance(load_of(greedy_reference(pool, valid, flat, k, E), E))
-        fast = metrics.imbalance(load_of(greedy_chunked(pool, valid, flat, k, E), E))
+        fast = metrics.imbalance(load_of(greedy_fast(pool, valid, flat, k, E), E))
         assert abs(fast / ref - 1) <= 0.02, (seed, fast, ref)
         assert ref < metrics.imbalance(load_of(probs.topk(k).indices, E))
 
@@ -227,7 +227,7 @@ def test_router_without_options_says_so():
         make_router("balanced", seed=1)
 
 
-# --- an expert plan over any base router (`--router laser --plan rnq`, ALGORITHMS.md section 4) ---
+# --- an expert plan over any base router (`--router laser --plan rnq`, docs/routing.md, section 5) ---
 
 
 @pytest.fixture(scope="module")

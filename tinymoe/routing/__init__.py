@@ -1,37 +1,33 @@
 """Routers by name: `make_router("laser", t_fix=0.3)`, `install(model, "laser")`; an expert plan
-over any router's choice: `make_router("laser", plan="rnq")` (ALGORITHMS.md section 4)."""
-import inspect
-
-from .base import ROUTERS, GateRule, RouteContext, Router, register
+over any router's choice: `make_router("laser", plan="rnq")` (docs/routing.md, section 5). Every
+option's type and range is declared in its router's OPTIONS (base.Option) and checked when the
+router is built; bounds set by the model (LASER's c <= E) when `install` attaches it."""
+from .base import ROUTERS, GateRule, Option, RouteContext, Router, check_options, register
 from . import topk, laser, prototype, rnq, bias, bounds  # noqa: F401  (register)
 
 
 def options(cls) -> list[str]:
-    """A router class's keyword options (none for a class without its own __init__)."""
-    if cls.__init__ is object.__init__:
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
-            if p.kind in kinds and p.name != "self"]
+    """A router class's keyword options, in declaration order."""
+    return list(cls.OPTIONS)
 
 
 # Plans keep a base router's choice and change which physical expert copies serve it. A plan is a
-# Router class taking `base` (a Router) plus its own options; `--router rnq` is topk + plan rnq.
-PLANS: dict[str, type[Router]] = {"rnq": rnq.ReplicateQuantize}
+# Router class with is_plan, taking `base` (a Router) plus its own options; `--router rnq` is
+# topk + plan rnq.
+PLANS: dict[str, type[Router]] = {name: cls for name, cls in ROUTERS.items() if cls.is_plan}
 
 
 def plan_spec(plan) -> tuple[str, dict] | None:
-    """Check a `plan` argument: None, a plan name, or (name, {option: value}) -> (name, options)."""
+    """Check a `plan` argument: None, a plan name, or (name, {option: value}) -> (name, options),
+    the options' values checked and converted."""
     if plan is None:
         return None
     name, opts = (plan, {}) if isinstance(plan, str) else (plan[0], dict(plan[1] or {}))
     if name not in PLANS:
         raise ValueError(f"unknown plan {name!r}; valid plans: {', '.join(sorted(PLANS))}")
-    valid = [o for o in options(PLANS[name]) if o != "base"]
-    bad = sorted(set(opts) - set(valid))
-    if bad:
-        raise ValueError(f"plan {name!r} has no option {', '.join(bad)}; valid options: {', '.join(valid)}")
-    return name, dict(opts)
+    spec = {key: opt for key, opt in PLANS[name].OPTIONS.items() if key != "base"}
+    values = check_options("plan", name, spec, opts)
+    return name, {key: values[key] for key in opts}
 
 
 def label(name: str, plan=None) -> str:
@@ -45,16 +41,10 @@ def make_router(name: str, plan=None, **opts) -> Router:
     spec = plan_spec(plan)
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(sorted(ROUTERS))}")
-    cls = ROUTERS[name]
-    params = options(cls)
-    bad = sorted(set(opts) - set(params))
-    if bad:
-        valid = ", ".join(params) or "none"
-        raise ValueError(f"router {name!r} has no option {', '.join(bad)}; valid options: {valid}")
-    router = cls(**opts)
+    router = ROUTERS[name](**opts)
     if spec is None:
         return router
-    if isinstance(router, PLANS[spec[0]]):
+    if router.is_plan:
         raise ValueError(f"router {name!r} already carries the {spec[0]} plan; give the base router "
                          f"instead (e.g. --router topk --plan {spec[0]})")
     return PLANS[spec[0]](base=router, **spec[1])
@@ -63,13 +53,18 @@ def make_router(name: str, plan=None, **opts) -> Router:
 def install(model, name: str = "topk", calib=None, plan=None, **opts):
     """Give every MoE block of `model` a fresh router `name` (state reset), with `plan` over it if
     given. `calib` is a calibration file path or a `Calibration` (routing/calibrate.py); routers
-    read their layer."""
+    read their layer. Every router is built and checked against its layer before any is attached."""
     from .calibrate import Calibration, load_calibration
     from ..experts.plan import ExpertPlan
+    blocks = model.moe_blocks()
+    routers = [make_router(name, plan=plan, **opts) for _ in blocks]
+    for block, router in zip(blocks, routers):
+        router.check_layer(block.ctx)
     if calib is not None and not isinstance(calib, Calibration):
         calib = load_calibration(calib)
-    for block in model.moe_blocks():
-        router = make_router(name, plan=plan, **opts)
+    if calib is not None:
+        calib.check(model)  # made from this model? (one line naming the field that differs)
+    for block, router in zip(blocks, routers):
         if "plan" in block.ctx.state and hasattr(block.experts, "apply_plan"):
             block.experts.apply_plan(ExpertPlan.default(block.ctx.rule.num_experts))
         block.ctx.state.clear()
@@ -78,5 +73,5 @@ def install(model, name: str = "topk", calib=None, plan=None, **opts):
     return model
 
 
-__all__ = ["GateRule", "RouteContext", "Router", "ROUTERS", "PLANS", "register", "make_router", "install",
-           "label", "plan_spec"]
+__all__ = ["GateRule", "Option", "RouteContext", "Router", "ROUTERS", "PLANS", "register", "make_router",
+           "install", "label", "plan_spec", "options"]

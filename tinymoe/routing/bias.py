@@ -1,14 +1,13 @@
-"""Auxiliary-loss-free balancing applied online (ALGORITHMS.md section 5, after DeepSeek-V3):
+"""Auxiliary-loss-free balancing applied online (docs/routing.md, section 6, after DeepSeek-V3):
 select top-k of p + b, weight by the unbiased p, nudge b towards the mean load after each pass."""
 import torch
 
-from .base import Router, register
+from .base import Option, Router, register
 
 
 @register("bias")
 class Bias(Router):
-    def __init__(self, gamma: float = 1e-3):
-        self.gamma = float(gamma)
+    OPTIONS = {"gamma": Option("number", 1e-3, lo=0)}  # the bias step per pass
 
     def attach(self, block, calib):
         start = getattr(block.gate, "e_score_correction_bias", None)

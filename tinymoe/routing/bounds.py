@@ -1,8 +1,8 @@
-"""The balance bounds (ALGORITHMS.md section 5): `balanced` (least-loaded first, scores only
+"""The balance bounds (docs/routing.md, section 7): `balanced` (least-loaded first, scores only
 break ties) and `random` (uniform experts). Both cost accuracy; they mark what balance can reach."""
 import torch
 
-from .base import Router, register
+from .base import Option, Router, register
 
 
 @register("balanced")
@@ -26,8 +26,10 @@ class Balanced(Router):
 
 @register("random")
 class Random(Router):
-    def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(int(seed))
+    OPTIONS = {"seed": Option("integer", 0, lo=0, hi=2**64 - 1)}  # torch.Generator's seed range
+
+    def setup(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def route(self, logits, hidden, ctx):
         rule = ctx.rule

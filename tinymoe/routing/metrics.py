@@ -1,4 +1,4 @@
-"""Balance metrics (ALGORITHMS.md sections 6-7) and the load recorder that feeds them.
+"""Balance metrics (docs/routing.md, sections 8-9) and the load recorder that feeds them.
 
 All metrics count routed experts only. Per-pass figures are computed on each forward pass and
 then averaged; pooled figures on the loads summed over the run (pooled is smaller)."""

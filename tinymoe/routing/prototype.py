@@ -1,9 +1,9 @@
-"""Latent prototype routing (ALGORITHMS.md section 3): top-k by cos(mu(x), P). Parameters come
+"""Latent prototype routing (docs/routing.md, section 4): top-k by cos(mu(x), P). Parameters come
 from the model's own PrototypeGate when it was trained with one, else from a calibration file
 fitted post hoc (calibrate.fit_prototypes)."""
 import torch
 
-from .base import Router, register
+from .base import Option, Router, register
 from .prototype_gate import PrototypeGate, prototype_scores
 from .topk import TopK
 
@@ -16,10 +16,9 @@ class Prototype(Router):
     """Options: weights="model" (the family rule on the gate's p of the chosen experts) or
     "prototype" (softmax over the chosen s / tau)."""
 
-    def __init__(self, weights: str = "model"):
-        if weights not in ("model", "prototype"):
-            raise ValueError(f"prototype: weights must be 'model' or 'prototype', got {weights!r}")
-        self.weights = weights
+    OPTIONS = {"weights": Option("choice", "model", choices=("model", "prototype"))}
+
+    def setup(self):
         self.params = None
 
     def attach(self, block, calib):

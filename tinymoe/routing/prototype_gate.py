@@ -1,4 +1,4 @@
-"""The latent-prototype gate (ALGORITHMS.md section 3): logits = cos(mu(x), P) / tau."""
+"""The latent-prototype gate (docs/routing.md, section 4): logits = cos(mu(x), P) / tau."""
 import torch
 import torch.nn.functional as F
 from torch import nn

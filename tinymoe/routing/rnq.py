@@ -1,11 +1,11 @@
-"""Replicate-and-Quantize (ALGORITHMS.md section 4): replicate heavy-hitter experts in a lower
+"""Replicate-and-Quantize (docs/routing.md, section 5): replicate heavy-hitter experts in a lower
 precision and pay for the replicas by quantising unimportant experts, within the layer's
 original weight bytes. The router's choice is the base router's; the plan changes only which
 physical copy serves each assignment (see `physical_loads` in metrics.py)."""
 import torch
 
 from ..experts.plan import PRECISIONS, Copy, ExpertPlan
-from .base import Router, register
+from .base import Option, Router, register
 
 # The storage formats of tinymoe/experts (quant.py, pools.py), mirrored here because routing may
 # only import experts.plan (a test checks the two agree): int8 has one bf16 scale per output
@@ -85,17 +85,19 @@ class ReplicateQuantize(Router):
     """Options: base (the router whose choice is kept: a name, default options, or a Router, as
     `make_router(name, plan="rnq", **opts)` builds it), replicas (extra copies per layer; default
     until no copy is heavier than the mean expert), replica and quant precisions."""
+    is_plan = True
+    OPTIONS = {"base": Option("router", "topk"), "replicas": Option("integer", None, lo=0),
+               "replica": Option("choice", "int8", choices=PRECISIONS[1:]),
+               "quant": Option("choice", "int4", choices=PRECISIONS[1:])}
 
-    def __init__(self, base: str | Router = "topk", replicas: int | None = None,
-                 replica: str = "int8", quant: str = "int4"):
+    def setup(self):
         from . import make_router
-        for p in (replica, quant):
-            if p not in PRECISIONS[1:]:
-                raise ValueError(f"rnq: precision {p!r} is not one of {', '.join(PRECISIONS[1:])}")
-        if base == "rnq" or isinstance(base, ReplicateQuantize):
-            raise ValueError("rnq: base must be another router")
-        self.base = base if isinstance(base, Router) else make_router(base)
-        self.replicas, self.replica, self.quant = replicas, replica, quant
+        if isinstance(self.base, str):
+            self.base = make_router(self.base)
+
+    def check_layer(self, ctx):
+        super().check_layer(ctx)
+        self.base.check_layer(ctx)
 
     def attach(self, block, calib):
         if calib is None or "load" not in calib or "importance" not in calib:
