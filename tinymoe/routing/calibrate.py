@@ -1,6 +1,6 @@
 """One pass over calibration text that records, per MoE layer, what the routers need: top-k-mass
 quantiles (LASER thresholds), expert loads and Wanda-style importance (R&Q), and a post-hoc fit
-of latent prototypes (ALGORITHMS.md sections 2-4). Saved as one safetensors file."""
+of latent prototypes (docs/routing.md, sections 3-5). Saved as one safetensors file."""
 import json
 import math
 
@@ -15,10 +15,12 @@ MASS_LEVELS = 101  # quantiles of the top-k mass at 0, 0.01, ..., 1
 
 
 class Calibration:
-    """Per-layer tensors keyed by the block's layer index (`ctx.layer`), plus metadata."""
+    """Per-layer tensors keyed by the block's layer index (`ctx.layer`), plus metadata; `meta["model"]`
+    records the model it was made from (`model_signature`), which `check` compares."""
 
-    def __init__(self, layers: dict[int, dict[str, torch.Tensor]], meta: dict | None = None):
+    def __init__(self, layers: dict[int, dict[str, torch.Tensor]], meta: dict | None = None, source: str | None = None):
         self.layers, self.meta = layers, meta or {}
+        self.source = source or "calibration"
 
     def layer(self, idx: int) -> dict | None:
         return self.layers.get(idx)
@@ -27,20 +29,72 @@ class Calibration:
         flat = {f"layers.{i}.{k}": v.contiguous() for i, d in self.layers.items() for k, v in d.items()}
         save_file(flat, str(path), metadata={"tinymoe": json.dumps(self.meta)})
 
+    def check(self, model) -> None:
+        """Refuse, in one line naming the field, a calibration made from another model."""
+        made = self.meta.get("model")
+        if not isinstance(made, dict):
+            raise ValueError(f"{self.source} does not record which model it was made from (an older tinymoe "
+                             f"wrote it); rerun `tinymoe calibrate`")
+        here = model_signature(model)
+        for key in ("architecture", "num_layers", "num_experts", "top_k", "hidden_size", "moe_layers"):
+            if made.get(key) != here[key]:
+                raise ValueError(f"{self.source} was made for another model: {key} is {made.get(key)} there, "
+                                 f"{here[key]} here")
+        for layer, theirs, ours in zip(here["moe_layers"], made.get("gate_fingerprint", []), here["gate_fingerprint"]):
+            a, b = torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)
+            if a.shape != b.shape or (a - b).norm() > FINGERPRINT_RTOL * b.norm():
+                raise ValueError(f"{self.source} was made for another model: the gate weights of layer {layer} "
+                                 f"differ (gate_fingerprint)")
+
+
+# The fingerprint of a gate: a few fixed projections of its weights. Unlike a hash of the bytes it
+# survives a change of dtype (a calibration made in float32 serves the same model loaded in bf16,
+# whose rounding moved it by 0.2% on a test checkpoint), while another model's gate moves it by ~100%.
+FINGERPRINT_PROJECTIONS = 4
+FINGERPRINT_RTOL = 0.02
+
+
+def _gate_fingerprint(gate) -> list[float]:
+    w = torch.cat([p.detach().reshape(-1).double().cpu() for _, p in sorted(gate.named_parameters())])
+    i = torch.arange(w.numel(), dtype=torch.float64)
+    # deterministic, not random: nothing here may depend on torch's generator across versions
+    return [float(w @ torch.cos(0.6180339887 * (j + 1) * i + j)) for j in range(FINGERPRINT_PROJECTIONS)]
+
+
+def model_signature(model) -> dict:
+    """What a calibration records about the model it was made from."""
+    cfg, blocks = model.config, model.moe_blocks()
+    return {"architecture": cfg.family, "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k, "hidden_size": cfg.hidden_size, "moe_layers": [b.ctx.layer for b in blocks],
+            "gate_fingerprint": [_gate_fingerprint(b.gate) for b in blocks]}
+
 
 def load_calibration(path) -> Calibration:
     from safetensors import safe_open
     try:
-        flat = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("tinymoe", "{}"))
+            meta = (f.metadata() or {}).get("tinymoe")
+        flat = load_file(str(path)) if meta is not None else {}
     except Exception as e:  # a missing or foreign file: one clear line
-        raise ValueError(f"cannot read calibration file {path}: {e}") from None
+        raise ValueError(f"cannot read calibration file {path}: {_first_line(e)}") from None
+    try:
+        meta = json.loads(meta) if meta is not None else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):  # e.g. a model's weights passed as --calib
+        raise ValueError(f"{path} is not a tinymoe calibration file (no calibration metadata)")
     layers: dict[int, dict] = {}
     for key, value in flat.items():
-        _, idx, name = key.split(".", 2)
-        layers.setdefault(int(idx), {})[name] = value
-    return Calibration(layers, meta)
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit():
+            raise ValueError(f"{path} is not a tinymoe calibration file (unexpected tensor {key!r})")
+        layers.setdefault(int(parts[1]), {})[parts[2]] = value
+    return Calibration(layers, meta, str(path))
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 class _Collect(Router):
@@ -115,7 +169,7 @@ def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
         if proto_steps > 0:
             d.update(fit_prototypes(b.gate, torch.cat(c.kept), latent_dim, proto_steps))
         layers[b.ctx.layer] = d
-    return Calibration(layers, {"tokens": int(rows.numel()), "seq_len": seq_len})
+    return Calibration(layers, {"tokens": int(rows.numel()), "seq_len": seq_len, "model": model_signature(model)})
 
 
 def fit_prototypes(gate, x: torch.Tensor, latent_dim: int = 16, steps: int = 200,
