@@ -149,8 +149,11 @@ def save(model: TinyMoE, out: Path, summary: dict, dtype=torch.bfloat16) -> None
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package must be readable
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, str(dtype).split(".")[1]), indent=2) + "\n")
     shutil.copy(BUILD / "tokenizer.model", out / "tokenizer.model")
+    # No tokenizer_class for a model_type transformers does not know (deepseek): with one it
+    # builds a Metaspace tokenizer that encodes the chat markers unlike sentencepiece (training).
+    tokenizer_class = {"tokenizer_class": "LlamaTokenizer"} if model.cfg.family == "mixtral" else {}
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        **tokenizer_class, "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
         "legacy": True, "model_max_length": model.cfg.max_positions,
         "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
