@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tinymoe import Settings, settings
 from tinymoe.kernels import cpu_linear
 from tinymoe.kernels.cpu_linear import linear
 
@@ -91,43 +92,40 @@ def test_the_decision_splits_at_16_rows(bf16_cpu):
     assert cpu_linear.supports(torch.randn(3, 6, 32), w) == (not bf16_cpu)
 
 
-def test_bf16_decision_from_the_cpu_the_env_and_the_override(monkeypatch):
+def test_bf16_decision_from_the_cpu_the_settings_and_the_override():
     with open("/proc/cpuinfo") as f:
         flags = next((line for line in f if line.startswith("flags")), "").split()
-    monkeypatch.delenv("TINYMOE_CPU_BF16", raising=False)
-    assert cpu_linear.native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
-    for env, want in (("0", False), ("1", True)):
-        monkeypatch.setenv("TINYMOE_CPU_BF16", env)
-        assert cpu_linear.native_bf16() is want  # read at each call, not at import
-        for forced in (False, True):  # the override wins over the env, both ways, and is undone
-            with cpu_linear.bf16_instructions(forced):
-                assert cpu_linear.native_bf16() is forced
-                with cpu_linear.bf16_instructions(None):  # None: back to the env
-                    assert cpu_linear.native_bf16() is want
-                assert cpu_linear.native_bf16() is forced
-            assert cpu_linear.native_bf16() is want
-    cpu_linear.bf16_instructions(False)  # the plain setter
+    detected = "avx512_bf16" in flags or "amx_bf16" in flags
+    with settings.override(cpu_bf16=None):  # TINYMOE_CPU_BF16 unset
+        assert cpu_linear.native_bf16() is detected
+    for value in (False, True):  # TINYMOE_CPU_BF16=0|1
+        with settings.override(cpu_bf16=value):
+            assert cpu_linear.native_bf16() is value
+            for forced in (False, True):  # the override wins, both ways, and is undone
+                with cpu_linear.bf16_instructions(forced):
+                    assert cpu_linear.native_bf16() is forced
+                    with cpu_linear.bf16_instructions(None):  # None: the CPU's flags
+                        assert cpu_linear.native_bf16() is detected
+                    assert cpu_linear.native_bf16() is forced
+                assert cpu_linear.native_bf16() is value
+    before = settings.current().cpu_bf16
+    cpu_linear.bf16_instructions(not detected)  # the plain setter
     try:
-        assert cpu_linear.native_bf16() is False
+        assert cpu_linear.native_bf16() is (not detected)
     finally:
-        cpu_linear.bf16_instructions(None)
-    assert cpu_linear.native_bf16() is True
+        cpu_linear.bf16_instructions(before)
+    assert settings.current().cpu_bf16 is before
 
 
-BAD_ENV = ("TINYMOE_CPU_BF16='yes': use 0 (no bf16 instructions), 1 (bf16 instructions) or leave it unset "
-           "(detect)")
-
-
-def test_bad_bf16_env_value_is_a_one_line_error(monkeypatch):
-    monkeypatch.setenv("TINYMOE_CPU_BF16", "yes")
+def test_bf16_env_value():
+    assert Settings.from_env({"TINYMOE_CPU_BF16": "1"}).cpu_bf16 is True
+    assert Settings.from_env({"TINYMOE_CPU_BF16": "0"}).cpu_bf16 is False
+    assert Settings.from_env({"TINYMOE_CPU_BF16": ""}).cpu_bf16 is None
+    assert Settings.from_env({}).cpu_bf16 is None
     with pytest.raises(ValueError) as e:
-        cpu_linear.native_bf16()
-    assert str(e.value) == BAD_ENV
-    with pytest.raises(ValueError) as e:  # at the first matmul, even of one row
-        linear(torch.randn(1, 8), torch.randn(3, 8).bfloat16())
-    assert str(e.value) == BAD_ENV
-    with cpu_linear.bf16_instructions(True):  # an override does not read the env
-        assert cpu_linear.native_bf16() is True
+        Settings.from_env({"TINYMOE_CPU_BF16": "yes"})
+    assert str(e.value) == ("TINYMOE_CPU_BF16='yes': use 0 (no bf16 instructions), 1 (bf16 instructions) or "
+                            "leave it unset (detect)")
     with pytest.raises(TypeError) as e:
         cpu_linear.bf16_instructions("1")
     assert str(e.value) == "bf16_instructions takes True, False or None, not '1'"
@@ -147,7 +145,7 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads
     """Bit for bit while the per-copy path's matmuls run the native kernel (no bf16 instructions,
     or no copy over 16 rows); beyond that they run torch's GEMM, which sums in its own order (on
     AMX it differs in the last bits), so both are held to a float64 reference instead."""
-    import tinymoe.experts.experts as experts_module
+    import tinymoe.kernels.moe_op as experts_module
     from tinymoe.experts import Experts
     from tinymoe.experts.plan import Copy, ExpertPlan
     torch.manual_seed(T + I + D)

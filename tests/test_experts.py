@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import tinymoe
 from tinymoe import kernels
-from tinymoe.experts import Copy, ExpertPlan, Experts, pools
+from tinymoe.experts import Copy, ExpertPlan, Experts
+from tinymoe.kernels import moe_op
 from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, int4_group_size, pack_int4,
                                    quantize_int4, quantize_int8, unpack_int4)
 
@@ -61,8 +62,8 @@ def dense_quantised(ex, precision):
 def test_pool_matches_float64(precision, T, bf16_cpu, monkeypatch):
     # with bf16 instructions (forced here both ways), copies over 16 rows take the int pools'
     # dequantise-then-matmul path; without, their CPU kernels at any row count
-    packed, use_packed = [], pools.use_packed
-    monkeypatch.setattr(pools, "use_packed", lambda x: packed.append(use_packed(x)) or packed[-1])
+    packed, use_packed = [], moe_op.use_packed
+    monkeypatch.setattr(moe_op, "use_packed", lambda x: packed.append(use_packed(x)) or packed[-1])
     E, k = 5, 2
     ex = random_experts(E, I=64, D=96)
     ids, w = random_routing(T, k, E - 1)  # the last expert gets no tokens

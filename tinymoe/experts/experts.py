@@ -1,15 +1,10 @@
 import torch
 from torch import nn
 
-from ..kernels import backend_for
-from ..kernels.cpu_linear import moe
-from ..kernels.moe_align import moe_align
-from ..kernels.moe_gemm import fused_moe
+from ..kernels.moe_op import PRECISIONS, ExpertCopies, moe_experts
 from .dispatch import assign_copies, copy_table
 from .plan import ExpertPlan
-from .pools import FullPool, Int4Pool, Int8Pool
-
-BLOCK_M = 16  # rows per tile of the Triton grouped GEMM
+from .pools import POOLS, FullPool
 
 
 class Experts(nn.Module):
@@ -19,7 +14,8 @@ class Experts(nn.Module):
     `[E, D, I]` (the loader fills them in place). The full-precision pool stacks gate and up as
     one `[E, 2I, D]` tensor and re-points `w_gate`/`w_up` at views of it, so nothing is stored
     twice. `apply_plan` adds int8/int4 pools for the plan's quantised copies; the source weights
-    stay resident so that any later plan can be applied.
+    stay resident so that any later plan can be applied. The experts are computed by one op,
+    `kernels.moe_experts`, over `copies()`: forward is the choice of copies plus that call.
     """
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
@@ -34,6 +30,7 @@ class Experts(nn.Module):
         self.quantised = nn.ModuleDict()
         self._full: FullPool | None = None
         self._full_key = None  # the parameters' storage the pool was built from
+        self._copies: ExpertCopies | None = None  # what the op reads, built on first use
         # [T, k] copies chosen in the last forward (the one-call decode step's native top-k leaves it)
         self.last_physical_ids: torch.Tensor | None = None
         self.apply_plan(ExpertPlan.default(self.num_experts))
@@ -54,12 +51,12 @@ class Experts(nn.Module):
     @property
     def full_copy_rows(self) -> list[int] | None:
         """When every copy is full precision: each copy's expert row in the full pool; else None."""
-        return self._full_rows
+        return self.copies().full_rows
 
     def apply_plan(self, plan: ExpertPlan) -> None:
         """Serve the router's logical experts from the plan's physical copies."""
         E = self.num_experts
-        bad = [c for c in plan.copies if not 0 <= c.expert < E or c.precision not in ("full", "int8", "int4")]
+        bad = [c for c in plan.copies if not 0 <= c.expert < E or c.precision not in PRECISIONS]
         if bad:
             raise ValueError(f"expert plan has invalid copies {bad[:3]} for {E} experts")
         self.plan = plan
@@ -67,7 +64,7 @@ class Experts(nn.Module):
         self._identity = [(c.expert, c.precision) for c in plan.copies] == [(e, "full") for e in range(E)]
         # physical copy -> (pool name, weight row); quantised copies of one expert share a row
         self._where: list[tuple[str, int]] = []
-        quant_experts: dict[str, list[int]] = {"int8": [], "int4": []}
+        quant_experts: dict[str, list[int]] = {p: [] for p in PRECISIONS if p != "full"}
         for c in plan.copies:
             if c.precision == "full":
                 self._where.append(("full", c.expert))
@@ -76,14 +73,13 @@ class Experts(nn.Module):
                 if c.expert not in rows:
                     rows.append(c.expert)
                 self._where.append((c.precision, rows.index(c.expert)))
-        self._full_rows = [row for _, row in self._where] if all(p == "full" for p, _ in self._where) else None
         self.quantised = nn.ModuleDict()
         if any(quant_experts.values()):
             full = self.full_pool()
-            for precision, pool_cls in (("int8", Int8Pool), ("int4", Int4Pool)):
-                if quant_experts[precision]:
-                    self.quantised[precision] = pool_cls(full.w13, full.w2, quant_experts[precision])
-        self._copy_rows = None  # per-pool [C] int32 tables for the kernels, built on first use
+            for precision, experts in quant_experts.items():
+                if experts:
+                    self.quantised[precision] = POOLS[precision](full.w13, full.w2, experts)
+        self._copies = None
 
     def full_pool(self) -> FullPool:
         """The unquantised pool, rebuilt when the parameters were replaced (loading, .to())."""
@@ -99,8 +95,21 @@ class Experts(nn.Module):
                 gate.data, up.data = w13[:, :I], w13[:, I:]
             self._full = FullPool(w13, down.data)
             self._full_key = (gate.data_ptr(), up.data_ptr(), down.data_ptr(), gate.dtype)
-            self._copy_rows = None
+            self._copies = None
         return self._full
+
+    def copies(self) -> ExpertCopies:
+        """The plan's physical copies as `kernels.moe_experts` reads them (rebuilt when the plan or
+        the storage changes)."""
+        full = self.full_pool()
+        if self._copies is None:
+            pools = {"full": full.kernel_weights(), **{p: pool.kernel_weights() for p, pool in self.quantised.items()}}
+            self._copies = ExpertCopies(pools, self._where)
+        return self._copies
+
+    def _apply(self, fn, *args, **kwargs):
+        self._copies = None  # .to() and friends replace the quantised pools' buffers
+        return super()._apply(fn, *args, **kwargs)
 
     def fuse_storage(self) -> None:
         """Before loading: gate and up become views of one fresh [E, 2I, D] tensor (contents
@@ -108,9 +117,6 @@ class Experts(nn.Module):
         E, I, D = self.w_gate.shape
         w13 = torch.empty(E, 2 * I, D, dtype=self.w_gate.dtype, device=self.w_gate.device)
         self.w_gate.data, self.w_up.data = w13[:, :I], w13[:, I:]
-
-    def _pool(self, name: str):
-        return self.full_pool() if name == "full" else self.quantised[name]
 
     def weight_bytes(self) -> int:
         """Bytes of expert weights the plan's copies take, counting scales and zero points (each
@@ -127,61 +133,13 @@ class Experts(nn.Module):
             self._table, self._counts = self._table.to(ids.device), self._counts.to(ids.device)
         return assign_copies(ids, self._table, self._counts)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, observer=None) -> torch.Tensor:
+        """x [T, D], logical ids [T, k], weights [T, k] -> [T, D]. `observer(expert, x_rows, h)`, if
+        given, sees each logical expert's input rows and SwiGLU activations (fp32; the op's torch
+        twin runs to report them, see kernels/moe_op.py)."""
         phys = self.physical_ids(ids)
         self.last_physical_ids = phys
-        if phys.numel() == 0:
-            return torch.zeros_like(x)
-        if backend_for(x) == "triton":
-            return self._forward_kernels(x, phys, weights)
-        return self._forward_grouped(x, phys, weights)
-
-    def _forward_grouped(self, x, phys, weights):
-        # the CPU path: one matmul per active copy over its rows, no per-token work
-        k = phys.shape[1]
-        if self._full_rows is not None:  # every copy full precision: one native call for all of them
-            pool = self.full_pool()
-            out = moe(x, phys, weights, pool.w13, pool.w2, self._full_rows)
-            if out is not None:
-                return out
-        if phys.shape[0] == 1:  # decode at batch 1: nothing to sort or scatter; same sums, same order
-            out = torch.zeros_like(x)
-            # rounded to x's dtype first, a Python float multiplies exactly as the tensor would
-            for copy, weight in sorted(zip(phys[0].tolist(), weights[0].to(x.dtype).tolist())):
-                name, row = self._where[copy]
-                out += self._pool(name).mlp(row, x).to(x.dtype) * weight
-            return out
-        flat = phys.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_copies).tolist()
-        token = order // k
-        xs = x.index_select(0, token)
-        ys = torch.empty_like(xs)
-        start = 0
-        for copy, n in enumerate(counts):
-            if n:
-                name, row = self._where[copy]
-                ys[start:start + n] = self._pool(name).mlp(row, xs[start:start + n])
-                start += n
-        ys.mul_(weights.reshape(-1).index_select(0, order).to(ys.dtype)[:, None])
-        return torch.zeros_like(x).index_add_(0, token, ys)
-
-    def _kernel_tables(self, device):
-        if self._copy_rows is None or next(iter(self._copy_rows.values())).device != device:
-            tables = {}
-            for name in dict.fromkeys(pool for pool, _ in self._where):
-                rows = [row if pool == name else -1 for pool, row in self._where]
-                tables[name] = torch.tensor(rows, dtype=torch.int32, device=device)
-            self._copy_rows = tables
-        return self._copy_rows
-
-    def _forward_kernels(self, x, phys, weights):
-        # the GPU path: sort and pad assignments once, then one grouped GEMM launch pair per pool
-        T, k = phys.shape
-        self.full_pool()
-        sorted_ids, tile_copy = moe_align(phys.to(torch.int32), self.num_copies, BLOCK_M)
-        out = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
-        for name, copy_row in self._kernel_tables(x.device).items():
-            fused_moe(x, weights, sorted_ids, tile_copy, copy_row, self._pool(name).kernel_weights(),
-                      out, BLOCK_M)
-        return out.view(T, k, -1).sum(1).to(x.dtype)
+        seen = None
+        if observer is not None:
+            seen = lambda copy, xs, h: observer(self.plan.copies[copy].expert, xs, h)  # noqa: E731
+        return moe_experts(x, phys, weights, self.copies(), seen)

@@ -1,7 +1,7 @@
 """Which physical copies serve each logical expert, and in what precision (data only)."""
 from dataclasses import dataclass, field
 
-PRECISIONS = ("full", "int8", "int4")
+from ..kernels.moe_op import PRECISIONS  # noqa: F401 (the one list; routers read it here)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Expert weights in one precision, stacked, with the per-expert MLP of the CPU path.
+"""Expert weights in one precision, stacked: storage, quantisation and bytes. They are computed
+by one op, `kernels.moe_experts`, which reads each pool as `kernel_weights()`.
 
 Every pool stores gate and up as one matrix `w13 [n, 2I, D]` (rows 0..I gate, I..2I up) and the
 down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul.
@@ -7,18 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_linear, linear, swiglu
-from ..kernels.cpu_linear import supports
-from ..kernels.moe_gemm import MoEWeights
-from .quant import dequantize_int4, int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8, unpack_int4
-
-
-def use_packed(x: torch.Tensor) -> bool:
-    """Weight-only quantised CPU kernel, or dequantise and run a bf16 matmul? The kernels win at
-    few rows; with many rows a bf16 GEMM on AMX wins, but without bf16 instructions torch's bf16
-    GEMM is emulated and slower than the kernels at any row count (bench/experts.py)."""
-    return x.device.type == "cpu" and (x.shape[0] <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16 or
-                                     not cpu_linear.native_bf16())
+from ..kernels.moe_op import MoEWeights
+from .quant import int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8
 
 
 class FullPool:
@@ -30,10 +21,6 @@ class FullPool:
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
         self.w13, self.w2 = w13, w2
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
-
-    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
-        h = linear(x.to(self.w13.dtype), self.w13[row])
-        return linear(swiglu(h, self.inter), self.w2[row])
 
     def copy_bytes(self) -> int:
         return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
@@ -58,19 +45,6 @@ class Int8Pool(nn.Module):
         self.register_buffer("q2", torch.stack(q2), persistent=False)
         self.register_buffer("s2", torch.stack(s2), persistent=False)
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
-
-    def _linear(self, x, q, s):
-        if supports(x, q, s):  # 1.6x torch's int8 kernel for one row, as fast for more
-            return linear(x, q, s)
-        # torch's CPU kernel silently computes garbage unless K is a multiple of 16
-        if use_packed(x) and x.shape[1] % 16 == 0:
-            return torch.ops.aten._weight_int8pack_mm(x, q, s)
-        return F.linear(x, q.to(x.dtype)) * s  # int8 codes are exact in bf16; scale the outputs
-
-    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)  # the CPU kernels want bf16 activations
-        h = self._linear(xb, self.q13[row], self.s13[row])
-        return self._linear(swiglu(h, self.inter), self.q2[row], self.s2[row]).to(x.dtype)
 
     def copy_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (self.q13, self.s13, self.q2, self.s2))
@@ -109,19 +83,6 @@ class Int4Pool(nn.Module):
         self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), pad32(I)/2]
         self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, pad32(I)/g, pad64(D), 2]
 
-    def _linear(self, x, packed, sz, group):
-        if x.shape[1] != packed.shape[1] * 2:
-            x = F.pad(x, (0, packed.shape[1] * 2 - x.shape[1]))
-        if use_packed(x):
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-        return F.linear(x, dequantize_int4(unpack_int4(packed), sz, x.dtype))
-
-    def mlp(self, row: int, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        h = self._linear(xb, self.p13[row], self.z13[row], self.group13)
-        y = self._linear(swiglu(h, self.inter), self.p2[row], self.z2[row], self.group2)
-        return y[:, :self.hidden].to(x.dtype)
-
     def copy_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (self.p13, self.z13, self.p2, self.z2))
 
@@ -130,4 +91,4 @@ class Int4Pool(nn.Module):
                           self.inter, self.hidden, int4_pack_block())
 
 
-POOLS = {"full": FullPool, "int8": Int8Pool, "int4": Int4Pool}
+POOLS = {pool.precision: pool for pool in (FullPool, Int8Pool, Int4Pool)}  # by kernels.moe_op.PRECISIONS

@@ -4,10 +4,14 @@ int8: per output channel, symmetric: w ~= q * scale, q in [-127, 127].
 int4: per (channel, group of K), asymmetric: w ~= (q - 8) * scale + zero, q in [0, 15],
       scale and zero in bf16. This is the rule of torch's `_weight_int4pack_mm_for_cpu`, so the
       same numbers feed the CPU kernel and the Triton kernel.
+The dequantisation of each layout lives with the op that reads it (kernels/moe_op.py).
 """
 import functools
 
 import torch
+
+from ..kernels import moe_op
+from ..kernels.moe_op import dequantize_int4, dequantize_int8  # noqa: F401 (re-exported)
 
 INT4_GROUP = 128
 
@@ -24,10 +28,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _round_up_bf16(wf.abs().amax(-1).clamp_min(1e-12) / 127)
     q = torch.round(wf / scale.float()[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()[..., None]).to(dtype)
 
 
 def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
@@ -59,15 +59,6 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return q, scales_zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales_zeros: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_int4` (up to rounding): (q - 8) * scale + zero."""
-    *lead, n, k = q.shape
-    group = k // scales_zeros.shape[-3]
-    sz = scales_zeros.float().transpose(-2, -3)  # [..., N, K/group, 2]
-    qg = q.float().reshape(*lead, n, k // group, group)
-    return ((qg - 8) * sz[..., :1] + sz[..., 1:]).reshape(*lead, n, k).to(dtype)
-
-
 @functools.cache
 def int4_pack_block() -> int:
     """Channels per block in the layout of torch's `_convert_weight_to_int4pack_for_cpu`. It is
@@ -97,10 +88,5 @@ def pack_int4(q: torch.Tensor, block: int | None = None) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """Inverse of `pack_int4`."""
-    block = block or int4_pack_block()
-    *lead, n, half_k = packed.shape
-    k, half = half_k * 2, block // 2
-    blocks = packed.reshape(*lead, n // block, k, half)
-    q = torch.stack((blocks & 15, blocks >> 4), -3)  # [..., N/B, 2, K, B/2]
-    return q.transpose(-1, -2).reshape(*lead, n, k)
+    """Inverse of `pack_int4` (default block: this CPU's)."""
+    return moe_op.unpack_int4(packed, block or int4_pack_block())

@@ -1,4 +1,5 @@
-"""Grouped GEMM for the expert MLP over assignments sorted and padded by `moe_align`.
+"""Grouped GEMM for the expert MLP over assignments sorted and padded by `moe_align`: the
+Triton implementation of `moe_experts` (moe_op.py, whose torch twin is its reference).
 
 `fused_moe(x, topk_weights, sorted_ids, tile_copy, copy_row, w, out, block_m)` runs one precision
 pool: tile i of `sorted_ids` belongs to copy `tile_copy[i]`, which this pool serves from weight
@@ -7,40 +8,19 @@ SiLU gating into an fp32 intermediate `[L, I]` in sorted order, then the down pr
 by the routing weight, written to `out[t * k + slot]` (fp32 `[T * k, D]`). Each pool writes only
 the rows of its own copies; the caller sums `out` over the k slots.
 
-Weights (`MoEWeights`), gate and up stacked as `w13 [n, 2I, D]`, down `w2 [n, D, I]`:
-- full: bf16/fp16/fp32;
-- int8: `w13`, `w2` int8 with scales `s13 [n, 2I]`, `s2 [n, D]`: w = q * s;
-- int4: packed uint8 `[n, pad64(N), KW/2]` (KW: K zero-padded to a multiple of 32) in the layout
-  of torch's CPU int4 kernel (per block of `pack_block` channels and per k, pack_block/2 bytes:
-  the block's first half of channels in the low nibbles, the second half in the high ones; the
-  block is 64 or 32 depending on the CPU), `s13`/`s2` = scales and zeros
-  `[n, KW/group, pad64(N), 2]`: w = (q - 8) * scale + zero.
-Under the interpreter every operand is upcast to fp32 (its bf16 arithmetic is wrong); on a GPU
-the dot runs in the activation dtype with fp32 accumulation.
+Weights: a `MoEWeights` (full bf16/fp16/fp32; int8 with per-channel scales; int4 packed in the
+layout of torch's CPU int4 kernel, whose block of `pack_block` channels is 64 or 32 depending on
+the CPU, with scales and zeros). Under the interpreter every operand is upcast to fp32 (its bf16
+arithmetic is wrong); on a GPU the dot runs in the activation dtype with fp32 accumulation.
 """
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from .backend import INTERPRETING, dispatch  # first: it decides whether triton interprets
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from .backend import interpreting
+from .moe_op import PRECISIONS, MoEWeights
 
-PRECISION_CODE = {"full": 0, "int8": 1, "int4": 2}
-
-
-class MoEWeights(NamedTuple):
-    precision: str
-    w13: torch.Tensor
-    w2: torch.Tensor
-    s13: torch.Tensor | None
-    s2: torch.Tensor | None
-    group13: int  # int4 group along D (gate/up) and along I (down); 0 otherwise
-    group2: int
-    inter: int
-    hidden: int
-    pack_block: int = 64  # int4 only: channels per block of the packed layout
+PRECISION_CODE = {name: code for code, name in enumerate(PRECISIONS)}
 
 
 @triton.jit
@@ -160,12 +140,12 @@ def _row_length(w: MoEWeights, t: torch.Tensor) -> int:
     return t.shape[2] * 2 if w.precision == "int4" else t.shape[2]
 
 
-def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWeights, out, block_m):
+def fused_moe(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWeights, out, block_m):
     _check(x, topk_weights, w, out)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     D, I, k = w.hidden, w.inter, topk_weights.shape[-1]
     prec = PRECISION_CODE[w.precision]
-    dot_in_input = not INTERPRETING and x.dtype != torch.float32
+    dot_in_input = not interpreting() and x.dtype != torch.float32
     h = torch.empty(sorted_ids.numel(), I, dtype=torch.float32, device=x.device)
     tiles = tile_copy.numel()
     bn, bk = _block(I), _block(D)
@@ -183,42 +163,6 @@ def fused_moe_triton(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWei
     return out
 
 
-def dequantize_row(w: MoEWeights, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (w13 [2I, D], w2 [D, I]) of one weight row of a pool."""
-    def one(q, s, group, n_out, k_in):
-        if w.precision == "full":
-            return q.float()
-        if w.precision == "int8":
-            return q.float() * s.float()[:, None]
-        n, k = q.shape[0], q.shape[1] * 2
-        blocks = q.reshape(n // w.pack_block, k, w.pack_block // 2)
-        codes = torch.stack((blocks & 15, blocks >> 4), 1).transpose(-1, -2).reshape(n, k).float()
-        sz = s.float().repeat_interleave(group, 0).transpose(0, 1)  # [N, K, 2]
-        return ((codes - 8) * sz[..., 0] + sz[..., 1])[:n_out, :k_in]
-    return (one(w.w13[row], None if w.s13 is None else w.s13[row], w.group13, 2 * w.inter, w.hidden),
-            one(w.w2[row], None if w.s2 is None else w.s2[row], w.group2, w.hidden, w.inter))
-
-
-def fused_moe_torch(x, topk_weights, sorted_ids, tile_copy, copy_row, w: MoEWeights, out, block_m):
-    _check(x, topk_weights, w, out)
-    num_assign, k = topk_weights.numel(), topk_weights.shape[-1]
-    copy_at = tile_copy.repeat_interleave(block_m)
-    aid = sorted_ids[:copy_at.numel()].long()
-    row_at = torch.where(copy_at >= 0, copy_row[copy_at.clamp_min(0).long()], -1)
-    keep = (aid < num_assign) & (row_at >= 0)
-    aid, row_at = aid[keep], row_at[keep]
-    for row in row_at.unique().tolist():
-        a = aid[row_at == row]
-        w13, w2 = dequantize_row(w, row)
-        h = F.linear(x[a // k].float(), w13)
-        y = F.linear(F.silu(h[:, :w.inter]) * h[:, w.inter:], w2)
-        out[a] = y * topk_weights.reshape(-1)[a].float()[:, None]
-    return out
-
-
-fused_moe = dispatch(fused_moe_torch, fused_moe_triton)
-
-
 def aot_kernels(block_m: int = 16, block_n: int = 64, block_k: int = 64, group: int = 128):
     """(name, kernel, signature, constexprs) for every variant the GPU path launches."""
     common = {"sorted_ptr": "*i32", "tile_copy_ptr": "*i32", "copy_row_ptr": "*i32"}
@@ -227,8 +171,8 @@ def aot_kernels(block_m: int = 16, block_n: int = 64, block_k: int = 64, group: 
     weight_types = {"full": ("*{dt}", "*{dt}"), "int8": ("*i8", "*bf16"), "int4": ("*u8", "*bf16")}
     out = []
     for dt in ("bf16", "fp16"):
-        for prec, (wt, st) in weight_types.items():
-            wt, st = wt.format(dt=dt), st.format(dt=dt)
+        for prec in PRECISIONS:
+            wt, st = (t.format(dt=dt) for t in weight_types[prec])
             consts = dict(shapes, PREC=PRECISION_CODE[prec], GROUP=group if prec == "int4" else 0)
             gate_up = {"x_ptr": f"*{dt}", **common, "w_ptr": wt, "s_ptr": st, "h_ptr": "*fp32",
                        "num_assign": "i32", "top_k": "i32", "D": "i32", "I": "i32", "NP": "i32", "KW": "i32",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .base import Router
+from .topk import TopK
 from .prototype_gate import prototype_scores
 
 MASS_LEVELS = 101  # quantiles of the top-k mass at 0, 0.01, ..., 1
@@ -97,8 +97,9 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-class _Collect(Router):
-    """Routes exactly like top-k while accumulating this layer's calibration statistics."""
+class _Collect:
+    """A `MoEBlock.observer`: this layer's calibration statistics from the model's own forward
+    (its router's choice, the inputs its experts really get and their SwiGLU activations)."""
 
     def __init__(self, block, keep_rate: float):
         self.block, self.keep_rate = block, keep_rate
@@ -109,22 +110,16 @@ class _Collect(Router):
         self.sq_in = torch.zeros(E, ex.w_gate.shape[2], dtype=torch.float64)
         self.sq_mid = torch.zeros(E, ex.w_gate.shape[1], dtype=torch.float64)
 
-    def route(self, logits, hidden, ctx):
-        rule = ctx.rule
-        probs = rule.probs(logits)
-        top = probs.topk(rule.top_k, dim=-1)
-        ids = top.indices
-        self.mass.append(top.values.sum(-1).cpu())
+    def routed(self, block, hidden, logits, ids):
+        rule = block.ctx.rule
+        self.mass.append(rule.probs(logits).gather(-1, ids).sum(-1).cpu())
         self.load += torch.bincount(ids.reshape(-1), minlength=rule.num_experts).double().cpu()
-        ex = self.block.experts
-        for e in ids.unique().tolist():
-            x = hidden[(ids == e).any(-1)].float()
-            h = F.silu(x @ ex.w_gate[e].float().T) * (x @ ex.w_up[e].float().T)
-            self.sq_in[e] += (x * x).sum(0).double().cpu()
-            self.sq_mid[e] += (h * h).sum(0).double().cpu()
         keep = torch.rand(hidden.shape[0]) < self.keep_rate
         self.kept.append(hidden[keep.to(hidden.device)].float().cpu())
-        return ids, rule.weights(probs, ids)
+
+    def expert(self, block, e, x, h):
+        self.sq_in[e] += (x * x).sum(0).double().cpu()
+        self.sq_mid[e] += (h * h).sum(0).double().cpu()
 
     def importance(self) -> torch.Tensor:
         """sum over w1, w3, w2 of sum_ij |W_ij| * ||X_j||_2 (X: inputs routed to the expert)."""
@@ -148,19 +143,19 @@ def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
     rows = tokens[: windows * seq_len].view(windows, -1) if tokens.numel() >= seq_len else tokens[None]
     blocks = list(model.moe_blocks())
     keep_rate = min(1.0, fit_tokens / rows.numel())
-    saved = [(b.router, b.recorder) for b in blocks]
+    saved = [(b.router, b.recorder, b.observer) for b in blocks]
     collectors = [_Collect(b, keep_rate) for b in blocks]
     try:
         for b, c in zip(blocks, collectors):
-            b.router, b.recorder = c, None
+            b.router, b.recorder, b.observer = TopK(), None, c
         device = next(model.parameters()).device
         for s in range(0, rows.shape[0], batch):
             model(rows[s:s + batch].to(device))
             if progress:
                 progress(min(batch, rows.shape[0] - s))
     finally:
-        for b, (r, rec) in zip(blocks, saved):
-            b.router, b.recorder = r, rec
+        for b, (r, rec, obs) in zip(blocks, saved):
+            b.router, b.recorder, b.observer = r, rec, obs
     layers = {}
     for b, c in zip(blocks, collectors):
         mass = torch.cat(c.mass).float()
