@@ -3,11 +3,10 @@
     python bench/native_step.py [--router topk] [--batch 1] [--rounds 6] [--decode-tokens 32] [--model DIR]
 
 Same checkpoint as bench/decode.py (written to a temp dir without --model). Each round runs the
-same requests once with `TINYMOE_NATIVE_STEP=0` (per-op path) and once with it on; every decode
+same requests once with `Settings.native_step` off (per-op path) and once with it on; every decode
 step is timed. Prints the median ms a step of each and their ratio.
 """
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
     from tinymoe.engine import LLM, SamplingParams
+    from tinymoe.settings import override
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else write_checkpoint(Path(tmp) / "mixtral-mini")
         llm = LLM(str(path), router=args.router, dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192,
@@ -37,15 +37,15 @@ def main():
         params = SamplingParams(temperature=0, max_tokens=1 + args.decode_tokens, ignore_eos=True)
         steps = {"per-op": [], "one-call": []}
         for _ in range(args.rounds):
-            for name, flag in (("per-op", "0"), ("one-call", "1")):
-                os.environ["TINYMOE_NATIVE_STEP"] = flag
-                for p in prompts:
-                    llm.add_request(p, params)
-                llm.step()  # the prefill
-                while llm.has_unfinished():
-                    start = time.perf_counter()
-                    llm.step()
-                    steps[name].append(time.perf_counter() - start)
+            for name, one_call in (("per-op", False), ("one-call", True)):
+                with override(native_step=one_call):
+                    for p in prompts:
+                        llm.add_request(p, params)
+                    llm.step()  # the prefill
+                    while llm.has_unfinished():
+                        start = time.perf_counter()
+                        llm.step()
+                        steps[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) * 1e3 for name, t in steps.items()}
     print(f"router {args.router}, batch {args.batch}, {args.rounds} rounds of {args.decode_tokens} steps")
     for name, ms in median.items():

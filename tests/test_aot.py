@@ -29,14 +29,14 @@ def test_aot_fails_when_nothing_matches():
 
 
 def test_aot_reports_each_failure_and_exits_nonzero(monkeypatch, capsys):
-    from tinymoe.kernels import aot, backend
+    from tinymoe.kernels import aot
 
     def compile_one(fn, signature, constexprs, arch):
         if fn == "broken":
             raise RuntimeError("ptxas error\nout of registers")
         return type("Compiled", (), {"asm": {"ptx": "x" * 2048, "cubin": b"y" * 4096}})()
 
-    monkeypatch.setattr(backend, "INTERPRETING", False)
+    monkeypatch.setattr(aot, "interpreting", lambda: False)
     monkeypatch.setattr(aot, "collect", lambda only: [("fine", "fine", {}, {}), ("bad", "broken", {}, {})])
     monkeypatch.setattr(aot, "compile_one", compile_one)
     assert aot.main(["--arch", "80,90"]) == 1
@@ -44,3 +44,12 @@ def test_aot_reports_each_failure_and_exits_nonzero(monkeypatch, capsys):
     assert [line.split()[:3] for line in lines[:4]] == [["fine", "sm_80", "ok"], ["fine", "sm_90", "ok"],
                                                         ["bad", "sm_80", "FAIL"], ["bad", "sm_90", "FAIL"]]
     assert "out of registers" in lines[2] and lines[4] == "2/4 compiled"
+
+
+def test_every_module_with_triton_kernels_is_listed():
+    from pathlib import Path
+
+    from tinymoe.kernels import aot
+    folder = Path(aot.__file__).parent
+    declaring = sorted(p.stem for p in folder.glob("*.py") if re.search(r"^AOT_KERNELS = ", p.read_text(), re.M))
+    assert declaring == sorted(aot.TRITON_MODULES)

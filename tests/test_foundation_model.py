@@ -257,9 +257,9 @@ def test_yarn_in_bf16_one_call_decode_equals_the_per_op_path(tmp_path, monkeypat
     params = tinymoe.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     step, taken, outs = model_runner.decode_step, [], {}
     monkeypatch.setattr(model_runner, "decode_step", lambda *a: taken.append(step(*a)) or taken[-1])
-    for native_step in ("1", "0"):
-        monkeypatch.setenv("TINYMOE_NATIVE_STEP", native_step)
+    for native_step in (True, False):
         taken.clear()
-        outs[native_step] = tinymoe.LLM(model).generate([prompt], params)[0].token_ids
-        assert any(t is not None for t in taken) == (native_step == "1")
-    assert outs["1"] == outs["0"]
+        with tinymoe.settings.override(native_step=native_step):
+            outs[native_step] = tinymoe.LLM(model).generate([prompt], params)[0].token_ids
+        assert any(t is not None for t in taken) == native_step
+    assert outs[True] == outs[False]

@@ -66,7 +66,7 @@ def model(request):
 
 
 def test_triton_backend_model_matches_torch(model):
-    assert backend.INTERPRETING, "Triton's interpreter is off: set TRITON_INTERPRET=1 before triton is imported"
+    assert backend.interpreting(), "Triton's interpreter is off: set TRITON_INTERPRET=1 before triton is imported"
     torch.manual_seed(0)
     V = model.config.vocab_size
     sequences = [torch.randint(0, V, (n,)).tolist() for n in (7, 5)]

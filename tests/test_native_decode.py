@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tinymoe.engine.model_runner as model_runner
-from tinymoe import load_model
+from tinymoe import load_model, settings
 from tinymoe.engine import LLM, SamplingParams
 from tinymoe.experts.plan import Copy, ExpertPlan
 from tinymoe.kernels.native import native
@@ -35,13 +35,13 @@ def checked_runner(llm, monkeypatch):
     def both(batch):
         llm.checked_steps += 1
         k, v = cache.k.clone(), cache.v.clone()
-        monkeypatch.setenv("TINYMOE_NATIVE_STEP", "0")
-        ref_logits, _ = run(batch)
+        with settings.override(native_step=False):
+            ref_logits, _ = run(batch)
         ref_k, ref_v = cache.k.clone(), cache.v.clone()
         cache.k.copy_(k)
         cache.v.copy_(v)
-        monkeypatch.setenv("TINYMOE_NATIVE_STEP", "1")
-        logits, seqs = run(batch)
+        with settings.override(native_step=True):
+            logits, seqs = run(batch)
         assert torch.equal(logits, ref_logits)
         assert torch.equal(cache.k, ref_k) and torch.equal(cache.v, ref_v)
         return logits, seqs

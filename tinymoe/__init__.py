@@ -2,8 +2,9 @@
 from .models import load_model
 from .tokenizer import load_tokenizer
 from .routing import ROUTERS, make_router
+from .settings import Settings
 
-__all__ = ["load_model", "load_tokenizer", "LLM", "SamplingParams", "ROUTERS", "make_router"]
+__all__ = ["load_model", "load_tokenizer", "LLM", "SamplingParams", "ROUTERS", "make_router", "Settings"]
 
 
 def __getattr__(name):

@@ -113,7 +113,7 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
         return None
     B, P = prompts.shape
     llm = LLM(model, router=name, calib=calib, max_num_seqs=B, max_batch_tokens=max(B * P, 512),
-              kv_cache_tokens=B * (P + gen_len + 16), prefix_caching=False, plan=plan, **opts)
+              kv_cache_tokens=B * (P + gen_len + 16), prefix_caching=False, plan=plan, router_opts=opts)
     outs = llm.generate(prompts.tolist(), SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True))
     first = max(o.time_to_first_token for o in outs)
     last = max(o.latency for o in outs)

@@ -78,7 +78,7 @@ class EngineOptions:
         """The engine for `model` with these options, with a progress bar while loading."""
         from .engine import LLM
         return LLM(model, router=self.router, dtype=self.dtype, calib=self.calib, progress=True,
-                   plan=self.plan, **engine_kwargs, **self.router_opts)
+                   plan=self.plan, router_opts=self.router_opts, **engine_kwargs)
 
 
 def engine_options(f):
@@ -165,6 +165,8 @@ def _drop_oldest_turns(llm, messages: list[dict], keep: int) -> bool:
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
 def cli(debug):
     """tinymoe: a small inference engine for Mixture-of-Experts language models."""
+    from .settings import Settings, install
+    install(Settings.from_env())  # the TINYMOE_* variables, checked before any command's work
 
 
 @cli.command()
@@ -401,7 +403,7 @@ def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine
                **multiple_choice(net, tok, items, progress=True, prompt=mc_prompt)}
     else:
         res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
-                            max_windows, progress=True, plan=engine.plan, **engine.router_opts)
+                            max_windows, progress=True, plan=engine.plan, router_opts=engine.router_opts)
     if fmt == "json":
         click.echo(json.dumps(res))
     else:

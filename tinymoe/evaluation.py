@@ -118,9 +118,9 @@ def multiple_choice(model, tokenizer, items: list[dict], progress: bool = False,
 
 def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None, window: int = 128,
                   batch: int = 8, max_windows: int | None = None, progress: bool = False, plan=None,
-                  **opts) -> dict:
-    """Perplexity of `router` (under `plan` if given) and its top-1 agreement with top-k on the
-    same windows. With `progress`, a bar on stderr counts the windows scored (top-k's, then the
+                  router_opts: dict | None = None) -> dict:
+    """Perplexity of `router` (with the options in `router_opts`, under `plan` if given) and its
+    top-1 agreement with top-k on the same windows. With `progress`, a bar on stderr counts the windows scored (top-k's, then the
     router's)."""
     from .routing import install, label
     rows = windows(tokens, window, max_windows)
@@ -132,7 +132,7 @@ def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None,
         if same:
             nll, top = ref_nll, ref_top
         else:
-            install(model, router, calib, plan=plan, **opts)
+            install(model, router, calib, plan=plan, **(router_opts or {}))
             nll, top = teacher_forced(model, rows, batch, counter.update)
             install(model, "topk")
     ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)

@@ -2,12 +2,13 @@ import numbers
 import operator
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from ..settings import Settings, current as current_settings, install as install_settings
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
@@ -15,9 +16,6 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
-
-KV_CACHE_BYTES = 512 << 20  # default KV cache budget when kv_cache_tokens is not given
-
 
 @dataclass
 class RequestOutput:
@@ -84,11 +82,14 @@ class LLM:
     """The engine: paged KV cache, continuous batching, sampling.
 
     `model` is an alias, a path or a model from tinymoe.load_model; `router` (None: keep the
-    model's routers) is installed with `calib` and `router_opts`, under `plan` if given (a plan
-    name such as "rnq", or (name, {option: value}); see tinymoe.routing). The tokenizer is the
-    checkpoint's unless `tokenizer` (an object or a path) is given; without one, prompts must be
-    token ids. The engine options size the batch (`max_num_seqs`, `max_batch_tokens` per step)
-    and the paged KV cache (`block_size`, `kv_cache_tokens`, `max_model_len`).
+    model's routers) is installed with `calib` and the options in the dict `router_opts`, under
+    `plan` if given (a plan name such as "rnq", or (name, {option: value}); see tinymoe.routing).
+    The tokenizer is the checkpoint's unless `tokenizer` (an object or a path) is given; without
+    one, prompts must be token ids. The engine options size the batch (`max_num_seqs`,
+    `max_batch_tokens` per step) and the paged KV cache (`block_size`, `kv_cache_tokens`,
+    `max_model_len`). `settings` (a tinymoe.Settings: kernel backend, native library, threads,
+    KV budget, ...) is installed for the process; without it the installed ones apply (the
+    environment's unless something installed others).
 
     Safe to share between threads: requests from every thread join the same running batch. One
     thread at a time is inside the engine (stepping, adding or aborting); a thread waiting for
@@ -97,8 +98,14 @@ class LLM:
     def __init__(self, model, router: str | None = "topk", dtype=None, device=None, *, tokenizer=None,
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
-                 prefix_caching: bool = True, progress: bool = False, plan=None, **router_opts):
+                 prefix_caching: bool = True, progress: bool = False, plan=None, router_opts: dict | None = None,
+                 settings: Settings | None = None):
         from .. import load_model, load_tokenizer, routing
+        if router_opts is not None and not isinstance(router_opts, Mapping):
+            raise TypeError(f"router_opts takes a dict of router options, not {type(router_opts).__name__}")
+        if settings is not None:
+            install_settings(settings)
+        self.settings = current_settings()  # read before loading: a bad environment fails first
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, dtype=dtype, device=device, progress=progress)
         elif dtype is not None:
@@ -115,7 +122,7 @@ class LLM:
                 self._tokenizer_error = str(e)
         self.model = model
         if router is not None:
-            routing.install(model, router, calib=calib, plan=plan, **router_opts)
+            routing.install(model, router, calib=calib, plan=plan, **(router_opts or {}))
         elif router_opts or plan is not None:
             raise ValueError("router options or a plan given without a router")
         cfg = model.config
@@ -124,7 +131,8 @@ class LLM:
         elem = next(model.parameters()).element_size()
         bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         if kv_cache_tokens is None:
-            kv_cache_tokens = min(max_num_seqs * cfg.max_position, max(KV_CACHE_BYTES // bytes_per_token, 1024))
+            budget = self.settings.kv_cache_bytes
+            kv_cache_tokens = min(max_num_seqs * cfg.max_position, max(budget // bytes_per_token, 1024))
         if max_model_len is None:
             max_model_len = min(cfg.max_position, kv_cache_tokens)
         if max_model_len > cfg.max_position:

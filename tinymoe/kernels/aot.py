@@ -2,29 +2,30 @@
 
     python -m tinymoe.kernels.aot --arch 80,90 [--only NAME_SUBSTRING]
 
-Kernels come from the `AOT_KERNELS` list of each module in `tinymoe.kernels` (the convention is
+Kernels come from the `AOT_KERNELS` list of each module in `TRITON_MODULES` (the convention is
 in backend.py). One line per kernel and architecture; the exit status is 1 if any failed.
-This proves the kernels compile for real GPUs: the interpreter used by the tests does not.
+This proves the kernels compile for real GPUs: the interpreter used by the tests does not, so
+with TRITON_INTERPRET set it reruns itself in a child process with the interpreter off.
 """
 import argparse
 import importlib
 import os
-import pkgutil
 import subprocess
 import sys
 import time
 
-import tinymoe.kernels as package
+from tinymoe.kernels.backend import interpreting
+
+# the modules of tinymoe.kernels that define Triton kernels
+TRITON_MODULES = ("attention_triton", "moe_align_triton", "moe_gemm", "norm_triton", "rotary_triton")
 
 
 def collect(only: str | None = None) -> list[tuple]:
-    """Every (name, jit fn, signature, constexprs) the package's modules declare."""
+    """Every (name, jit fn, signature, constexprs) the Triton modules declare."""
     kernels = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name == "aot":
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        kernels += [k for k in getattr(module, "AOT_KERNELS", []) if not only or only in k[0]]
+    for name in TRITON_MODULES:
+        module = importlib.import_module(f"tinymoe.kernels.{name}")
+        kernels += [k for k in module.AOT_KERNELS if not only or only in k[0]]
     return kernels
 
 
@@ -48,11 +49,9 @@ def main(argv=None) -> int:
     if not archs:
         parser.error("--arch names no architecture")
 
-    from .backend import INTERPRETING
-
-    if INTERPRETING:
-        # @triton.jit built interpreter functions here, which cannot be compiled: do it all in a
-        # child process where the interpreter is off
+    if interpreting():
+        # triton was imported with its interpreter on, so its kernels here cannot be compiled: do
+        # it all in a child process where the interpreter is off
         if os.environ.get("TRITON_INTERPRET") == "0":
             print("tinymoe.kernels.aot: triton was imported with its interpreter on", file=sys.stderr)
             return 2

@@ -1,110 +1,109 @@
 """The one switch that decides whether a hot op runs as a Triton kernel or as its torch twin.
 
-Choosing (process-wide; the latest call wins):
-    use_backend("triton" | "torch" | "auto")    # or `with use_backend(...):`, restored on exit
-    TINYMOE_BACKEND=torch                        # read when use_backend was never called
-"auto" runs Triton when the op's first tensor argument is on CUDA, torch otherwise; on the torch
-backend an op's native C++ version (bf16 on the CPU, `native.py`) runs when it takes the
-inputs. A forced "triton" with CPU tensors runs the kernels in Triton's interpreter: hundreds
-of times slower than torch, exact for fp32; for tests. On a machine without CUDA, importing this module turns
-the interpreter on (TRITON_INTERPRET=1) unless TRITON_INTERPRET is already set or triton was
-imported first; in that last case a forced "triton" on CPU raises a clear error.
+Choosing: `Settings.backend` ("triton" | "torch" | "auto"; `tinymoe.settings`, from
+TINYMOE_BACKEND), or in tests `use_backend(name)` (also `with use_backend(...):`, restored on
+exit). "auto" runs Triton when the op's first tensor argument is on CUDA, torch otherwise; on the
+torch backend an op's native C++ version (bf16 on the CPU, `native.py`) runs when it takes the
+inputs. A forced "triton" with CPU tensors runs the kernels in Triton's interpreter (hundreds of
+times slower than torch, exact for fp32; for tests), which needs TRITON_INTERPRET=1 before triton
+is first imported (tests/conftest.py sets it); without it that is a one-line error.
+
+Nothing here imports triton: an op's Triton launcher lives in a module of its own, imported (with
+triton and its kernel definitions) on the op's first call that runs Triton.
 
 Writing an op (the whole API for kernel authors):
 
-    import triton, triton.language as tl
+    # scale.py: the public op, its torch twin, optionally a native version
     from .backend import dispatch
+
+    def scale_torch(x, s):
+        return x * s
+
+    scale = dispatch(scale_torch, "scale_triton:scale_triton")  # same signature as both twins
+
+    # scale_triton.py: the kernel and its launcher; add the module to aot.TRITON_MODULES
+    import triton, triton.language as tl
 
     @triton.jit
     def _scale_kernel(x_ptr, out_ptr, n, s, BLOCK: tl.constexpr):
         ...  # upcast bf16 loads to fp32 first: the interpreter does bf16 arithmetic on raw bits
-
-    def scale_torch(x, s):
-        return x * s
 
     def scale_triton(x, s):
         out = torch.empty_like(x)
         _scale_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), s, BLOCK=1024)
         return out
 
-    scale = dispatch(scale_torch, scale_triton)  # the public op; same signature as both twins
-
-    # Each module with Triton kernels lists what `python -m tinymoe.kernels.aot` compiles:
-    # (name, jit function, signature {arg: "*bf16" | "*i32" | "i32" | "fp32" | "constexpr"},
-    #  constexprs {arg: value}); one entry per variant worth proving (dtype, tile sizes).
+    # what `python -m tinymoe.kernels.aot` compiles: (name, jit function, signature
+    # {arg: "*bf16" | "*i32" | "i32" | "fp32" | "constexpr"}, constexprs {arg: value}); one entry
+    # per variant worth proving (dtype, tile sizes)
     AOT_KERNELS = [("scale_bf16", _scale_kernel,
                     {"x_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "s": "fp32", "BLOCK": "constexpr"},
                     {"BLOCK": 1024})]
 """
 import functools
-import os
-import sys
+import importlib
 
 import torch
 
-# @triton.jit chooses compiler or interpreter when a kernel is defined, from TRITON_INTERPRET.
-# Without a GPU the interpreter is the only way a Triton kernel can run at all.
-if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-# True when triton's own library (tl.sum, ...) was built for the interpreter: the process can
-# run Triton kernels on CPU tensors.
-INTERPRETING = not isinstance(tl.sum, triton.runtime.JITFunction)
-
-BACKENDS = ("triton", "torch", "auto")
-_chosen: str | None = None
+from .. import settings
 
 
-def _valid(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
-    return name
+@functools.cache
+def interpreting() -> bool:
+    """Does triton run kernels in its interpreter in this process? Imports triton, whose own
+    library (tl.sum, ...) was built for the interpreter or the compiler when it was imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        raise RuntimeError("the Triton backend needs triton, which is not installed here "
+                           "(pyproject installs it on Linux only)") from None
+    return not isinstance(tl.sum, triton.runtime.JITFunction)
 
 
-class use_backend:
-    """Choose the backend now; as a context manager, restore the previous choice on exit."""
+class use_backend(settings.override):
+    """Set the installed settings' backend now; as a context manager, restore it on exit."""
 
     def __init__(self, name: str):
-        global _chosen
-        self._previous = _chosen
-        _chosen = _valid(name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        global _chosen
-        _chosen = self._previous
+        super().__init__(backend=name)
 
 
 def current_backend() -> str:
     """The chosen backend before "auto" is resolved."""
-    return _chosen or _valid(os.environ.get("TINYMOE_BACKEND") or "auto")
+    return settings.current().backend
 
 
 def backend_for(tensor: torch.Tensor) -> str:
     """"triton" or "torch": what an op whose first tensor argument is `tensor` runs."""
-    name = current_backend()
+    name = settings.current().backend
     if name == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if name == "triton" and not tensor.is_cuda and not INTERPRETING:
+    if name == "triton" and not tensor.is_cuda and not interpreting():
         raise RuntimeError("the Triton backend runs CPU tensors only in Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is first imported")
     return name
 
 
+def _resolve(launcher):
+    """A launcher, or "module:function" naming one in a module of this package."""
+    if not isinstance(launcher, str):
+        return launcher
+    module, _, name = launcher.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
 def dispatch(torch_fn, triton_fn, native_fn=None):
     """The public op: runs `triton_fn` or `torch_fn` (same signature) as `backend_for(args[0])` says.
-    On the torch backend an optional `native_fn` (the C++ CPU library, `native.py`) goes first; it
-    returns NotImplemented for inputs it does not take (another dtype, device, layout)."""
+    `triton_fn` is the launcher or "module:function" naming it, imported on the first call that
+    runs it (`op.triton()` resolves it). On the torch backend an optional `native_fn` (the C++ CPU
+    library, `native.py`) goes first; it returns NotImplemented for inputs it does not take
+    (another dtype, device, layout)."""
+    launcher = functools.cache(lambda: _resolve(triton_fn))
 
     @functools.wraps(torch_fn)
     def op(*args, **kwargs):
         if backend_for(args[0]) == "triton":
-            return triton_fn(*args, **kwargs)
+            return launcher()(*args, **kwargs)
         if native_fn is not None:
             out = native_fn(*args, **kwargs)
             if out is not NotImplemented:
@@ -112,5 +111,5 @@ def dispatch(torch_fn, triton_fn, native_fn=None):
         return torch_fn(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = torch_fn.__name__.removesuffix("_torch")
-    op.torch, op.triton, op.native = torch_fn, triton_fn, native_fn
+    op.torch, op.triton, op.native = torch_fn, launcher, native_fn
     return op

@@ -6,17 +6,17 @@ half the memory bandwidth and its GEMM emulates bf16 at a quarter of what the ke
 (bench/linear.py). With AMX or AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes
 them. Elsewhere (GPU, fp32 weights, no compiler) it is `F.linear`.
 
-Whether the CPU counts as having bf16 instructions is decided in one place, `native_bf16()`, at
-each call: `bf16_instructions(True | False | None)` (tests; also a context manager), else
-`TINYMOE_CPU_BF16=0|1`, else the /proc/cpuinfo flags.
+Whether the CPU counts as having bf16 instructions is decided in one place, `native_bf16()`:
+`Settings.cpu_bf16` (`TINYMOE_CPU_BF16=0|1`; in tests `bf16_instructions(True | False | None)`,
+also a context manager), None leaving it to the /proc/cpuinfo flags.
 """
 import ctypes
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .. import settings
 from .native import cpu_flags, native
 
 
@@ -26,37 +26,21 @@ def _detected_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-_forced_bf16: bool | None = None
-
-
 def native_bf16() -> bool:
-    """Take the paths of a CPU with bf16 matmul instructions (AVX512-BF16 or AMX)? The override
-    of `bf16_instructions`, else TINYMOE_CPU_BF16, else what the CPU reports; read at each call."""
-    if _forced_bf16 is not None:
-        return _forced_bf16
-    env = os.environ.get("TINYMOE_CPU_BF16", "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"TINYMOE_CPU_BF16={env!r}: use 0 (no bf16 instructions), 1 (bf16 instructions) "
-                         "or leave it unset (detect)")
-    return _detected_bf16() if env == "" else env == "1"
+    """Take the paths of a CPU with bf16 matmul instructions (AVX512-BF16 or AMX)? The installed
+    `Settings.cpu_bf16`, or what the CPU reports when that is None."""
+    forced = settings.current().cpu_bf16
+    return _detected_bf16() if forced is None else forced
 
 
-class bf16_instructions:
-    """Force the bf16-instructions decision (True/False) or give it back to the env and the CPU
-    (None), process-wide; as a context manager, restore the previous override on exit."""
+class bf16_instructions(settings.override):
+    """Set `Settings.cpu_bf16` of the installed settings: True/False, or None (the CPU's flags);
+    as a context manager, restore it on exit."""
 
     def __init__(self, value: bool | None):
-        global _forced_bf16
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"bf16_instructions takes True, False or None, not {value!r}")
-        self._previous, _forced_bf16 = _forced_bf16, value
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        global _forced_bf16
-        _forced_bf16 = self._previous
+        super().__init__(cpu_bf16=value)
 
 
 NATIVE_MAX_ROWS_WITH_BF16 = 16  # with bf16 instructions, torch's GEMM beyond this many rows
@@ -67,7 +51,6 @@ def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None
     """Can the native kernel take this matmul? CPU; bf16 weights, or int8 with bf16 scales;
     row-major weights."""
     kind_ok = w.dtype == torch.bfloat16 if scale is None else (w.dtype == torch.int8 and scale.dtype == torch.bfloat16)
-    # the decision first: a bad TINYMOE_CPU_BF16 fails at the first matmul, whatever its rows
     rows_ok = not native_bf16() or x.numel() <= NATIVE_MAX_ROWS_WITH_BF16 * x.shape[-1]
     return (x.device.type == "cpu" and kind_ok and rows_ok and w.dim() == 2 and w.is_contiguous()
             and native() is not None)

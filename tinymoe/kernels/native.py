@@ -7,11 +7,11 @@ from the header's prototypes at load (`prototypes`), and the decode step's struc
 mirrored below for ctypes, are checked at load against the layout the compiler exports
 (`decode_step_abi`, `check_abi`); a difference is one error naming the field.
 
-It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) and cached under
-`$TINYMOE_CACHE` (default `~/.cache/tinymoe`), keyed by the sources, flags and CPU. Without a
-compiler or AVX2 every op takes its torch path, after one warning; `TINYMOE_NATIVE=0` chooses
-that path silently. The process has one OpenMP runtime (torch's libgomp.so.1), so the library's
-threads are torch's.
+It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) on first use
+and cached under `Settings.cache_dir` (`$TINYMOE_CACHE`, default `~/.cache/tinymoe`), keyed by
+the sources, flags and CPU. Without a compiler or AVX2 every op takes its torch path, after one
+warning; `Settings.native` False (`TINYMOE_NATIVE=0`) chooses that path silently. The process
+has one OpenMP runtime (torch's libgomp.so.1), so the library's threads are torch's.
 """
 import ctypes
 import functools
@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .. import settings
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
@@ -146,10 +148,6 @@ def check_abi(table: dict[str, tuple[int, int]], structs, enums: dict[str, int])
         raise ValueError(f"native ABI: {key} is {b} bytes in {HEADER.name} but {mine_b} in ctypes")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TINYMOE_CACHE", Path.home() / ".cache" / "tinymoe"))
-
-
 def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -158,10 +156,10 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
+def _build(cache_dir: Path) -> Path:
     source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cpu_flags().encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"tinymoe_cpu-{key}.so"
+    lib = cache_dir / f"tinymoe_cpu-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target and rename: a concurrent process never loads half a file
@@ -174,14 +172,18 @@ def _build() -> Path:
     return lib
 
 
-@functools.cache
 def native():
-    """The loaded library, or None (torch paths) with one warning saying why."""
-    if os.environ.get("TINYMOE_NATIVE", "1") == "0":
-        return None
+    """The loaded library, or None (torch paths): the installed settings turn it off, or it
+    cannot be built (one warning saying why)."""
+    config = settings.current()
+    return _load(config.cache_dir) if config.native else None
+
+
+@functools.cache
+def _load(cache_dir: Path):
     bindings = prototypes(HEADER.read_text())  # before the build: a header it cannot bind is a bug
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build(cache_dir)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"tinymoe: native CPU kernels unavailable, using torch ops ({detail.strip()[:200]})")
@@ -192,6 +194,9 @@ def native():
         getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
     check_abi(abi_table(lib), STRUCTS, ENUMS)
     return lib
+
+
+native.cache_info, native.cache_clear = _load.cache_info, _load.cache_clear  # the loads so far
 
 
 def takes(*tensors: torch.Tensor) -> bool:

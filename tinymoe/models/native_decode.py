@@ -8,14 +8,15 @@ Covered: bf16 weights on the CPU with the native library (Mixtral, DeepSeek-MoE,
 whose expert copies are all full precision. A layer with a linear gate, the `topk` router, the
 default plan and no recorder routes natively; any other router, gate, plan or a recorder is
 called back from the native step (`_PythonRouting`), so routers stay Python plugs.
-`TINYMOE_NATIVE_STEP=0` turns the step off (for A/B runs)."""
+`Settings.native_step` False (`TINYMOE_NATIVE_STEP=0`) turns the step off (for A/B runs)."""
 import ctypes
-import os
 import weakref
 
 import torch
 
+from .. import settings
 from ..kernels import cpu_linear
+from ..kernels.attention import native_head_dim
 # the decode step's structs and enums: cpu_kernels.h's, mirrored and checked at load in native.py
 from ..kernels.native import (COPY_OUT_OF_RANGE, DENSE, ROUTE_CALLBACK, ROUTE_FAILED, ROUTE_FN, ROUTE_TOPK,
                               DecodeLayer, DecodeModel, RouteBuffers, native)
@@ -105,11 +106,13 @@ def _parts_of(model: Transformer) -> _Parts:
 def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
     """Can the one-call step run this model, as it is configured now, on this cache?"""
     cfg = model.config
-    if os.environ.get("TINYMOE_NATIVE_STEP", "1") == "0" or native() is None:
+    if not settings.current().native_step or native() is None:
         return False
-    if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or cfg.head_dim % 8 or cfg.head_dim > 256:
+    if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or not native_head_dim(cfg.head_dim):
         return False
-    return all(block.experts.full_copy_rows is not None for block in _parts_of(model).blocks)
+    # an observer needs each layer's expert activations, which only the per-op path reports
+    return all(block.experts.full_copy_rows is not None and block.observer is None
+               for block in _parts_of(model).blocks)
 
 
 class _NotCovered(Exception):

@@ -1,0 +1,131 @@
+"""Engine-wide choices in one frozen object: which kernel backend runs, whether the native CPU
+library and its one-call decode step are used, where that library is built, the CPU threads,
+whether the CPU counts as having bf16 matmul instructions, and the default KV cache budget.
+
+`Settings.from_env()` reads them from the TINYMOE_* variables (each bad value is a one-line
+ValueError); `install(settings)` makes them the process's; `current()` is what the kernels and
+the engine read (built from the environment on its first call, not at import).
+`LLM(..., settings=...)` and the `tinymoe` command install theirs. Tests change one field at a
+time through `kernels.use_backend` and `cpu_linear.bf16_instructions`.
+"""
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("triton", "torch", "auto")
+KV_CACHE_BYTES = 512 << 20
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "tinymoe"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "auto"           # "auto": Triton for CUDA tensors, torch otherwise; or "triton", "torch"
+    native: bool = True             # the native CPU library (else torch ops only)
+    native_step: bool = True        # the one-call decode step of that library (else per op)
+    cache_dir: Path = field(default_factory=_default_cache)  # where the native library is built
+    threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
+    cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
+    kv_cache_bytes: int = KV_CACHE_BYTES  # KV cache budget of an LLM not given kv_cache_tokens
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        for name in ("native", "native_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Settings.{name} takes True or False, not {getattr(self, name)!r}")
+        if self.cpu_bf16 is not None and not isinstance(self.cpu_bf16, bool):
+            raise TypeError(f"Settings.cpu_bf16 takes True, False or None, not {self.cpu_bf16!r}")
+        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+            raise TypeError(f"Settings.cache_dir takes a folder path, not {self.cache_dir!r}")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.threads is not None and not _positive(self.threads):
+            raise ValueError(f"Settings.threads takes a positive integer or None, not {self.threads!r}")
+        if not _positive(self.kv_cache_bytes):
+            raise ValueError(f"Settings.kv_cache_bytes takes a positive integer, not {self.kv_cache_bytes!r}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        """The settings the TINYMOE_* variables of `environ` (default os.environ) describe; unset
+        or empty variables keep the defaults."""
+        env = os.environ if environ is None else environ
+        given = {}
+        backend = env.get("TINYMOE_BACKEND", "")
+        if backend:
+            if backend not in BACKENDS:
+                raise ValueError(f"TINYMOE_BACKEND={backend!r}: use triton, torch or auto (or leave it unset: auto)")
+            given["backend"] = backend
+        for var, name, off, on in (("TINYMOE_NATIVE", "native", "torch ops only", "the native CPU library"),
+                                   ("TINYMOE_NATIVE_STEP", "native_step", "the per-op decode path",
+                                    "the one-call decode step")):
+            value = env.get(var, "")
+            if value not in ("", "0", "1"):
+                raise ValueError(f"{var}={value!r}: use 0 ({off}) or 1 ({on}, the default)")
+            if value:
+                given[name] = value == "1"
+        if "TINYMOE_CACHE" in env:
+            cache = env["TINYMOE_CACHE"]
+            if not cache:
+                raise ValueError("TINYMOE_CACHE is empty: give the native library's build folder or leave it "
+                                 "unset (~/.cache/tinymoe)")
+            if os.path.exists(cache) and not os.path.isdir(cache):
+                raise ValueError(f"TINYMOE_CACHE={cache!r} is not a folder")
+            given["cache_dir"] = Path(cache)
+        bf16 = env.get("TINYMOE_CPU_BF16", "")
+        if bf16 not in ("", "0", "1"):
+            raise ValueError(f"TINYMOE_CPU_BF16={bf16!r}: use 0 (no bf16 instructions), 1 (bf16 instructions) or "
+                             "leave it unset (detect)")
+        if bf16:
+            given["cpu_bf16"] = bf16 == "1"
+        return cls(**given)
+
+
+_installed: Settings | None = None
+
+
+def current() -> Settings:
+    """The installed settings; on first use, the environment's."""
+    global _installed
+    if _installed is None:
+        _installed = Settings.from_env()
+    return _installed
+
+
+def install(settings: Settings) -> None:
+    """Make `settings` the process's, setting torch's threads if it names them."""
+    global _installed
+    if not isinstance(settings, Settings):
+        raise TypeError(f"install takes a tinymoe.Settings, not {type(settings).__name__}")
+    if settings.threads is not None and torch.get_num_threads() != settings.threads:
+        torch.set_num_threads(settings.threads)
+    _installed = settings
+
+
+class override:
+    """Change some fields of the installed settings now (`override(backend="torch")`); as a
+    context manager, put those fields back on exit, leaving any other change made meanwhile."""
+
+    def __init__(self, **changes):
+        unknown = set(changes) - {f.name for f in fields(Settings)}
+        if unknown:
+            raise TypeError(f"Settings has no field {', '.join(sorted(unknown))}")
+        now = current()
+        self._previous = {name: getattr(now, name) for name in changes}
+        self._threads = torch.get_num_threads()
+        install(replace(now, **changes))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        install(replace(current(), **self._previous))
+        if "threads" in self._previous:  # threads=None leaves torch's count: put back the one before
+            torch.set_num_threads(self._threads)
