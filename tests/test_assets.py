@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import tinymoe
 from tinymoe.cli import cli
 from tinymoe.evaluation import read_choices
-from tinymoe.routing.prototype_gate import PrototypeGate
+from tinymoe.models.prototype_gate import PrototypeGate
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "tinymoe" / "assets"

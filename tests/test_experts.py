@@ -8,7 +8,9 @@ import tinymoe
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
 from tinymoe.kernels import moe_op
-from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, int4_group_size, pack_int4,
+from tinymoe.experts.dispatch import copy_loads, copy_table
+from tinymoe.experts.pools import POOLS
+from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, expert_bytes, int4_group_size, pack_int4,
                                    quantize_int4, quantize_int8, unpack_int4)
 
 
@@ -180,6 +182,58 @@ def test_weight_bytes_and_plan_errors():
         ex.apply_plan(ExpertPlan([Copy(0), Copy(1), Copy(2)]))
     with pytest.raises(ValueError, match="invalid copies"):
         ex.apply_plan(ExpertPlan([Copy(e, "int3") for e in range(E)]))
+
+
+# (hidden D, intermediate I): tiny-mixtral's and tiny-deepseek's experts, then shapes the int4
+# pool pads (rows to 64, inputs to 32) or groups by 64 or 32 instead of 128
+STORED_SHAPES = [(256, 384), (256, 96), (48, 40), (96, 64), (100, 20), (64, 33)]
+
+
+@pytest.mark.parametrize("hidden,inter", STORED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_budgeted_bytes_are_the_bytes_the_pools_store(hidden, inter, dtype):
+    """`expert_bytes` (R&Q's budget, the pools' `copy_bytes`) against what each pool holds."""
+    E = 3
+    w13, w2 = torch.randn(E, 2 * inter, hidden).to(dtype), torch.randn(E, hidden, inter).to(dtype)
+    itemsize = w13.element_size()
+    for precision in ("full", "int8", "int4"):
+        pool = POOLS[precision](w13, w2) if precision == "full" else POOLS[precision](w13, w2, list(range(E)))
+        held = pool.kernel_weights()
+        stored = sum(t.numel() * t.element_size() for t in (held.w13, held.w2, held.s13, held.s2)
+                     if t is not None)
+        assert stored % E == 0 and stored // E == expert_bytes(hidden, inter, precision, itemsize), precision
+        assert pool.copy_bytes() == stored // E
+    ex = Experts(w13[:, :inter].clone(), w13[:, inter:].clone(), w2.clone())
+    for precision in ("full", "int8", "int4"):
+        ex.apply_plan(ExpertPlan([Copy(e, precision) for e in range(E)] + [Copy(0, precision)]))
+        assert ex.weight_bytes() == (E + 1) * expert_bytes(hidden, inter, precision, itemsize)
+
+
+def test_expert_bytes_refuses_an_unknown_precision():
+    with pytest.raises(ValueError) as e:
+        expert_bytes(64, 32, "int3", 2)
+    assert str(e.value) == "unknown precision 'int3'; valid: full, int8, int4"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_loads_are_what_physical_ids_assigns(seed):
+    """The per-copy loads the balance metrics use come from dispatch itself: equal to counting
+    the copies `Experts.physical_ids` picks, whatever the order of the ids."""
+    g = torch.Generator().manual_seed(seed)
+    E, k = 5, 2
+    ex = random_experts(E)
+    extra = [Copy(int(e), ("full", "int8", "int4")[int(p)])
+             for e, p in zip(torch.randint(0, E, (4,), generator=g), torch.randint(0, 3, (4,), generator=g))]
+    originals = [Copy(e, ("full", "int8")[e % 2]) for e in range(E)]
+    plan = ExpertPlan(extra[:2] + originals + extra[2:])  # replicas before and after the originals
+    ex.apply_plan(plan)
+    T = [1, 7, 40, 3, 16, 100][seed]
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[: T // 2] = ids[: T // 2].clamp(max=1)  # crowd experts 0 and 1 so every replica is used
+    assigned = torch.bincount(ex.physical_ids(ids).reshape(-1), minlength=len(plan.copies))
+    load = torch.bincount(ids.reshape(-1), minlength=E)
+    assert torch.equal(copy_loads(load, *copy_table(plan, E), len(plan.copies)), assigned)
+    assert torch.equal(assigned, torch.bincount(greedy_copies(ids, plan).reshape(-1), minlength=len(plan.copies)))
 
 
 def test_reloaded_parameters_are_seen():

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from tinymoe.experts.plan import Copy, ExpertPlan
+from tinymoe.experts.quant import expert_bytes
 from tinymoe.routing import GateRule, RouteContext, make_router
 from tinymoe.routing import metrics
 from tinymoe.routing.laser import candidate_pools, greedy_fast, greedy_reference, top_mass
-from tinymoe.routing.rnq import expert_bytes, plan_bytes, rnq_plan
+from tinymoe.routing.rnq import plan_bytes, rnq_plan
 
 
 def ctx_for(E, k, renormalize=True):
@@ -197,7 +198,7 @@ def test_rnq_plan_respects_the_byte_budget_and_reduces_to_topk_without_replicas(
 
 def test_prototype_router_post_hoc_matches_a_trained_prototype_gate():
     from types import SimpleNamespace
-    from tinymoe.routing.prototype_gate import PrototypeGate
+    from tinymoe.models.prototype_gate import PrototypeGate
     torch.manual_seed(0)
     gate = PrototypeGate(32, 8, 16, temperature=0.2)
     with torch.no_grad():
@@ -290,6 +291,58 @@ def test_laser_with_rnq_plan_keeps_laser_choice_on_the_plan_copies(tiny_calibrat
     with torch.no_grad():
         assert torch.equal(model(x), short)
     install(model, "topk")
+
+
+def test_routers_return_plans_and_the_model_applies_them(tiny_calibrated):
+    from tinymoe.routing import install
+    model, calib, _, _, _ = tiny_calibrated
+    blocks = model.moe_blocks()
+    E = blocks[0].ctx.rule.num_experts
+    install(model, "topk")
+    before = blocks[0].experts.plan
+    plan = make_router("rnq").attach(blocks[0], calib.layer(blocks[0].ctx.layer))
+    assert isinstance(plan, ExpertPlan) and len(plan.copies) > E
+    assert blocks[0].experts.plan is before  # attaching changes nothing in the experts
+    assert make_router("laser").attach(blocks[0], calib.layer(blocks[0].ctx.layer)) is None
+    install(model, "rnq", calib)
+    for block in blocks:
+        st = block.ctx.state
+        assert block.experts.plan is st["plan"] is block.router_plan and len(st["plan"].copies) > E
+        assert block.experts.weight_bytes() == st["plan_bytes"] <= st["budget_bytes"]
+    install(model, "laser", calib)  # a router without a plan: back to the default placement
+    assert all(b.experts.plan == ExpertPlan.default(E) and b.router_plan is None for b in blocks)
+    manual = ExpertPlan([Copy(e) for e in range(E)] + [Copy(0)])
+    blocks[0].experts.apply_plan(manual)
+    install(model, "balanced")  # a plan applied to the experts directly is not the router's to undo
+    assert blocks[0].experts.plan is manual
+    install(model, "topk")
+    blocks[0].experts.apply_plan(ExpertPlan.default(E))
+
+
+def test_routing_imports_neither_models_nor_experts_code():
+    """Dependencies point models -> routing; routing reads only experts' data and pure helpers
+    (plan, the byte rule, dispatch's copy assignment) and never changes the experts itself."""
+    import ast
+    from pathlib import Path
+    import tinymoe.routing
+    allowed = {"tinymoe.experts.plan", "tinymoe.experts.quant", "tinymoe.experts.dispatch"}
+    for path in Path(tinymoe.routing.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:  # relative to tinymoe.routing
+                    module = ".".join(["tinymoe", "routing"][:3 - node.level] + ([module] if module else []))
+                names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                assert not (isinstance(node, ast.Attribute) and node.attr == "apply_plan"), path.name
+                continue
+            for name in names:
+                assert not name.startswith(("tinymoe.models", "tinymoe.engine")), (path.name, name)
+                if name.startswith("tinymoe.experts"):
+                    assert name in allowed, (path.name, name)
 
 
 def test_cli_router_options_reach_the_base_router_under_a_plan(tiny_calibrated, monkeypatch):

@@ -32,3 +32,13 @@ def assign_copies(ids: torch.Tensor, table: torch.Tensor, counts: torch.Tensor) 
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(flat.numel(), device=flat.device) - first[flat[order]]
     return table[flat, rank % counts[flat]].reshape(ids.shape)
+
+
+def copy_loads(load: torch.Tensor, table: torch.Tensor, counts: torch.Tensor, num_copies: int) -> torch.Tensor:
+    """Assignments per physical copy [num_copies] in a pass whose logical loads are `load` [E]:
+    what `assign_copies` does with any ids of those loads (an expert's copies are filled round
+    robin, so only its total matters), run on one such order."""
+    load = torch.as_tensor(load)
+    ids = torch.repeat_interleave(torch.arange(load.numel(), device=table.device), load.long().to(table.device))
+    phys = assign_copies(ids, table, counts)
+    return torch.bincount(phys, minlength=num_copies).to(load.dtype)

@@ -5,6 +5,7 @@ from ..kernels.moe_op import PRECISIONS, ExpertCopies, moe_experts
 from .dispatch import assign_copies, copy_table
 from .plan import ExpertPlan
 from .pools import POOLS, FullPool
+from .quant import expert_bytes
 
 
 class Experts(nn.Module):
@@ -120,9 +121,10 @@ class Experts(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of expert weights the plan's copies take, counting scales and zero points (each
-        copy counted, although copies of one expert in one precision share storage here)."""
+        copy counted, although copies of one expert in one precision share storage here); the
+        pools count with `quant.expert_bytes`, as R&Q's budget does."""
         E, I, D = self.w_gate.shape
-        full = (2 * I * D + D * I) * self.w_gate.element_size()
+        full = expert_bytes(D, I, "full", self.w_gate.element_size())
         per = {"full": full, **{p: pool.copy_bytes() for p, pool in self.quantised.items()}}
         return sum(per[c.precision] for c in self.plan.copies)
 

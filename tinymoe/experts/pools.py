@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.moe_op import MoEWeights
-from .quant import int4_group_size, int4_pack_block, pack_int4, quantize_int4, quantize_int8
+from .quant import (INT4_COL_PAD, INT4_ROW_PAD, expert_bytes, int4_group_size, int4_pack_block, int4_padded,
+                    pack_int4, quantize_int4, quantize_int8)
 
 
 class FullPool:
@@ -23,7 +24,7 @@ class FullPool:
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def copy_bytes(self) -> int:
-        return (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        return expert_bytes(self.hidden, self.inter, "full", self.w13.element_size())
 
     def kernel_weights(self) -> MoEWeights:
         return MoEWeights("full", self.w13, self.w2, None, None, 0, 0, self.inter, self.hidden)
@@ -47,7 +48,7 @@ class Int8Pool(nn.Module):
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
 
     def copy_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in (self.q13, self.s13, self.q2, self.s2))
+        return expert_bytes(self.hidden, self.inter, "int8", 0)
 
     def kernel_weights(self) -> MoEWeights:
         return MoEWeights("int8", self.q13, self.q2, self.s13, self.s2, 0, 0, self.inter, self.hidden)
@@ -68,23 +69,25 @@ class Int4Pool(nn.Module):
 
     precision = "int4"
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int], group: int = 128):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int]):
         super().__init__()
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
-        self.k13, self.k2 = -(-self.hidden // 32) * 32, -(-self.inter // 32) * 32
-        self.group13 = int4_group_size(self.k13, group)
-        self.group2 = int4_group_size(self.k2, group)
+        (_, self.k13), (_, self.k2) = int4_padded(2 * self.inter, self.hidden), int4_padded(self.hidden, self.inter)
+        self.group13 = int4_group_size(self.k13)
+        self.group2 = int4_group_size(self.k2)
         p13, z13, p2, z2 = [], [], [], []
         for i in experts:
-            q, sz = quantize_int4(_pad(w13[i], 64, 32), self.group13); p13.append(pack_int4(q)); z13.append(sz)
-            q, sz = quantize_int4(_pad(w2[i], 64, 32), self.group2); p2.append(pack_int4(q)); z2.append(sz)
+            q, sz = quantize_int4(_pad(w13[i], INT4_ROW_PAD, INT4_COL_PAD), self.group13)
+            p13.append(pack_int4(q)); z13.append(sz)
+            q, sz = quantize_int4(_pad(w2[i], INT4_ROW_PAD, INT4_COL_PAD), self.group2)
+            p2.append(pack_int4(q)); z2.append(sz)
         self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), pad32(D)/2]
         self.register_buffer("z13", torch.stack(z13), persistent=False)  # [n, pad32(D)/g, pad64(2I), 2]
         self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), pad32(I)/2]
         self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, pad32(I)/g, pad64(D), 2]
 
     def copy_bytes(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in (self.p13, self.z13, self.p2, self.z2))
+        return expert_bytes(self.hidden, self.inter, "int4", 0)
 
     def kernel_weights(self) -> MoEWeights:
         return MoEWeights("int4", self.p13, self.p2, self.z13, self.z2, self.group13, self.group2,

@@ -14,6 +14,10 @@ from ..kernels import moe_op
 from ..kernels.moe_op import dequantize_int4, dequantize_int8  # noqa: F401 (re-exported)
 
 INT4_GROUP = 128
+# The CPU int4 kernel's packing takes output channels in multiples of 64 and inputs in multiples
+# of 32: the int4 pool zero-pads to these (only tiny test models need it).
+INT4_ROW_PAD, INT4_COL_PAD = 64, 32
+SCALE_BYTES = 2  # int8 scales, int4 scales and zeros: bf16
 
 
 def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +43,31 @@ def int4_group_size(k: int, group: int = INT4_GROUP) -> int:
     if k % g:
         raise ValueError(f"int4 quantisation needs K divisible by a group size >= 32, got K={k}")
     return g
+
+
+def int4_padded(rows: int, cols: int) -> tuple[int, int]:
+    """[N, K] as the int4 pool stores it: N up to a multiple of 64, K of 32."""
+    return -(-rows // INT4_ROW_PAD) * INT4_ROW_PAD, -(-cols // INT4_COL_PAD) * INT4_COL_PAD
+
+
+def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> int:
+    """Bytes one [rows, cols] matrix (rows = output channels) takes in a pool of `precision`,
+    scales and zero points included; `full_itemsize` is the unquantised dtype's."""
+    if precision == "full":
+        return rows * cols * full_itemsize
+    if precision == "int8":
+        return rows * cols + rows * SCALE_BYTES
+    if precision == "int4":
+        rows, cols = int4_padded(rows, cols)
+        return rows * cols // 2 + (cols // int4_group_size(cols)) * rows * 2 * SCALE_BYTES
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(moe_op.PRECISIONS)}")
+
+
+def expert_bytes(hidden: int, inter: int, precision: str, full_itemsize: int) -> int:
+    """Bytes of one SwiGLU expert copy as the pools store it: gate and up as one [2I, D] matrix,
+    down as [D, I]. The pools' `copy_bytes` and R&Q's budget both count with this."""
+    return matrix_bytes(2 * inter, hidden, precision, full_itemsize) + \
+        matrix_bytes(hidden, inter, precision, full_itemsize)
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from ..config import load_config
 from ..progress import bar
 from ..weights import Checkpoint, resolve
 from . import deepseek_moe, mixtral, qwen3_moe
-from ..routing.prototype_gate import PrototypeGate
+from .prototype_gate import PrototypeGate
 from .transformer import Transformer
 
 LAYOUTS = {"mixtral": mixtral.LAYOUT, "deepseek_moe": deepseek_moe.LAYOUT, "qwen3_moe": qwen3_moe.LAYOUT}

@@ -8,11 +8,11 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from ..experts import Experts
+from ..experts import Experts, ExpertPlan
 from ..kernels.rotary import rope_frequencies
 from ..routing import GateRule, RouteContext
-from ..routing.prototype_gate import PrototypeGate
 from ..routing.topk import TopK
+from .prototype_gate import PrototypeGate
 
 
 class Linear(nn.Linear):
@@ -148,19 +148,41 @@ class MoEBlock(nn.Module):
         self.experts = Experts(torch.empty(E, I, D), torch.empty(E, I, D), torch.empty(E, D, I))
         self.shared_experts = DenseMLP(D, cfg.shared_intermediate_size) if cfg.num_shared_experts else None
         self.router = TopK()
+        self.router_plan: ExpertPlan | None = None  # the expert plan the router brought, if any
         self.ctx = RouteContext(layer_idx, cfg.num_layers, GateRule(E, cfg.top_k, cfg.renormalize))
         self.recorder = None
+        # None, or an object seeing this block's forward: routed(block, x [T, D], logits [T, E],
+        # ids [T, k]) after routing and expert(block, expert, x_rows, h) per active expert (its
+        # input rows and SwiGLU activations, fp32); calibration's statistics come from it
+        self.observer = None
+
+    def set_router(self, router, plan: ExpertPlan | None = None) -> None:
+        """Route with `router`, its choice served by the experts under `plan` (what the router's
+        attach returned). Without one, the experts go back to the default plan if the previous
+        router's plan is applied; a plan applied directly to the experts is left alone."""
+        if plan is not None:
+            self.experts.apply_plan(plan)
+        elif self.router_plan is not None:
+            self.experts.apply_plan(ExpertPlan.default(self.experts.num_experts))
+        self.router, self.router_plan = router, plan
 
     def route(self, flat):
         """Tokens [T, D] -> (expert ids [T, k], their weights in flat's dtype), recorded if asked."""
-        ids, weights = self.router.route(self.gate(flat), flat, self.ctx)
+        logits = self.gate(flat)
+        ids, weights = self.router.route(logits, flat, self.ctx)
         if self.recorder is not None:
             self.recorder.record(self.ctx.layer, ids)
+        if self.observer is not None:
+            self.observer.routed(self, flat, logits, ids)
         return ids, weights.to(flat.dtype)
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
-        out = self.experts(flat, *self.route(flat))
+        ids, weights = self.route(flat)
+        observer, seen = self.observer, None
+        if observer is not None:
+            seen = lambda expert, xs, h: observer.expert(self, expert, xs, h)  # noqa: E731
+        out = self.experts(flat, ids, weights, seen)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)

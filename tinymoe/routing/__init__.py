@@ -53,9 +53,11 @@ def make_router(name: str, plan=None, **opts) -> Router:
 def install(model, name: str = "topk", calib=None, plan=None, **opts):
     """Give every MoE block of `model` a fresh router `name` (state reset), with `plan` over it if
     given. `calib` is a calibration file path or a `Calibration` (routing/calibrate.py); routers
-    read their layer. Every router is built and checked against its layer before any is attached."""
+    read their layer. Every router is built and checked against its layer before any is attached,
+    and attached to every block before any block takes it: the block
+    (`set_router(router, expert_plan)`) applies the expert plan the router returns, or puts back
+    the default placement if its previous router had placed the experts."""
     from .calibrate import Calibration, load_calibration
-    from ..experts.plan import ExpertPlan
     blocks = model.moe_blocks()
     routers = [make_router(name, plan=plan, **opts) for _ in blocks]
     for block, router in zip(blocks, routers):
@@ -64,12 +66,12 @@ def install(model, name: str = "topk", calib=None, plan=None, **opts):
         calib = load_calibration(calib)
     if calib is not None:
         calib.check(model)  # made from this model? (one line naming the field that differs)
+    placements = []
     for block, router in zip(blocks, routers):
-        if "plan" in block.ctx.state and hasattr(block.experts, "apply_plan"):
-            block.experts.apply_plan(ExpertPlan.default(block.ctx.rule.num_experts))
         block.ctx.state.clear()
-        router.attach(block, calib.layer(block.ctx.layer) if calib is not None else None)
-        block.router = router
+        placements.append(router.attach(block, calib.layer(block.ctx.layer) if calib is not None else None))
+    for block, router, placement in zip(blocks, routers, placements):
+        block.set_router(router, placement)
     return model
 
 

@@ -147,10 +147,13 @@ class Router:
             raise ValueError(f"router {self.name!r} option {key} must be {opt.describe(sizes)} for layer "
                              f"{ctx.layer} ({sizes['E']} experts, top-{sizes['k']}), got {value!r}")
 
-    def attach(self, block, calib: dict | None) -> None:
+    def attach(self, block, calib: dict | None):
         """Called once per MoE block by `install`, before any `route`: read this layer's
-        calibration tensors (or None), look at the block's gate/experts (routing engineer,
-        additive)."""
+        calibration tensors (or None) and what the router needs of the block (its gate, the
+        experts' shapes), without changing the block. A router that places the experts
+        differently returns that placement, an `ExpertPlan`, which the model applies; None keeps
+        the default placement."""
+        return None
 
     def route(self, logits: torch.Tensor, hidden: torch.Tensor, ctx: RouteContext):
         raise NotImplementedError

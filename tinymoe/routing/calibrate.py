@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .topk import TopK
-from .prototype_gate import prototype_scores
+from .prototype import prototype_scores
 
 MASS_LEVELS = 101  # quantiles of the top-k mass at 0, 0.01, ..., 1
 
@@ -29,12 +29,27 @@ class Calibration:
         flat = {f"layers.{i}.{k}": v.contiguous() for i, d in self.layers.items() for k, v in d.items()}
         save_file(flat, str(path), metadata={"tinymoe": json.dumps(self.meta)})
 
-    def check(self, model) -> None:
-        """Refuse, in one line naming the field, a calibration made from another model."""
+    def _made(self) -> dict:
         made = self.meta.get("model")
         if not isinstance(made, dict):
             raise ValueError(f"{self.source} does not record which model it was made from (an older tinymoe "
                              f"wrote it); rerun `tinymoe calibrate`")
+        return made
+
+    def check_config(self, cfg) -> None:
+        """What `check` can tell from a ModelConfig alone, before any weight is loaded."""
+        made = self._made()
+        here = {"architecture": cfg.family, "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+                "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
+                "moe_layers": [i for i, moe in enumerate(cfg.moe_layers) if moe]}
+        for key, value in here.items():
+            if made.get(key) != value:
+                raise ValueError(f"{self.source} was made for another model: {key} is {made.get(key)} there, "
+                                 f"{value} here")
+
+    def check(self, model) -> None:
+        """Refuse, in one line naming the field, a calibration made from another model."""
+        made = self._made()
         here = model_signature(model)
         for key in ("architecture", "num_layers", "num_experts", "top_k", "hidden_size", "moe_layers"):
             if made.get(key) != here[key]:

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import torch
 
+from ..experts.dispatch import copy_loads, copy_table
 from ..experts.plan import ExpertPlan
 
 
@@ -38,20 +39,13 @@ def cv(load: torch.Tensor) -> float:
     return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-def physical_loads(load: torch.Tensor, plan: ExpertPlan | None) -> torch.Tensor:
-    """Loads per physical copy under the dispatch rule (each assignment to the copy with the fewest
-    tokens so far in this pass, ties to full precision, then copy order). That rule fills an
-    expert's copies round-robin in tie order, so counts follow from the expert's total."""
+def physical_loads(load: torch.Tensor, plan: ExpertPlan | None, table=None) -> torch.Tensor:
+    """Loads per physical copy, as the experts' own dispatch (`experts.dispatch`) assigns them;
+    `table` is `copy_table(plan, E)` when the caller already has it."""
     if plan is None:
         return load.clone()
-    out = torch.zeros(len(plan.copies), dtype=load.dtype)
-    for e in range(load.numel()):
-        idx = plan.copies_of(e)
-        idx.sort(key=lambda i: (plan.copies[i].precision != "full", i))
-        n, m = int(load[e]), len(idx)
-        for rank, i in enumerate(idx):
-            out[i] = n // m + (1 if rank < n % m else 0)
-    return out
+    table, counts = table if table is not None else copy_table(plan, load.numel())
+    return copy_loads(load, table, counts, len(plan.copies))
 
 
 def contiguous_placement(num_copies: int, devices: int) -> torch.Tensor:
@@ -163,8 +157,9 @@ class LoadRecorder:
             state = self.ctxs[layer].state
             plan, weight = state.get("plan"), state.get("copy_weight")
             device_of = placement(plan, self.num_experts[layer], devices, weight)
+            table = copy_table(plan, self.num_experts[layer]) if plan is not None else None
             for load in loads:
-                phys = physical_loads(load, plan)
+                phys = physical_loads(load, plan, table)
                 per_pass["i"].append(imbalance(phys))
                 per_pass["i_dev"].append(imbalance(device_loads(phys, device_of, devices)))
                 per_pass["gini"].append(gini(phys))

@@ -1,11 +1,19 @@
 """Latent prototype routing (docs/routing.md, section 4): top-k by cos(mu(x), P). Parameters come
-from the model's own PrototypeGate when it was trained with one, else from a calibration file
-fitted post hoc (calibrate.fit_prototypes)."""
+from the model's own prototype gate when it was trained with one (`models.prototype_gate`, which
+computes its logits with `prototype_scores` below), else from a calibration file fitted post hoc
+(calibrate.fit_prototypes)."""
 import torch
+import torch.nn.functional as F
 
 from .base import Option, Router, register
-from .prototype_gate import PrototypeGate, prototype_scores
 from .topk import TopK
+
+
+def prototype_scores(x, norm_weight, norm_bias, enc_weight, enc_bias, prototypes, eps=1e-5):
+    """cos(mu, P) with mu = A SiLU(LayerNorm(x)) + a; fp32 throughout. [T, D] -> [T, E]."""
+    h = F.layer_norm(x.float(), (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
+    mu = F.linear(F.silu(h), enc_weight.float(), enc_bias.float())
+    return F.normalize(mu, dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
 
 KEYS = ("proto.norm.weight", "proto.norm.bias", "proto.encoder.weight", "proto.encoder.bias",
         "proto.prototypes")
@@ -22,7 +30,7 @@ class Prototype(Router):
         self.params = None
 
     def attach(self, block, calib):
-        if isinstance(block.gate, PrototypeGate):
+        if getattr(block.gate, "is_prototype_gate", False):
             self.params = None  # the gate's logits already are cos(mu, P) / tau
             return
         if calib is None or any(key not in calib for key in KEYS):

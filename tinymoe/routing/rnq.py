@@ -1,42 +1,13 @@
 """Replicate-and-Quantize (docs/routing.md, section 5): replicate heavy-hitter experts in a lower
 precision and pay for the replicas by quantising unimportant experts, within the layer's
-original weight bytes. The router's choice is the base router's; the plan changes only which
-physical copy serves each assignment (see `physical_loads` in metrics.py)."""
+original weight bytes, counted as the expert pools store them (`experts.quant.expert_bytes`).
+The router's choice is the base router's; the plan (an `ExpertPlan` that `attach` returns and
+the model applies) changes only which physical copy serves each assignment."""
 import torch
 
 from ..experts.plan import PRECISIONS, Copy, ExpertPlan
+from ..experts.quant import expert_bytes  # the pools' own byte count: the budget is what they store
 from .base import Option, Router, register
-
-# The storage formats of tinymoe/experts (quant.py, pools.py), mirrored here because routing may
-# only import experts.plan (a test checks the two agree): int8 has one bf16 scale per output
-# channel; int4 pads inputs to a multiple of 32 and output channels to a multiple of 64 (the CPU
-# kernel's packing), with a bf16 scale and zero per group of inputs (the largest power of two
-# from 128 down to 32 dividing the padded K). w1 and w3 are stored as one [2I, D] matrix.
-SCALE_BYTES = 2
-
-
-def int4_group(k: int) -> int:
-    g = 128
-    while g > 32 and (k % g or g > k):
-        g //= 2
-    return g
-
-
-def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int) -> int:
-    if precision == "full":
-        return rows * cols * full_itemsize
-    if precision == "int8":
-        return rows * cols + rows * SCALE_BYTES
-    if precision == "int4":
-        rows, cols = -(-rows // 64) * 64, -(-cols // 32) * 32
-        return rows * cols // 2 + (cols // int4_group(cols)) * rows * 2 * SCALE_BYTES
-    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-
-
-def expert_bytes(hidden: int, inter: int, precision: str, full_itemsize: int) -> int:
-    """One SwiGLU expert: w1, w3 stacked as [2I, D], w2 as [D, I] (rows = output channels)."""
-    return matrix_bytes(2 * inter, hidden, precision, full_itemsize) + \
-        matrix_bytes(hidden, inter, precision, full_itemsize)
 
 
 def plan_bytes(plan: ExpertPlan, bytes_of: dict[str, int]) -> int:
@@ -105,18 +76,14 @@ class ReplicateQuantize(Router):
                              "(run `tinymoe calibrate MODEL --data FILE --out calib.safetensors`, "
                              "then pass --calib calib.safetensors)")
         self.base.attach(block, calib)
-        ex = block.experts
-        E, inter, hidden = ex.w_gate.shape
-        itemsize = ex.w_gate.element_size()
-        bytes_of = {p: expert_bytes(hidden, inter, p, itemsize) for p in PRECISIONS}
+        weights = block.experts.w_gate  # [E, I, D]: only its shape and dtype are read
+        E, inter, hidden = weights.shape
+        bytes_of = {p: expert_bytes(hidden, inter, p, weights.element_size()) for p in PRECISIONS}
         plan = rnq_plan(calib["load"], calib["importance"], bytes_of, self.replica, self.quant,
                         self.replicas)
-        ex.apply_plan(plan)
-        used = ex.weight_bytes() if hasattr(ex, "weight_bytes") else plan_bytes(plan, bytes_of)
-        if used > E * bytes_of["full"]:  # the experts' own count disagrees with the mirror above
-            raise RuntimeError(f"rnq plan takes {used} bytes, over the layer's {E * bytes_of['full']}")
-        block.ctx.state.update(plan=plan, plan_bytes=used, budget_bytes=E * bytes_of["full"],
-                               copy_weight=copy_weights(plan, calib["load"]))
+        block.ctx.state.update(plan=plan, plan_bytes=plan_bytes(plan, bytes_of),
+                               budget_bytes=E * bytes_of["full"], copy_weight=copy_weights(plan, calib["load"]))
+        return plan  # the model applies it (MoEBlock.set_router)
 
     def route(self, logits, hidden, ctx):
         return self.base.route(logits, hidden, ctx)

@@ -1,18 +1,18 @@
-"""The latent-prototype gate (docs/routing.md, section 4): logits = cos(mu(x), P) / tau."""
+"""The gate of checkpoints trained with latent prototype routing (docs/DESIGN.md, "Checkpoints
+trained with latent prototype routing"): logits = cos(mu(x), P) / tau. The module and its
+weights are the model's; the score function is routing's (`routing.prototype.prototype_scores`),
+which the post-hoc prototype router and calibration use too."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def prototype_scores(x, norm_weight, norm_bias, enc_weight, enc_bias, prototypes, eps=1e-5):
-    """cos(mu, P) with mu = A SiLU(LayerNorm(x)) + a; fp32 throughout. [T, D] -> [T, E]."""
-    h = F.layer_norm(x.float(), (x.shape[-1],), norm_weight.float(), norm_bias.float(), eps)
-    mu = F.linear(F.silu(h), enc_weight.float(), enc_bias.float())
-    return F.normalize(mu, dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+from ..routing.prototype import prototype_scores
 
 
 class PrototypeGate(nn.Module):
-    """A gate trained with latent prototype routing; used in place of the linear gate."""
+    """Used in place of the linear gate; its logits already are the prototype router's scores
+    over tau, which `is_prototype_gate` tells the router (routing never imports models)."""
+
+    is_prototype_gate = True
 
     def __init__(self, hidden_size: int, num_experts: int, latent_dim: int, temperature: float):
         super().__init__()
