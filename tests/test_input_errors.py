@@ -308,3 +308,10 @@ def test_eval_reads_calib_before_the_weights_and_checks_it_before_evaluating(mix
     assert result.exit_code == 1
     assert result.stderr == \
         f"Error: {mixtral_calib} was made for another model: architecture is mixtral there, deepseek_moe here\n"
+
+
+def test_llm_refuses_another_models_calibration_before_loading(mixtral_calib, tiny_deepseek, monkeypatch):
+    monkeypatch.setattr(loader.Checkpoint, "__init__", lambda *a: pytest.fail("the weights were opened"))
+    with pytest.raises(ValueError) as e:
+        tinymoe.LLM(tiny_deepseek, router="prototype", calib=mixtral_calib)
+    assert one_line(e) == f"{mixtral_calib} was made for another model: architecture is mixtral there, deepseek_moe here"

@@ -164,9 +164,19 @@ def test_install_accepts_good_values_and_routes(mixtral_model):
     ("exact=maybe", "router 'laser' option exact must be true or false, got 'maybe'"),
     ("c=100", "router 'laser' option c must be an integer in [2, 8] for layer 0 (8 experts, top-2), got 100"),
 ])
-def test_cli_gives_the_library_message(opt, message):
+def test_cli_gives_the_library_message_before_loading(opt, message, monkeypatch):
+    from tinymoe.models import loader
+    monkeypatch.setattr(loader.Checkpoint, "__init__", lambda *a: pytest.fail("the weights were opened"))
     r = CliRunner().invoke(cli, ["generate", "tiny", "-p", "x", "--max-tokens", "2", "--router", "laser",
                                  "--router-opt", opt])
-    # (the CLI loads the model before building the router, so a progress bar may come first)
     assert r.exit_code == 1
-    assert r.stderr.splitlines()[-1] == f"Error: {message}" and r.stderr.count("Error") == 1
+    assert r.stderr == f"Error: {message}\n"
+
+
+def test_llm_checks_router_options_against_the_config_before_loading(monkeypatch):
+    from tinymoe.models import loader
+    monkeypatch.setattr(loader.Checkpoint, "__init__", lambda *a: pytest.fail("the weights were opened"))
+    with pytest.raises(ValueError) as e:
+        tinymoe.LLM("tiny-deepseek", router="laser", router_opts={"c": 40})
+    assert str(e.value) == "router 'laser' option c must be an integer in [6, 32] for layer 1 (32 experts, top-6), " \
+                           "got 40"

@@ -298,11 +298,19 @@ def _load(model: str, dtype):
     return load_model(model, dtype=dtype, progress=True), load_tokenizer(model)
 
 
-def _load_checked(model: str, engine: EngineOptions):
-    """_load, with --calib read before the weights (a weights file is refused at once) and checked
-    against the model before any evaluation runs."""
+def _load_checked(model: str, engine: EngineOptions, check_router: bool = True):
+    """_load, with --calib read and checked against the model's config, and the router's options
+    against its layers, before the weights; the calibration's gate fingerprint after them."""
+    from .config import load_config
+    from .routing import check_before_loading
     from .routing.calibrate import load_calibration
+    from .weights import resolve
+    cfg = load_config(resolve(model))
     calib = load_calibration(engine.calib) if engine.calib is not None else None
+    if calib is not None:
+        calib.check_config(cfg)
+    if check_router:
+        check_before_loading(cfg, engine.router, None, engine.plan, **engine.router_opts)
     net, tok = _load(model, engine.dtype)
     if calib is not None:
         calib.check(net)
@@ -435,7 +443,7 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
     if ctx.get_parameter_source("router") == click.core.ParameterSource.DEFAULT:
         names = ["topk", "laser", "bias"] if engine.plan else ["topk", "laser", "rnq", "bias"]
     benchmark.check_routers(names, engine.router_opts, engine.plan)
-    net, tok = _load_checked(model, engine)
+    net, tok = _load_checked(model, engine, check_router=False)
     data = data or _default_data(model)
     tokens = read_tokens(tok, data)
     calib = engine.calib

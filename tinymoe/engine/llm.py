@@ -107,6 +107,11 @@ class LLM:
             install_settings(settings)
         self.settings = current_settings()  # read before loading: a bad environment fails first
         if isinstance(model, (str, os.PathLike)):
+            if router is not None:  # bad router options or another model's calibration: before loading
+                from ..config import load_config
+                from ..weights import resolve
+                calib = routing.check_before_loading(load_config(resolve(model)), router, calib, plan,
+                                                     **(router_opts or {}))
             model = load_model(model, dtype=dtype, device=device, progress=progress)
         elif dtype is not None:
             raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")

@@ -75,5 +75,22 @@ def install(model, name: str = "topk", calib=None, plan=None, **opts):
     return model
 
 
+def check_before_loading(cfg, name: str, calib=None, plan=None, **opts):
+    """What `install` would refuse, found from the model's config alone, so that a bad option or
+    a calibration file from another model is one line before any weight is read. Returns the
+    calibration (read once here, a path or a Calibration) for `install`."""
+    from .calibrate import Calibration, load_calibration
+    router = make_router(name, plan=plan, **opts)
+    rule = GateRule(cfg.num_experts, cfg.top_k, cfg.renormalize)
+    for layer, moe in enumerate(cfg.moe_layers):
+        if moe:
+            router.check_layer(RouteContext(layer, cfg.num_layers, rule))
+    if calib is not None and not isinstance(calib, Calibration):
+        calib = load_calibration(calib)
+    if calib is not None:
+        calib.check_config(cfg)
+    return calib
+
+
 __all__ = ["GateRule", "Option", "RouteContext", "Router", "ROUTERS", "PLANS", "register", "make_router",
-           "install", "label", "plan_spec", "options"]
+           "install", "check_before_loading", "label", "plan_spec", "options"]
