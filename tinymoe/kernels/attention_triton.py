@@ -162,14 +162,49 @@ def paged_attention_decode_triton(q, k_cache, v_cache, block_tables, context_len
 
 
 @triton.jit
+def _paged_flash_rows(q, pos, table_ptr, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask, scale, context_len, end,
+                      block_size, stride_block, stride_slot, stride_head,
+                      FAST_DOT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash attention of the ROWS query rows `q` (at positions `pos`) over cached keys [0, end)
+    of one KV head through a sequence's block table; returns the normalised [ROWS, BLOCK_D] fp32
+    output. FAST_DOT (GPU, 16-bit inputs) feeds tensor cores 16-bit operands; else exact fp32."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start in range(0, end, BLOCK_N):
+        key = start + tl.arange(0, BLOCK_N)
+        k_mask = key < context_len
+        block = tl.load(table_ptr + key // block_size, mask=k_mask, other=0)
+        offs = (block.to(tl.int64) * stride_block + (key % block_size) * stride_slot
+                + kv_head * stride_head)[:, None] + d[None, :]
+        kv_mask = k_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        if FAST_DOT:
+            s = tl.dot(q, tl.trans(k))
+        else:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = tl.where((key[None, :] <= pos[:, None]) & k_mask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        if FAST_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m = m_new
+    return acc / l[:, None]
+
+
+@triton.jit
 def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_ptr,
                           scale, n, context_len, block_size, stride_block, stride_slot, stride_head,
                           H, KV, HD,
                           FAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     """One program per (tile of BLOCK_M new tokens, query head): flash attention over the cached
-    tokens through the block table, causal from the first new token's position on. FAST_DOT
-    (GPU, 16-bit inputs) feeds tensor cores 16-bit operands; otherwise dots run in exact fp32."""
+    tokens through the block table, causal from the first new token's position on."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // (H // KV)
@@ -184,35 +219,11 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, out_
     # rows past n get positions past the context: they see every key and stay finite, unstored
     pos = context_len - n + rows
 
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum(context_len, context_len - n + (tile + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        tok = start + tl.arange(0, BLOCK_N)
-        t_mask = tok < context_len
-        block = tl.load(block_table_ptr + tok // block_size, mask=t_mask, other=0)
-        offs = (block.to(tl.int64) * stride_block + (tok % block_size) * stride_slot
-                + kv_head * stride_head)[:, None] + d[None, :]
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-        if FAST_DOT:
-            s = tl.dot(q, tl.trans(k))
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        s = tl.where((tok[None, :] <= pos[:, None]) & t_mask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        if FAST_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        m = m_new
-    tl.store(out_ptr + q_offs, (acc / l[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
+    out = _paged_flash_rows(q, pos, block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask, scale,
+                            context_len, end, block_size, stride_block, stride_slot, stride_head,
+                            FAST_DOT, BLOCK_M, BLOCK_N, BLOCK_D)
+    tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def _prefill_rows(fast_dot: bool) -> int:
@@ -278,35 +289,11 @@ def _paged_prefill_varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_p
         pos = context_len - n + tok
         table = block_tables_ptr + lo.to(tl.int64) * max_blocks
 
-        m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], tl.float32)
         end = tl.minimum(context_len, context_len - n + first + BLOCK_Q)
-        for start in range(0, end, BLOCK_N):
-            key = start + tl.arange(0, BLOCK_N)
-            k_mask = key < context_len
-            block = tl.load(table + key // block_size, mask=k_mask, other=0)
-            offs = (block.to(tl.int64) * stride_block + (key % block_size) * stride_slot
-                    + kv_head * stride_head)[:, None] + d[None, :]
-            kv_mask = k_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-            if FAST_DOT:
-                s = tl.dot(q, tl.trans(k))
-            else:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            s = tl.where((key[None, :] <= pos[:, None]) & k_mask[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            if FAST_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            m = m_new
-        tl.store(out_ptr + q_offs, (acc / l[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & d_mask[None, :])
+        out = _paged_flash_rows(q, pos, table, k_cache_ptr, v_cache_ptr, kv_head, d, d_mask, scale,
+                                context_len, end, block_size, stride_block, stride_slot, stride_head,
+                                FAST_DOT, BLOCK_Q * BLOCK_G, BLOCK_N, BLOCK_D)
+        tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def _varlen_tile(group: int, fast_dot: bool, tokens: int) -> tuple[int, int]:
