@@ -1,15 +1,15 @@
-"""tinymoe: a small inference engine for Mixture-of-Experts language models."""
-from .models import load_model
-from .tokenizer import load_tokenizer
-from .routing import ROUTERS, make_router
-from .settings import Settings
+"""tinymoe: a small inference engine for Mixture-of-Experts language models.
 
-__all__ = ["load_model", "load_tokenizer", "LLM", "SamplingParams", "ROUTERS", "make_router", "Settings"]
+Nothing is imported until first used: `import tinymoe` loads neither torch nor triton, so the
+`tinymoe` command can still choose OpenMP's wait policy before torch starts its runtime."""
+import importlib
+
+_PUBLIC = {"load_model": ".models", "load_tokenizer": ".tokenizer", "ROUTERS": ".routing",
+           "make_router": ".routing", "Settings": ".settings", "LLM": ".engine", "SamplingParams": ".engine"}
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name):
-    # The engine pulls in more than a bare model load needs; import it on first use.
-    if name in ("LLM", "SamplingParams"):
-        from . import engine
-        return getattr(engine, name)
-    raise AttributeError(name)
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tinymoe' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)

@@ -1,5 +1,6 @@
 """The `tinymoe` command: chat, generate, models (and the routing commands at the end)."""
 import functools
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -163,10 +164,21 @@ def _drop_oldest_turns(llm, messages: list[dict], keep: int) -> bool:
 
 @click.group(cls=Group)
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
-def cli(debug):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: TINYMOE_THREADS, else torch's count)")
+@click.option("--wait-policy", type=click.Choice(["passive", "active"]), default=None,
+              help="how idle OpenMP threads wait: passive sleeps, active spins (default: TINYMOE_WAIT_POLICY, "
+                   "else passive); OMP_WAIT_POLICY or GOMP_SPINCOUNT, if set, win")
+def cli(debug, threads, wait_policy):
     """tinymoe: a small inference engine for Mixture-of-Experts language models."""
-    from .settings import Settings, install
-    install(Settings.from_env())  # the TINYMOE_* variables, checked before any command's work
+    from dataclasses import replace
+    from .settings import Settings, install, omp_environment
+    chosen = Settings.from_env()  # the TINYMOE_* variables, checked before any command's work
+    given = {k: v for k, v in (("threads", threads), ("wait_policy", wait_policy)) if v is not None}
+    chosen = replace(chosen, **given)
+    if "torch" not in sys.modules:  # libgomp reads its variables once, when torch loads it
+        os.environ.update(omp_environment(chosen.wait_policy))
+    install(chosen)
 
 
 @cli.command()

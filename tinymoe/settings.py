@@ -1,20 +1,30 @@
 """Engine-wide choices in one frozen object: which kernel backend runs, whether the native CPU
 library and its one-call decode step are used, where that library is built, the CPU threads,
-whether the CPU counts as having bf16 matmul instructions, and the default KV cache budget.
+how idle OpenMP threads wait, whether the CPU counts as having bf16 matmul instructions, and the
+default KV cache budget.
 
 `Settings.from_env()` reads them from the TINYMOE_* variables (each bad value is a one-line
 ValueError); `install(settings)` makes them the process's; `current()` is what the kernels and
 the engine read (built from the environment on its first call, not at import).
-`LLM(..., settings=...)` and the `tinymoe` command install theirs. Tests change one field at a
+`LLM(..., settings=...)` and the `tinymoe` command install theirs.
+
+`wait_policy` cannot be applied by `install`: libgomp (torch's OpenMP runtime, which the native
+library shares) reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when `import torch` loads it. The
+`tinymoe` command exports it before any command imports torch (`omp_environment`; importing the
+package imports nothing); a library user sets
+OMP_WAIT_POLICY=passive in the environment before importing torch (or tinymoe). Spinning waits
+("active", or libgomp's default of spinning a while) make decode with 2+ threads collapse when
+another process is busy on a core (bench/threads.py); `threads` is applied by `install`. Tests change one field at a
 time through `kernels.use_backend` and `cpu_linear.bf16_instructions`.
 """
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import torch
 
 BACKENDS = ("triton", "torch", "auto")
+WAIT_POLICIES = ("passive", "active")  # OMP_WAIT_POLICY: sleep, or spin, while waiting for work
+OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: they win over wait_policy
 KV_CACHE_BYTES = 512 << 20
 
 
@@ -33,6 +43,7 @@ class Settings:
     native_step: bool = True        # the one-call decode step of that library (else per op)
     cache_dir: Path = field(default_factory=_default_cache)  # where the native library is built
     threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
+    wait_policy: str = "passive"    # OMP_WAIT_POLICY the `tinymoe` command exports (see above)
     cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
     kv_cache_bytes: int = KV_CACHE_BYTES  # KV cache budget of an LLM not given kv_cache_tokens
 
@@ -49,6 +60,8 @@ class Settings:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.threads is not None and not _positive(self.threads):
             raise ValueError(f"Settings.threads takes a positive integer or None, not {self.threads!r}")
+        if self.wait_policy not in WAIT_POLICIES:
+            raise ValueError(f"Settings.wait_policy takes 'passive' or 'active', not {self.wait_policy!r}")
         if not _positive(self.kv_cache_bytes):
             raise ValueError(f"Settings.kv_cache_bytes takes a positive integer, not {self.kv_cache_bytes!r}")
 
@@ -85,7 +98,27 @@ class Settings:
                              "leave it unset (detect)")
         if bf16:
             given["cpu_bf16"] = bf16 == "1"
+        threads = env.get("TINYMOE_THREADS", "")
+        if threads:
+            if not (threads.isascii() and threads.isdigit() and int(threads) > 0):
+                raise ValueError(f"TINYMOE_THREADS={threads!r}: use a positive integer (or leave it unset: "
+                                 "torch's count)")
+            given["threads"] = int(threads)
+        policy = env.get("TINYMOE_WAIT_POLICY", "")
+        if policy:
+            if policy not in WAIT_POLICIES:
+                raise ValueError(f"TINYMOE_WAIT_POLICY={policy!r}: use passive (the default) or active")
+            given["wait_policy"] = policy
         return cls(**given)
+
+
+def omp_environment(wait_policy: str, environ=None) -> dict:
+    """The variables to export so libgomp waits by `wait_policy`: none if `environ` (default
+    os.environ) already sets OMP_WAIT_POLICY or GOMP_SPINCOUNT. Useful only before torch loads."""
+    if wait_policy not in WAIT_POLICIES:
+        raise ValueError(f"Settings.wait_policy takes 'passive' or 'active', not {wait_policy!r}")
+    env = os.environ if environ is None else environ
+    return {} if any(env.get(var) for var in OMP_VARS) else {"OMP_WAIT_POLICY": wait_policy}
 
 
 _installed: Settings | None = None
@@ -104,6 +137,7 @@ def install(settings: Settings) -> None:
     global _installed
     if not isinstance(settings, Settings):
         raise TypeError(f"install takes a tinymoe.Settings, not {type(settings).__name__}")
+    import torch
     if settings.threads is not None and torch.get_num_threads() != settings.threads:
         torch.set_num_threads(settings.threads)
     _installed = settings
@@ -117,6 +151,7 @@ class override:
         unknown = set(changes) - {f.name for f in fields(Settings)}
         if unknown:
             raise TypeError(f"Settings has no field {', '.join(sorted(unknown))}")
+        import torch
         now = current()
         self._previous = {name: getattr(now, name) for name in changes}
         self._threads = torch.get_num_threads()
@@ -128,4 +163,5 @@ class override:
     def __exit__(self, *exc):
         install(replace(current(), **self._previous))
         if "threads" in self._previous:  # threads=None leaves torch's count: put back the one before
+            import torch
             torch.set_num_threads(self._threads)

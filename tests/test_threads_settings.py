@@ -1,0 +1,100 @@
+"""Threads and the OpenMP wait policy: the TINYMOE_THREADS / TINYMOE_WAIT_POLICY variables, the
+`--threads` / `--wait-policy` group options, and the OMP_WAIT_POLICY the `tinymoe` entry point
+exports before torch loads libgomp (a variable the user set wins)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tinymoe import Settings, settings
+from tinymoe.cli import cli
+from tinymoe.settings import omp_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restored():
+    before, threads = settings.current(), torch.get_num_threads()
+    yield
+    settings.install(before)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", " 2", "²"])
+def test_bad_threads_variable(value):
+    with pytest.raises(ValueError) as e:
+        Settings.from_env({"TINYMOE_THREADS": value})
+    assert str(e.value) == f"TINYMOE_THREADS={value!r}: use a positive integer (or leave it unset: torch's count)"
+
+
+@pytest.mark.parametrize("value", ["Passive", "spin", "0"])
+def test_bad_wait_policy_variable(value):
+    with pytest.raises(ValueError) as e:
+        Settings.from_env({"TINYMOE_WAIT_POLICY": value})
+    assert str(e.value) == f"TINYMOE_WAIT_POLICY={value!r}: use passive (the default) or active"
+
+
+def test_variables_and_fields():
+    assert Settings().wait_policy == "passive" and Settings().threads is None
+    got = Settings.from_env({"TINYMOE_THREADS": "3", "TINYMOE_WAIT_POLICY": "active"})
+    assert got == Settings(threads=3, wait_policy="active")
+    assert Settings.from_env({"TINYMOE_THREADS": "", "TINYMOE_WAIT_POLICY": ""}) == Settings()
+    with pytest.raises(ValueError) as e:
+        Settings(wait_policy="spin")
+    assert str(e.value) == "Settings.wait_policy takes 'passive' or 'active', not 'spin'"
+
+
+def test_omp_environment():
+    assert omp_environment("passive", {}) == {"OMP_WAIT_POLICY": "passive"}
+    assert omp_environment("active", {"OMP_WAIT_POLICY": ""}) == {"OMP_WAIT_POLICY": "active"}
+    assert omp_environment("passive", {"OMP_WAIT_POLICY": "active"}) == {}  # the user's choice wins
+    assert omp_environment("passive", {"GOMP_SPINCOUNT": "1000"}) == {}
+    with pytest.raises(ValueError) as e:
+        omp_environment("busy", {})
+    assert str(e.value) == "Settings.wait_policy takes 'passive' or 'active', not 'busy'"
+
+
+def test_group_options_install(restored):
+    result = CliRunner().invoke(cli, ["--threads", "1", "--wait-policy", "active", "models"],
+                                env={"TINYMOE_THREADS": "2"})
+    assert result.exit_code == 0, result.output
+    assert settings.current() == Settings(threads=1, wait_policy="active") and torch.get_num_threads() == 1
+    result = CliRunner().invoke(cli, ["--threads", "0", "models"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == "Error: Invalid value for '--threads': 0 is not in the range x>=1."
+
+
+ENTRY = r"""
+import os, sys
+class Watch:  # records the policy in the environment when torch (and so libgomp) is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not hasattr(self, "seen"):
+            self.seen = os.environ.get("OMP_WAIT_POLICY", "-")
+            print("AT_TORCH_IMPORT", self.seen, flush=True)
+        return None
+sys.meta_path.insert(0, Watch())
+sys.argv = ["tinymoe", *sys.argv[1:]]
+from tinymoe.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("user, argv, seen", [
+    ({}, ["--threads", "1", "--wait-policy", "active", "models"], "active"),
+    ({}, ["--threads", "1", "models"], "passive"),
+    ({"OMP_WAIT_POLICY": "active"}, ["--wait-policy", "passive", "models"], "active"),  # the user's wins
+])
+def test_entry_point_sets_the_policy_before_torch(user, argv, seen):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") and not k.startswith("TINYMOE_")}
+    done = subprocess.run([sys.executable, "-c", ENTRY, *argv], env={**env, **user, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("AT_TORCH_IMPORT ")] == [seen]
+    assert any(line.startswith("tiny ") for line in lines)  # the command ran
