@@ -43,3 +43,13 @@ def bf16_cpu(request):
     from tinymoe.kernels import cpu_linear
     with cpu_linear.bf16_instructions(request.param):
         yield request.param
+
+
+@pytest.fixture
+def restored():
+    """Whatever a test installs, the engine settings and torch's threads are put back after it."""
+    from tinymoe import settings
+    before, threads = settings.current(), torch.get_num_threads()
+    yield
+    settings.install(before)
+    torch.set_num_threads(threads)

@@ -90,15 +90,6 @@ def test_env_values():
     assert Settings.from_env({"TINYMOE_BACKEND": "", "TINYMOE_NATIVE": ""}) == Settings()  # empty: the default
 
 
-@pytest.fixture
-def restored():
-    """Whatever a test installs, the settings and torch's threads are put back after it."""
-    before, threads = settings.current(), torch.get_num_threads()
-    yield
-    settings.install(before)
-    torch.set_num_threads(threads)
-
-
 def test_bad_env_fails_before_loading(monkeypatch, restored):
     monkeypatch.setenv("TINYMOE_BACKEND", "gpu")
     monkeypatch.setattr(settings, "_installed", None)  # as in a fresh process: built on first use

@@ -17,14 +17,6 @@ from tinymoe.settings import omp_environment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def restored():
-    before, threads = settings.current(), torch.get_num_threads()
-    yield
-    settings.install(before)
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", " 2", "²"])
 def test_bad_threads_variable(value):
     with pytest.raises(ValueError) as e:
