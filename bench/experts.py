@@ -124,7 +124,7 @@ def main():
                 active = int(ids.unique().numel())
                 nbytes = active * per_copy
                 label = {"full": "bf16", "int8": "int8", "int4": "int4"}[precision]
-                label = label if name == "tinymoe" else f"bf16 (seed loop, baseline)"
+                label = label if name == "tinymoe" else "bf16 (seed loop, baseline)"
                 print(f"| {label} | {batch} | {active} | {nbytes / 1e6:.0f} MB | {t * 1e3:.1f} ms | "
                       f"{nbytes / t / 1e9:.1f} | {copy_bw / 1e9:.1f} | {nbytes / t / copy_bw:.2f} |", flush=True)
                 rows.append((label, batch, t))

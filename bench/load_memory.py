@@ -8,7 +8,6 @@ the peak RSS of that process minus its RSS just before loading (modules already 
 safetensors' own `load_file` is measured in the same run as the baseline."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

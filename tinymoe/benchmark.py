@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .evaluation import perplexity
 from .progress import bar
 from .routing import install, label, make_router
-from .routing.metrics import LoadRecorder, flat_fraction, measure_alpha_beta
+from .routing.metrics import LoadRecorder, measure_alpha_beta
 
 KEYS = ["router", "batch", "pp_tps", "tg_tps", "i_agg", "i_dev", "gini", "minmax", "flat_frac",
         "ppl", "ppl_delta_pct", "agree_top1", "ep_speedup"]
