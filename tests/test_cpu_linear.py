@@ -165,7 +165,9 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads
         fused = experts(x, ids, weights)
     finally:
         torch.set_num_threads(threads_before)
-    assert calls
+    # with bf16 instructions a layer of over 16 tokens takes the per-copy path (torch's GEMM)
+    one_call = not (cpu_linear.native_bf16() and T > cpu_linear.NATIVE_MAX_ROWS_WITH_BF16)
+    assert bool(calls) == one_call
     phys = experts.last_physical_ids
     monkeypatch.setattr(experts_module, "moe", lambda *a: None)  # the per-copy torch path
     monkeypatch.setattr(experts, "physical_ids", lambda _: phys)  # replicas: the same copies again
@@ -178,7 +180,7 @@ def test_native_moe_equals_the_per_copy_torch_path(monkeypatch, T, I, D, threads
     per_copy = experts(x, ids, weights)
     exact = native_takes(int(torch.bincount(phys.flatten()).max()), bf16_cpu)
     assert taken and all(taken) == exact  # every per-copy matmul native, or some on torch's GEMM
-    if exact:
+    if exact or not one_call:
         assert torch.equal(fused, per_copy)
     else:
         w = weights.bfloat16().double()
