@@ -57,15 +57,11 @@ def install(model, name: str = "topk", calib=None, plan=None, **opts):
     and attached to every block before any block takes it: the block
     (`set_router(router, expert_plan)`) applies the expert plan the router returns, or puts back
     the default placement if its previous router had placed the experts."""
-    from .calibrate import Calibration, load_calibration
+    calib = check_before_loading(model.config, name, calib, plan, **opts)
+    if calib is not None:
+        calib.check(model)  # and its gate fingerprints, now that the weights are here
     blocks = model.moe_blocks()
     routers = [make_router(name, plan=plan, **opts) for _ in blocks]
-    for block, router in zip(blocks, routers):
-        router.check_layer(block.ctx)
-    if calib is not None and not isinstance(calib, Calibration):
-        calib = load_calibration(calib)
-    if calib is not None:
-        calib.check(model)  # made from this model? (one line naming the field that differs)
     placements = []
     for block, router in zip(blocks, routers):
         block.ctx.state.clear()

@@ -39,22 +39,15 @@ class Calibration:
     def check_config(self, cfg) -> None:
         """What `check` can tell from a ModelConfig alone, before any weight is loaded."""
         made = self._made()
-        here = {"architecture": cfg.family, "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
-                "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
-                "moe_layers": [i for i, moe in enumerate(cfg.moe_layers) if moe]}
-        for key, value in here.items():
+        for key, value in config_signature(cfg).items():
             if made.get(key) != value:
                 raise ValueError(f"{self.source} was made for another model: {key} is {made.get(key)} there, "
                                  f"{value} here")
 
     def check(self, model) -> None:
         """Refuse, in one line naming the field, a calibration made from another model."""
-        made = self._made()
-        here = model_signature(model)
-        for key in ("architecture", "num_layers", "num_experts", "top_k", "hidden_size", "moe_layers"):
-            if made.get(key) != here[key]:
-                raise ValueError(f"{self.source} was made for another model: {key} is {made.get(key)} there, "
-                                 f"{here[key]} here")
+        self.check_config(model.config)
+        made, here = self._made(), model_signature(model)
         for layer, theirs, ours in zip(here["moe_layers"], made.get("gate_fingerprint", []), here["gate_fingerprint"]):
             a, b = torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)
             if a.shape != b.shape or (a - b).norm() > FINGERPRINT_RTOL * b.norm():
@@ -76,12 +69,17 @@ def _gate_fingerprint(gate) -> list[float]:
     return [float(w @ torch.cos(0.6180339887 * (j + 1) * i + j)) for j in range(FINGERPRINT_PROJECTIONS)]
 
 
-def model_signature(model) -> dict:
-    """What a calibration records about the model it was made from."""
-    cfg, blocks = model.config, model.moe_blocks()
+def config_signature(cfg) -> dict:
+    """What a calibration records about the model's config."""
     return {"architecture": cfg.family, "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k, "hidden_size": cfg.hidden_size, "moe_layers": [b.ctx.layer for b in blocks],
-            "gate_fingerprint": [_gate_fingerprint(b.gate) for b in blocks]}
+            "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
+            "moe_layers": [i for i, moe in enumerate(cfg.moe_layers) if moe]}
+
+
+def model_signature(model) -> dict:
+    """What a calibration records about the model it was made from: its config and gates."""
+    return {**config_signature(model.config),
+            "gate_fingerprint": [_gate_fingerprint(b.gate) for b in model.moe_blocks()]}
 
 
 def load_calibration(path) -> Calibration:
