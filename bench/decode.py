@@ -58,10 +58,12 @@ def decode_bytes(cfg: dict, batch: int, elem: int = 2) -> float:
     return (L * per_layer + D + V * D) * elem
 
 
-def bench_tinymoe(path, prompts):
+def bench_tinymoe(path, prompts, **llm_opts):
+    """`llm_opts` go to LLM (bench/peers.py passes quant=)."""
     from tinymoe.engine import LLM, SamplingParams
     # No prefix cache: repeated runs over the same prompts must recompute them.
-    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False)
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192, prefix_caching=False,
+              **llm_opts)
 
     def measure(batch, n):
         """(seconds to the first token of every prompt, seconds for the next n tokens of each)."""
@@ -74,6 +76,7 @@ def bench_tinymoe(path, prompts):
         while llm.has_unfinished():
             llm.step()
         return first - start, time.perf_counter() - first
+    measure.llm = llm  # bench/peers.py counts the loaded model's bytes
     return measure
 
 

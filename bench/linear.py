@@ -1,23 +1,26 @@
-"""The native CPU matmul (`tinymoe.kernels.linear`) against torch's, in the same process.
+"""bf16 against int8 and int4 weights in `tinymoe.kernels.linear`, in the same process.
 
-    python bench/linear.py [--rows 1,2,8,32] [--shape 7168x1024] [--matrices 16] [--runs 10]
+    python bench/linear.py [--shapes 4096x4096,14336x4096] [--rows 1,8,64] [--runs 5] [--force-native]
 
-Per row count: the median time of one x [M, K] @ w[N, K].T over --matrices different weights
-(more bytes than the caches hold), as GB/s of weights streamed and GFLOP/s, for bf16 weights
-(torch: `torch.mv` for one row, else `F.linear` in bf16) and int8 weights with per-row scales
-(torch: `_weight_int8pack_mm`); first, for scale, torch's plain `sum` over the same weights in
-bf16 and fp32. Pause other work on the machine first: with two threads on two
-vCPUs, any other busy process slows OpenMP kernels many times over.
+Per weight shape N x K and row count M: the median time of one x [M, K] @ w[N, K].T over enough
+different weights that they do not fit in the caches, as GB/s of weight bytes read (int8 / int4:
+codes and scales, `QWeight.nbytes`) and GFLOP/s, and each precision's speed-up over bf16 in the
+same run. First the machine's paths: which integer dot products the library was built with
+(`cpu_linear.isa()`, Settings.native_isa), whether the CPU counts as having bf16 instructions (then
+more than 16 rows go to torch's bf16 GEMM, int8/int4 dequantised first, unless --force-native),
+and, for scale, torch's plain `sum` over bf16 weights. Pause other work on the machine first: with
+two threads on two vCPUs, any other busy process slows OpenMP kernels many times over.
 """
 import argparse
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from tinymoe.experts.quant import quantize_int8
 from tinymoe.kernels import cpu_linear
+from tinymoe.kernels.quant import quantize
+
+CACHE_BYTES = 64 << 20  # the int4 weights of one shape at least this many bytes
 
 
 def median_time(fn, runs: int) -> float:
@@ -32,42 +35,44 @@ def median_time(fn, runs: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,2,8,32")
-    p.add_argument("--shape", default="7168x1024", help="N x K of each weight")
-    p.add_argument("--matrices", type=int, default=16)
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--shapes", default="4096x4096,14336x4096", help="N x K of the weights, comma-separated")
+    p.add_argument("--rows", default="1,8,64")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--force-native", action="store_true", help="the native kernels at every row count")
     args = p.parse_args()
     if cpu_linear.native() is None:
-        raise SystemExit("the native kernel is unavailable here (no compiler or no AVX2)")
-    N, K = (int(v) for v in args.shape.split("x"))
-    torch.manual_seed(0)
-    weights = [torch.randn(N, K).bfloat16() for _ in range(args.matrices)]
-    quantised = [quantize_int8(w) for w in weights]
-    print(f"threads {torch.get_num_threads()}, weights {args.matrices} x [{N}, {K}], median of {args.runs}")
-    # what plain streaming reaches here, for scale: torch's sum over all the weights
-    stacked = torch.cat(weights)
-    for dtype in (torch.bfloat16, torch.float32):
-        data = stacked.to(dtype)
-        t = median_time(data.sum, args.runs)
-        print(f"torch {str(dtype)[6:]} sum over them: {data.numel() * data.element_size() / t / 1e9:.1f} GB/s")
-    del stacked, data
+        raise SystemExit("the native kernels are unavailable here (no compiler or no AVX2)")
+    if args.force_native:
+        cpu_linear.bf16_instructions(False)
+    print(f"threads {torch.get_num_threads()}; int8/int4 dot products: {cpu_linear.isa()}; bf16 instructions: "
+          f"{cpu_linear.native_bf16()} (over {cpu_linear.NATIVE_MAX_ROWS_WITH_BF16} rows: "
+          f"{'torch bf16 GEMM' if cpu_linear.native_bf16() else 'native'}); median of {args.runs}")
     print()
-    print("| weights | rows | torch GB/s | tinymoe GB/s | torch GFLOP/s | tinymoe GFLOP/s | speed-up |")
+    print("| N x K | rows | weights | GB/s | GFLOP/s | speed-up over bf16 | path |")
     print("|---|---|---|---|---|---|---|")
-    for M in (int(m) for m in args.rows.split(",")):
-        x = torch.randn(M, K).bfloat16()
-        cases = {
-            "bf16": ((lambda w: torch.mv(w, x[0])) if M == 1 else (lambda w: F.linear(x, w)),
-                     lambda w: cpu_linear.linear(x, w), weights, 2),
-            "int8": (lambda qs: torch.ops.aten._weight_int8pack_mm(x, *qs),
-                     lambda qs: cpu_linear.linear(x, *qs), quantised, 1),
-        }
-        for name, (ours_torch, ours, ws, elem) in cases.items():
-            t_torch = median_time(lambda: [ours_torch(w) for w in ws], args.runs) / len(ws)
-            t_ours = median_time(lambda: [ours(w) for w in ws], args.runs) / len(ws)
-            gb, gf = N * K * elem / 1e9, 2 * M * N * K / 1e9
-            print(f"| {name} | {M} | {gb / t_torch:.1f} | {gb / t_ours:.1f} | {gf / t_torch:.1f} | "
-                  f"{gf / t_ours:.1f} | {t_torch / t_ours:.2f}x |", flush=True)
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.split("x"))
+        torch.manual_seed(0)
+        n = max(2, -(-CACHE_BYTES // (N * K // 2)))
+        weights = {"bf16": [torch.randn(N, K).bfloat16() for _ in range(n)]}
+        for precision in ("int8", "int4"):
+            weights[precision] = [quantize(w, precision) for w in weights["bf16"]]
+        nbytes = {name: (ws[0].numel() * 2 if name == "bf16" else ws[0].nbytes()) for name, ws in weights.items()}
+        if shape == args.shapes.split(",")[0]:
+            stacked = torch.cat(weights["bf16"])
+            t = median_time(stacked.sum, args.runs)
+            print(f"(torch bf16 sum over the {shape} weights: {stacked.numel() * 2 / t / 1e9:.1f} GB/s)\n")
+            del stacked
+        for M in (int(m) for m in args.rows.split(",")):
+            x = torch.randn(M, K).bfloat16()
+            times = {}
+            for name, ws in weights.items():
+                times[name] = median_time(lambda: [cpu_linear.linear(x, w) for w in ws], args.runs) / n
+                path = "native" if cpu_linear.supports(x, ws[0]) else "torch GEMM"
+                print(f"| {N}x{K} | {M} | {name} | {nbytes[name] / times[name] / 1e9:.1f} | "
+                      f"{2 * M * N * K / times[name] / 1e9:.1f} | {times['bf16'] / times[name]:.2f}x | {path} |",
+                      flush=True)
+        del weights
 
 
 if __name__ == "__main__":

@@ -172,3 +172,54 @@ def test_bench_eval_and_calibrate_bars_end_at_their_totals(tmp_path):
                   "--seq-len", "64", "--max-tokens", "1000", "--proto-steps", "2"])
     assert r.exit_code == 0, r.output
     assert "| 15/15 [" in _last_bar_line(r.stderr, "calibrate")
+
+
+def _bench_script(name):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arg_error(module, argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        module.parse_args(argv)
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_peers_and_quality_refuse_bad_arguments_in_one_line(capsys, tmp_path, monkeypatch):
+    peers, quality = _bench_script("peers"), _bench_script("quality")
+    assert _arg_error(peers, ["--engines", "tinymoe,vllm"], capsys) == \
+        "peers.py: error: unknown engine vllm (valid: tinymoe, llama.cpp, transformers)"
+    assert _arg_error(peers, ["--batches", "1,4"], capsys) == "peers.py: error: unknown batch 4 (valid: 1, 8)"
+    assert _arg_error(peers, ["--runs", "0"], capsys) == "peers.py: error: --runs must be at least 1, got 0"
+    assert _arg_error(peers, ["--engines", "transformers", "--precisions", "int8"], capsys) == \
+        "peers.py: error: nothing to run: transformers runs only bf16 on mixtral-mini"
+    # missing peer files name the set-up step that makes them
+    for script in ("membw.py", "limits.py", "limits_deepseek.py", "llama_bench.py", "hf_bench.py", "gguf_bytes.py"):
+        (tmp_path / script).write_text("")
+    monkeypatch.setattr(peers, "SHARED", tmp_path)
+    monkeypatch.setattr(peers, "README", tmp_path / "README.md")
+    monkeypatch.setattr(peers, "PEERS", tmp_path / "peers")
+    assert _arg_error(peers, ["--engines", "llama.cpp"], capsys) == (
+        f"peers.py: error: missing {tmp_path}/peers/venv-llama/bin/python: make it with "
+        f"`bash {tmp_path}/build_llama.sh` (set-up in {tmp_path}/README.md)")
+    venv = tmp_path / "peers" / "venv-llama" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("")
+    (tmp_path / "peers" / "models" / "deepseek-3L").mkdir(parents=True)
+    (tmp_path / "peers" / "models" / "deepseek-3L" / "config.json").write_text("{}")
+    gguf = tmp_path / "peers" / "gguf" / "deepseek-3L-q4_0.gguf"
+    assert _arg_error(peers, ["--engines", "llama.cpp", "--models", "deepseek-3L", "--precisions", "int4"],
+                      capsys) == (
+        f"peers.py: error: missing {gguf}: make it with `$V {tmp_path}/quantize.py "
+        f"{tmp_path}/peers/gguf/deepseek-3L-bf16.gguf {gguf} q4_0` (set-up in {tmp_path}/README.md)")
+    assert _arg_error(quality, ["--models", "tiny-lpr"], capsys) == \
+        "quality.py: error: unknown model tiny-lpr (valid: tiny-mixtral, tiny-deepseek)"
+    assert _arg_error(quality, ["--window", "1"], capsys) == "quality.py: error: --window must be at least 2, got 1"
+    assert _arg_error(quality, ["--engines", "tinymoe", "--data", str(tmp_path / "none.txt")], capsys) == \
+        f"quality.py: error: data file {tmp_path}/none.txt not found"
+    assert _arg_error(quality, ["--engines", "tinymoe", "--int4-spec", "int4:g48"], capsys) == \
+        "quality.py: error: --int4-spec: quant spec 'int4:g48': int4 group 'g48' is not one of g32, g64, g128"

@@ -166,3 +166,35 @@ def test_chat_refuses_a_message_past_the_context_and_keeps_the_conversation(mode
         [["hello"], ["hello", "how are you"]]
     bad = run("chat", model_dir, "-i", "--max-model-len", 1)
     assert bad.exit_code == 2 and "Invalid value for '--max-model-len': 1 is not in the range x>=2." in bad.output
+
+
+# --- --quant ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["chat", "--prompt", "x"], ["generate", "--prompt", "x"], ["bench"],
+                                     ["eval", "--data", "README.md"], ["calibrate", "--data", "README.md",
+                                                                       "--out", "c.safetensors"]])
+def test_a_bad_quant_is_one_line_before_loading(model_dir, command, monkeypatch):
+    import tinymoe.models
+    monkeypatch.setattr(tinymoe.models, "load_model", lambda *a, **k: pytest.fail("loading started"))
+    result = run(command[0], model_dir, *command[1:], "--quant", "attn=int8,mlp=int4")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == ("Error: Invalid value for '--quant': quant spec 'attn=int8,mlp=int4': "
+                                              "unknown part 'mlp'; parts: experts, shared, dense, attn, head")
+
+
+def test_generate_with_quant_matches_the_library(model_dir):
+    result = run("generate", model_dir, "--prompt", "the cat", "--max-tokens", 8, "--quant", "int8")
+    assert result.exit_code == 0, result.output
+    expected = LLM(model_dir, quant="int8").generate("the cat", SamplingParams(temperature=0, max_tokens=8))[0]
+    assert result.stdout == expected.text + "\n"
+
+
+def test_calibrate_records_the_quant(model_dir, tmp_path):
+    from tinymoe.routing.calibrate import load_calibration
+    out = tmp_path / "c.safetensors"
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat. hello world, how are you today? " * 8)
+    result = run("calibrate", model_dir, "--data", data, "--out", out, "--seq-len", 16, "--proto-steps", 0,
+                 "--quant", "experts=int8,head=int8")
+    assert result.exit_code == 0, result.output
+    assert load_calibration(out).meta["quant"] == "experts=int8,head=int8"

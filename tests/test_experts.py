@@ -7,11 +7,10 @@ import torch.nn.functional as F
 import tinymoe
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
-from tinymoe.kernels import moe_op
+from tinymoe.kernels import quant
 from tinymoe.experts.dispatch import copy_loads, copy_table
-from tinymoe.experts.pools import POOLS
-from tinymoe.experts.quant import (dequantize_int4, dequantize_int8, expert_bytes, int4_group_size, pack_int4,
-                                   quantize_int4, quantize_int8, unpack_int4)
+from tinymoe.experts.pools import FullPool, build_pool, pool_bytes
+from tinymoe.experts.quant import expert_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -45,27 +44,16 @@ def dense_full(ex):
     return lambda e: (ex.w_gate[e].double(), ex.w_up[e].double(), ex.w_down[e].double())
 
 
-def dense_quantised(ex, precision):
-    def dense(e):
-        ws = []
-        for w in (ex.w_gate[e], ex.w_up[e], ex.w_down[e]):
-            if precision == "int8":
-                ws.append(dequantize_int8(*quantize_int8(w)).double())
-            else:
-                k = -(-w.shape[1] // 32) * 32
-                wp = F.pad(w, (0, k - w.shape[1]))
-                ws.append(dequantize_int4(*quantize_int4(wp, int4_group_size(k)))[:, :w.shape[1]].double())
-        return ws
-    return dense
+def dense_quantised(ws, precision):
+    """`ws(e)` -> (gate, up, down); float64 of their quantised values (kernels.quant's reference)."""
+    return lambda e: [quant.dequantize(quant.quantize(w, precision)).double() for w in ws(e)]
 
 
 @pytest.mark.parametrize("precision", ["full", "int8", "int4"])
 @pytest.mark.parametrize("T", [1, 3, 40])
-def test_pool_matches_float64(precision, T, bf16_cpu, monkeypatch):
-    # with bf16 instructions (forced here both ways), copies over 16 rows take the int pools'
-    # dequantise-then-matmul path; without, their CPU kernels at any row count
-    packed, use_packed = [], moe_op.use_packed
-    monkeypatch.setattr(moe_op, "use_packed", lambda x: packed.append(use_packed(x)) or packed[-1])
+def test_pool_matches_float64(precision, T, bf16_cpu):
+    # with bf16 instructions (forced here both ways), copies over 16 rows take torch's bf16 GEMM
+    # on dequantised weights; without, the native kernels at any row count
     E, k = 5, 2
     ex = random_experts(E, I=64, D=96)
     ids, w = random_routing(T, k, E - 1)  # the last expert gets no tokens
@@ -74,15 +62,13 @@ def test_pool_matches_float64(precision, T, bf16_cpu, monkeypatch):
         dense, tol = dense_full(ex), 1e-5
     else:
         # quantised pools compute in bf16 (the CPU kernels' activation dtype): bf16-level error
+        dense, tol = dense_quantised(lambda e: (ex.w_gate[e], ex.w_up[e], ex.w_down[e]), precision), 2e-2
         ex.apply_plan(ExpertPlan([Copy(e, precision) for e in range(E)]))
-        dense, tol = dense_quantised(ex, precision), 2e-2
     ref = reference(x, ids, w, dense)
     out = ex(x, ids, w)
     assert out.dtype == x.dtype
     err = (out.double() - ref).abs().max() / ref.abs().max()
     assert err < tol, f"{precision}: relative error {err:.2e}"
-    if precision != "full":
-        assert (False in packed) == (bf16_cpu and int(torch.bincount(ids.flatten()).max()) > 16)
 
 
 @pytest.mark.parametrize("T", [1, 6, 40])  # mv, bf16 GEMM, fp32 GEMM on widened weights
@@ -94,40 +80,6 @@ def test_bf16_model_dtype(T):
     out = ex(x, ids, w.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() / ref.abs().max() < 2e-2
-
-
-def test_int8_round_trip():
-    w = torch.randn(3, 64, 80) * torch.rand(3, 64, 1) * 4
-    w[0, 0] = 0  # an all-zero channel must not divide by zero
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (3, 64)
-    err = (dequantize_int8(q, scale) - w).abs()
-    assert (err <= 0.5 * scale.float()[..., None] * (1 + 1e-3) + 1e-30).all()
-    assert err.max() / w.abs().max() < 1 / 200
-
-
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_round_trip_and_packing(group):
-    w = torch.randn(2, 128, 256) + torch.randn(2, 128, 1)  # offset channels: asymmetric matters
-    q, sz = quantize_int4(w, group)
-    assert q.max() <= 15 and sz.dtype == torch.bfloat16 and sz.shape == (2, 256 // group, 128, 2)
-    scale = sz[..., 0].float().transpose(-1, -2).repeat_interleave(group, -1)
-    err = (dequantize_int4(q, sz) - w).abs()
-    assert (err <= 0.5 * scale * 1.01 + 1e-6).all()
-    # our packing is the CPU kernel's layout, and its matmul follows (q - 8) * scale + zero
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[0].int(), 1)
-    assert torch.equal(pack_int4(q[0]), packed) and torch.equal(unpack_int4(packed), q[0])
-    for block in (32, 64):  # AVX2 and AVX-512 layouts both round-trip
-        assert torch.equal(unpack_int4(pack_int4(q[0], block), block), q[0])
-    x = torch.randn(3, 256).bfloat16()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz[0])
-    torch.testing.assert_close(y.float(), x.float() @ dequantize_int4(q[0], sz[0]).t(), rtol=2e-2, atol=5e-2)
-
-
-def test_int4_group_size():
-    assert int4_group_size(4096) == 128 and int4_group_size(64) == 64 and int4_group_size(96) == 32
-    with pytest.raises(ValueError, match="group"):
-        int4_group_size(48)
 
 
 def greedy_copies(ids, plan):
@@ -173,9 +125,9 @@ def test_weight_bytes_and_plan_errors():
     ex.apply_plan(ExpertPlan([Copy(e, "int8") for e in range(E)]))
     assert ex.weight_bytes() == E * (3 * I * D + (2 * I + D) * 2)  # int8 weights + bf16 scales
     ex.apply_plan(ExpertPlan([Copy(e, "int4") for e in range(E)]))
-    # int4: half a byte per weight, a bf16 scale and zero per group (64 inputs for the down proj.)
-    # (2I = 128 and D = 96 output channels are padded to multiples of 64)
-    assert ex.weight_bytes() == E * ((128 * D + 128 * I) // 2 + (D // 32 * 128 + I // 64 * 128) * 4)
+    # int4: half a byte per input padded to the group of 64 (D = 96 -> 128), a bf16 scale and zero
+    # per channel and group: gate/up 2I x (128 / 2 + 2 groups x 4), down D x (64 / 2 + 1 x 4)
+    assert ex.weight_bytes() == E * (2 * I * (64 + 2 * 4) + D * (32 + 4))
     ex.apply_plan(ExpertPlan([Copy(e) for e in range(E)] + [Copy(0, "int8")]))
     assert ex.weight_bytes() == E * 3 * I * D * 4 + 3 * I * D + (2 * I + D) * 2
     with pytest.raises(ValueError, match="no copy of experts \\[3\\]"):
@@ -184,29 +136,55 @@ def test_weight_bytes_and_plan_errors():
         ex.apply_plan(ExpertPlan([Copy(e, "int3") for e in range(E)]))
 
 
-# (hidden D, intermediate I): tiny-mixtral's and tiny-deepseek's experts, then shapes the int4
-# pool pads (rows to 64, inputs to 32) or groups by 64 or 32 instead of 128
+# (hidden D, intermediate I): tiny-mixtral's and tiny-deepseek's experts, then shapes whose int4
+# inputs are padded to the group or grouped by 32 instead of 64
 STORED_SHAPES = [(256, 384), (256, 96), (48, 40), (96, 64), (100, 20), (64, 33)]
 
 
 @pytest.mark.parametrize("hidden,inter", STORED_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_budgeted_bytes_are_the_bytes_the_pools_store(hidden, inter, dtype):
-    """`expert_bytes` (R&Q's budget, the pools' `copy_bytes`) against what each pool holds."""
+    """`expert_bytes` (R&Q's budget, `Experts.copy_bytes`) against what each pool holds."""
     E = 3
     w13, w2 = torch.randn(E, 2 * inter, hidden).to(dtype), torch.randn(E, hidden, inter).to(dtype)
     itemsize = w13.element_size()
     for precision in ("full", "int8", "int4"):
-        pool = POOLS[precision](w13, w2) if precision == "full" else POOLS[precision](w13, w2, list(range(E)))
-        held = pool.kernel_weights()
-        stored = sum(t.numel() * t.element_size() for t in (held.w13, held.w2, held.s13, held.s2)
-                     if t is not None)
-        assert stored % E == 0 and stored // E == expert_bytes(hidden, inter, precision, itemsize), precision
-        assert pool.copy_bytes() == stored // E
+        for group in (32, 128):
+            pool = FullPool(w13, w2) if precision == "full" else build_pool(
+                precision, list(range(E)), lambda e: (w13[e, :inter], w13[e, inter:], w2[e]), group, dtype, "cpu",
+                inter, hidden)
+            stored = pool_bytes(pool)
+            assert stored == E * expert_bytes(hidden, inter, precision, itemsize, group), (precision, group)
     ex = Experts(w13[:, :inter].clone(), w13[:, inter:].clone(), w2.clone())
     for precision in ("full", "int8", "int4"):
         ex.apply_plan(ExpertPlan([Copy(e, precision) for e in range(E)] + [Copy(0, precision)]))
         assert ex.weight_bytes() == (E + 1) * expert_bytes(hidden, inter, precision, itemsize)
+        assert ex.copy_bytes(precision) == expert_bytes(hidden, inter, precision, itemsize)
+
+
+def test_int8_round_trip():
+    w = torch.randn(3, 64, 80) * torch.rand(3, 64, 1) * 4
+    w[0, 0] = 0  # an all-zero channel must not divide by zero
+    qw = quant.quantize(w, "int8")
+    assert qw.q.dtype == torch.int8 and qw.scales.dtype == torch.bfloat16 and qw.scales.shape == (3, 64)
+    err = (quant.dequantize(qw) - w).abs()
+    assert (err <= 0.5 * qw.scales.float()[..., None] * (1 + 1e-3) + 1e-30).all()
+    assert err.max() / w.abs().max() < 1 / 200
+
+
+@pytest.mark.parametrize("group,K", [(32, 256), (128, 256), (64, 72)])  # 72 inputs: padded to 128
+def test_int4_round_trip_and_layout(group, K):
+    w = torch.randn(2, 16, K) + torch.randn(2, 16, 1)  # offset channels: asymmetric matters
+    qw = quant.quantize(w, "int4", group)
+    KP = -(-K // group) * group
+    assert qw.q.shape == (2, 16, KP // 2) and qw.scales.shape == (2, 16, KP // group, 2) and qw.group == group
+    scale = qw.scales[..., 0].float().repeat_interleave(group, -1)[..., :K]
+    err = (quant.dequantize(qw) - w).abs()
+    assert (err <= 0.5 * scale * 1.01 + 1e-6).all()
+    # byte j holds input 2j in its low nibble and 2j + 1 in its high nibble
+    codes = torch.stack((qw.q & 15, qw.q >> 4), -1).flatten(-2)
+    s, z = (qw.scales[..., i].float().repeat_interleave(group, -1) for i in (0, 1))
+    assert torch.equal(((codes.float() - 8) * s + z)[..., :K], quant.dequantize(qw))
 
 
 def test_expert_bytes_refuses_an_unknown_precision():
@@ -272,3 +250,162 @@ def test_empty_batch_and_bad_shapes():
     assert out.shape == (0, 48)
     with pytest.raises(ValueError, match="do not fit"):
         Experts(torch.randn(4, 40, 48), torch.randn(4, 40, 48), torch.randn(4, 40, 48))
+
+
+# --- storage: fill, base precision, what a plan keeps ------------------------------------------
+
+
+def reader_of(ex, calls=None, as_bf16=False):
+    """read(e) over copies of an unfilled Experts' weights, logging each expert read."""
+    saved = [tuple(w[e].clone() for w in (ex.w_gate, ex.w_up, ex.w_down)) for e in range(ex.num_experts)]
+
+    def read(e):
+        if calls is not None:
+            calls.append(e)
+        return tuple(w.bfloat16() for w in saved[e]) if as_bf16 else saved[e]
+    return read
+
+
+def mixed_input(E=4, T=13, D=48):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(T, D, generator=g), torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)]),
+            torch.rand(T, 2, generator=g))
+
+
+@pytest.mark.parametrize("precision", ["full", "int8", "int4"])
+def test_fill_equals_the_parameters_path(precision):
+    """Filled in `precision` (one read per expert, in order), the experts compute what experts
+    built from parameters compute under an all-`precision` plan, bit for bit."""
+    ref = random_experts()
+    calls = []
+    ex = random_experts()
+    ex.fill(reader_of(ref, calls), precision, group=32)
+    assert calls == [0, 1, 2, 3] and ex.base_precision == precision
+    ref.group = 32  # (the unfilled experts quantise their copies with the same group)
+    ref.apply_plan(ExpertPlan([Copy(e, precision) for e in range(4)]))
+    x, ids, w = mixed_input()
+    assert torch.equal(ex(x, ids, w), ref(x, ids, w))
+    if precision == "full":
+        E, I, D = ex.shape
+        assert ex.full_pool().w13.data_ptr() == ex.w_gate.data_ptr() and ex.w_gate.shape == (E, I, D)
+        assert ex.resident_bytes() == ex.weight_bytes() == E * 3 * I * D * 4
+    else:  # the parameters are empty: only the quantised pool is held
+        assert ex.w_gate.numel() == ex.w_up.numel() == ex.w_down.numel() == 0
+        assert ex.resident_bytes() == ex.weight_bytes() == 4 * ex.copy_bytes("full")
+        assert ex.copy_bytes("full") == expert_bytes(48, 40, precision, 4, 32)
+
+
+def test_fill_takes_a_quantised_checkpoint_as_it_is():
+    """QWeights read in the base precision are stacked as given (gate rows, then up rows)."""
+    ref = random_experts()
+    qws = {e: [quant.quantize(w[e], "int4", 32) for w in (ref.w_gate, ref.w_up, ref.w_down)] for e in range(4)}
+    ex = random_experts()
+    ex.fill(lambda e: qws[e], "int4", 32)
+    held = ex.copies().pools["int4"]
+    for e in range(4):
+        gate, up, down = qws[e]
+        assert torch.equal(held.w13.q[e], torch.cat((gate.q, up.q))) and torch.equal(held.w2.q[e], down.q)
+        assert torch.equal(held.w13.scales[e], torch.cat((gate.scales, up.scales)))
+    # int8 weights read into int4 experts are converted (dequantised, then quantised)
+    int8 = {e: [quant.quantize(w[e], "int8") for w in (ref.w_gate, ref.w_up, ref.w_down)] for e in range(4)}
+    ex.fill(lambda e: int8[e], "int4", 32)
+    want = quant.quantize(quant.dequantize(int8[2][2]), "int4", 32)
+    assert torch.equal(ex.copies().pools["int4"].w2.q[2], want.q)
+
+
+def test_fill_errors_are_one_line():
+    ex = random_experts()
+    read = reader_of(random_experts())
+    q = {e: [quant.quantize(w, "int4", 64) for w in read(e)] for e in range(4)}
+    cases = [
+        (lambda: ex.fill(read, "int3"), ValueError, "unknown expert precision 'int3'; valid: full, int8, int4"),
+        (lambda: ex.fill(read, "int4", 48), ValueError, "int4 group must be one of 32, 64, 128, got 48"),
+        (lambda: ex.fill("weights.safetensors"), TypeError,
+         "Experts.fill: read must be a function of the expert index, not str"),
+        (lambda: ex.fill(lambda e: read(e)[::-1]), ValueError,
+         "expert 0: gate, up, down are (48, 40), (40, 48), (40, 48); want (40, 48), (40, 48), (48, 40)"),
+        (lambda: ex.fill(lambda e: (quant.quantize(read(e)[0], "int8"), *read(e)[1:]), "int8"), ValueError,
+         "expert 0: gate is int8 (group 0) but up is full (group 0); gate and up must share one precision and group"),
+        (lambda: ex.fill(lambda e: q[e], "int4", 32), ValueError,
+         "int4 weights of group 64 given to experts stored with group 32 (requantising int4 would lose precision)"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind) as e:
+            call()
+        assert str(e.value) == message
+
+
+def test_fill_on_meta_parameters_allocates_only_the_pool():
+    """The loader builds experts on the meta device and fills the quantised ones directly."""
+    ref = random_experts()
+    with torch.device("meta"):
+        ex = random_experts()
+    ex.fill(reader_of(ref), "int8")
+    assert ex.w_gate.device.type == "cpu" and ex.w_gate.numel() == 0
+    ref.apply_plan(ExpertPlan([Copy(e, "int8") for e in range(4)]))
+    x, ids, w = mixed_input()
+    assert torch.equal(ex(x, ids, w), ref(x, ids, w))
+
+
+def test_a_quantised_base_serves_full_and_its_own_precision_from_one_row():
+    """With an int8 base, "full" and "int8" copies of an expert are the base row; an int4 copy is
+    built from what `read` gives (the checkpoint), not from the int8 codes."""
+    ref = random_experts()
+    calls = []
+    ex = random_experts()
+    ex.fill(reader_of(ref, calls), "int8")
+    calls.clear()
+    ex.apply_plan(ExpertPlan([Copy(0), Copy(1, "int8"), Copy(2), Copy(3, "int4"), Copy(0, "int8")]))
+    assert calls == [3]  # only the int4 copy reads; expert 3's int8 row is freed
+    assert ex.copies().where == (("int8", 0), ("int8", 1), ("int8", 2), ("int4", 0), ("int8", 0))
+    assert ex.resident_bytes() == 3 * ex.copy_bytes("int8") + ex.copy_bytes("int4")
+    assert ex.weight_bytes() == 4 * ex.copy_bytes("int8") + ex.copy_bytes("int4")
+    ref.apply_plan(ExpertPlan([Copy(0, "int8"), Copy(1, "int8"), Copy(2, "int8"), Copy(3, "int4")]))
+    x, ids, w = mixed_input()
+    assert torch.equal(ex(x, ids, w), ref(x, ids, w))  # the int4 copy equals one quantised from the source
+    gate, up, down = ex.expert_weights(3)  # freed: read back, in the base precision
+    assert torch.equal(down, quant.dequantize(quant.quantize(ref.w_down[3], "int8")))
+
+
+def rnq_plan_for(ex):
+    from tinymoe.routing.rnq import rnq_plan
+    E = ex.num_experts
+    load, importance = [float(10 * (e == 0) + 1) for e in range(E)], list(range(E))
+    return rnq_plan(load, importance, {p: ex.copy_bytes(p) for p in ("full", "int8", "int4")})
+
+
+def test_an_rnq_plan_holds_only_its_copies_and_the_default_plan_reads_the_rest_back(tiny_mixtral):
+    """R&Q memory: after applying an R&Q plan (routing/rnq.py) to a model whose experts were
+    filled, the weights held are at most the plan's accounted bytes (overhead: none; each
+    quantised copy of an expert counted once per copy but held once); the freed experts' full
+    weights are read again for the default plan, which then computes exactly what it did."""
+    model = tinymoe.load_model(tiny_mixtral)
+    plain = tinymoe.load_model(tiny_mixtral)  # parameters only: keeps everything, as before
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    calls, plans = {}, {}
+    for block in model.moe_blocks():
+        calls[block.ctx.layer] = []
+        block.experts.fill(reader_of(block.experts, calls[block.ctx.layer]))
+    with torch.no_grad():
+        before = model(ids)
+        for block, other in zip(model.moe_blocks(), plain.moe_blocks()):
+            plan = plans[block.ctx.layer] = rnq_plan_for(block.experts)
+            assert {c.precision for c in plan.copies} == {"full", "int8", "int4"}
+            block.experts.apply_plan(plan)
+            other.experts.apply_plan(plan)
+            ex = block.experts
+            assert ex.w_gate.numel() == 0  # the [E, 2I, D] parameters are gone
+            full = {c.expert for c in plan.copies if c.precision == "full"}
+            held = {p: len({c.expert for c in plan.copies if c.precision == p}) for p in ("int8", "int4")}
+            assert ex.resident_bytes() == (len(full) * ex.copy_bytes("full") + held["int8"] * ex.copy_bytes("int8")
+                                           + held["int4"] * ex.copy_bytes("int4"))
+            assert ex.resident_bytes() <= ex.weight_bytes() == other.experts.weight_bytes()
+            assert other.experts.resident_bytes() > ex.resident_bytes()
+            calls[block.ctx.layer].clear()
+        assert torch.equal(model(ids), plain(ids))  # the same copies, from the compacted storage
+        for block in model.moe_blocks():
+            block.experts.apply_plan(ExpertPlan.default(block.experts.num_experts))
+            freed = sorted({c.expert for c in plans[block.ctx.layer].copies if c.precision == "int4"})
+            assert sorted(calls[block.ctx.layer]) == freed  # re-read: exactly the freed experts
+            assert block.experts.resident_bytes() == block.experts.weight_bytes()
+        assert torch.equal(model(ids), before)

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
-from tinymoe.experts.pools import Int4Pool, Int8Pool, FullPool
-from tinymoe.experts.quant import dequantize_int4, dequantize_int8, int4_pack_block, pack_int4, unpack_int4
-from tinymoe.kernels import backend
+from tinymoe.experts.pools import FullPool, build_pool
+from tinymoe.kernels import backend, quant
 from tinymoe.kernels.moe_align import moe_align
 from tinymoe.kernels.moe_gemm import fused_moe
 
@@ -85,25 +84,33 @@ def reference_moe(x, topk_weights, copy_ids, weights_of_copy):
     return out
 
 
+def decoded(qw):
+    """float64 values of one QWeight matrix, decoded here from the documented layout."""
+    if qw.precision == "int8":
+        return qw.q.double() * qw.scales.double()[:, None]
+    codes = torch.stack((qw.q & 15, qw.q >> 4), -1).flatten(-2).double()  # input k: byte k // 2, nibble k % 2
+    scale, zero = (qw.scales[..., i].double().repeat_interleave(qw.group, -1) for i in (0, 1))
+    return ((codes - 8) * scale + zero)[:, :qw.cols]
+
+
 def dense_of(pool, row):
-    """float64 (gate, up, down) of a pool's row from the quantisers' own dequantisation."""
-    I, D = pool.inter, pool.hidden
-    if pool.precision == "full":
-        w13, w2 = pool.w13[row].double(), pool.w2[row].double()
-    elif pool.precision == "int8":
-        w13, w2 = dequantize_int8(pool.q13[row], pool.s13[row]), dequantize_int8(pool.q2[row], pool.s2[row])
+    """float64 (gate, up, down) of a pool's row."""
+    w = pool.kernel_weights()
+    I = w.inter
+    if w.precision == "full":
+        w13, w2 = w.w13[row].double(), w.w2[row].double()
     else:
-        w13 = dequantize_int4(unpack_int4(pool.p13[row]), pool.z13[row])[:2 * I, :D]
-        w2 = dequantize_int4(unpack_int4(pool.p2[row]), pool.z2[row])[:D, :I]
-    return w13[:I].double(), w13[I:2 * I].double(), w2.double()
+        w13, w2 = decoded(w.w13.row(row)), decoded(w.w2.row(row))
+    return w13[:I], w13[I:2 * I], w2
 
 
-def make_pool(precision, n, I, D, dtype):
+def make_pool(precision, n, I, D, dtype, group=quant.INT4_GROUP):
     w13 = (torch.randn(n, 2 * I, D) / D ** 0.5).to(dtype)
     w2 = (torch.randn(n, D, I) / I ** 0.5).to(dtype)
     if precision == "full":
         return FullPool(w13, w2)
-    return (Int8Pool if precision == "int8" else Int4Pool)(w13.bfloat16(), w2.bfloat16(), list(range(n)))
+    return build_pool(precision, list(range(n)), lambda e: (w13[e, :I], w13[e, I:], w2[e]), group, dtype, "cpu",
+                      I, D)
 
 
 GEMM_CASES = [  # (precision, activation dtype, T, k, copies, I, D)
@@ -113,7 +120,7 @@ GEMM_CASES = [  # (precision, activation dtype, T, k, copies, I, D)
     ("int8", torch.bfloat16, 9, 2, 3, 48, 32),
     ("int8", torch.float32, 1, 2, 4, 32, 48),
     ("int4", torch.bfloat16, 9, 2, 3, 64, 64),
-    ("int4", torch.float32, 3, 2, 3, 40, 48),     # K padded to the int4 group, N padded to 64
+    ("int4", torch.float32, 3, 2, 3, 40, 48),     # K padded to the int4 group (64) in both matrices
 ]
 
 
@@ -134,19 +141,17 @@ def test_fused_moe_matches_float64(precision, dtype, T, k, copies, I, D, poisone
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [32, 64])
-def test_fused_moe_reads_either_int4_layout(block, poisoned):
-    """torch's CPU int4 layout packs 64 channels a block with AVX-512 and 32 with AVX2; the
-    kernels follow the pool's `pack_block`, whichever this CPU gave."""
-    pool = make_pool("int4", 2, 64, 64, torch.bfloat16)
+@pytest.mark.parametrize("group,D", [(32, 48), (128, 160)])
+def test_fused_moe_reads_each_int4_group(group, D, poisoned):
+    """int4 groups of 32 and 128 (the default, 64, is above), with D padded to the group."""
+    I = 32
+    pool = make_pool("int4", 2, I, D, torch.bfloat16, group)
     w = pool.kernel_weights()
-    assert w.pack_block == int4_pack_block()
-    w = w._replace(w13=pack_int4(unpack_int4(w.w13), block), w2=pack_int4(unpack_int4(w.w2), block),
-                   pack_block=block)
-    x, topk_weights = torch.randn(5, 64).bfloat16(), torch.rand(5, 2).bfloat16()
+    assert (w.w13.group, w.w13.padded_cols, w.w2.group) == (group, -(-D // group) * group, 32)
+    x, topk_weights = torch.randn(5, D).bfloat16(), torch.rand(5, 2).bfloat16()
     copy_ids = torch.randint(0, 2, (5, 2))
     sorted_ids, tile_copy = moe_align(copy_ids.int(), 2, 16)
-    out = torch.full((10, 64), float("nan"))
+    out = torch.full((10, D), float("nan"))
     fused_moe(x, topk_weights, sorted_ids, tile_copy, torch.arange(2, dtype=torch.int32), w, out, 16)
     ref = reference_moe(x, topk_weights, copy_ids, {c: dense_of(pool, c) for c in range(2)})
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
-from tinymoe.experts.pools import FullPool, _pad
-from tinymoe.experts.quant import int4_group_size, quantize_int4, quantize_int8
-from tinymoe.kernels import ExpertCopies, MoEWeights, backend, cpu_linear, moe_experts, moe_op
+from tinymoe.experts.pools import FullPool
+from tinymoe.kernels import ExpertCopies, MoEWeights, backend, cpu_linear, moe_experts, moe_op, quant
 
 needs_native = pytest.mark.skipif(cpu_linear.native() is None, reason="no C++ compiler or no AVX2 here")
 
@@ -40,25 +39,22 @@ def routed(ex, T, k=2, dtype=torch.bfloat16, seed=1):
     return x, ex.physical_ids(ids), torch.rand(T, k, generator=g).to(dtype)
 
 
+def dequantized(qw):
+    """float64 values of a QWeight, decoded here from its documented layout (not by the op)."""
+    if qw.precision == "int8":
+        return qw.q.double() * qw.scales.double()[:, None]
+    codes = torch.stack((qw.q & 15, qw.q >> 4), -1).flatten(-2).double()  # input 2j low nibble, 2j+1 high
+    scale, zero = (qw.scales[..., i].double().repeat_interleave(qw.group, -1) for i in (0, 1))
+    return ((codes - 8) * scale + zero)[:, :qw.cols]
+
+
 def dense_copy(ex, copy):
     """float64 (w13 [2I, D], w2 [D, I]) of a physical copy, from the quantisers' own codes."""
     c = ex.plan.copies[copy]
     w13, w2 = ex.full_pool().w13[c.expert], ex.w_down[c.expert]
     if c.precision == "full":
         return w13.double(), w2.double()
-    out = []
-    for w in (w13, w2):
-        if c.precision == "int8":
-            q, s = quantize_int8(w)
-            out.append(q.double() * s.double()[:, None])
-        else:
-            wp = _pad(w, 64, 32)
-            group = int4_group_size(wp.shape[1])
-            q, sz = quantize_int4(wp, group)  # sz [K/group, N, (scale, zero)]
-            scale = sz[..., 0].double().t().repeat_interleave(group, 1)
-            zero = sz[..., 1].double().t().repeat_interleave(group, 1)
-            out.append(((q.double() - 8) * scale + zero)[:w.shape[0], :w.shape[1]])
-    return tuple(out)
+    return tuple(dequantized(quant.quantize(w, c.precision, ex.group)) for w in (w13, w2))
 
 
 def reference(ex, x, copy_ids, weights):
@@ -227,7 +223,7 @@ def test_bad_copies_are_one_line_errors():
         ExpertCopies({"full": full}, [("full", 0), ("int8", 0)])
     with pytest.raises(ValueError, match=r"^expert copy 0: row 2 outside pool 'full' of 2 rows$"):
         ExpertCopies({"full": full}, [("full", 2)])
-    other = MoEWeights("full", torch.zeros(2, 8, 5), torch.zeros(2, 5, 4), None, None, 0, 0, 4, 5)
+    other = MoEWeights("full", torch.zeros(2, 8, 5), torch.zeros(2, 5, 4), 4, 5)
     with pytest.raises(ValueError, match=r"^expert pools disagree on \(hidden, intermediate\) sizes: "
                                          r"\[\(4, 4\), \(5, 4\)\]$"):
         ExpertCopies({"full": full, "int8": other._replace(precision="int8")}, [("full", 0)])
@@ -240,11 +236,15 @@ def test_copies_follow_plans_and_storage():
     ex.apply_plan(ExpertPlan(PLANS["mixed"]))
     mixed = ex.copies()
     assert mixed is not first and mixed.full_rows is None and set(mixed.pools) == {"full", "int8", "int4"}
-    assert mixed.where == (("full", 0), ("int8", 0), ("full", 2), ("int4", 0), ("int8", 1), ("int4", 1))
+    # a pool's rows hold its experts in increasing order
+    assert mixed.where == (("full", 0), ("int8", 0), ("full", 2), ("int4", 1), ("int8", 1), ("int4", 0))
     ex.to(torch.float64)  # replaces the parameters and the quantised pools' buffers
     moved = ex.copies()
     assert moved is not mixed and moved.pools["full"].w13.dtype == torch.float64
-    assert moved.pools["int8"].s13 is ex.quantised["int8"].s13 and mixed.pools["int8"].s13 is not moved.pools["int8"].s13
+    assert moved.pools["int8"].w13.scales is ex.pools["int8"].s13
+    assert mixed.pools["int8"].w13.scales is not moved.pools["int8"].w13.scales
+    # the formats' scales stay bf16 whatever the model's dtype
+    assert {moved.pools[p].w13.scales.dtype for p in ("int8", "int4")} == {torch.bfloat16}
 
 
 # --- calibration: statistics from the model's own forward (MoEBlock.observer -> the op) -----------

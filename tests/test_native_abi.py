@@ -56,7 +56,8 @@ def test_a_prototype_it_cannot_bind_is_refused(header, message):
 @needs_native
 def test_every_declared_entry_point_is_bound_from_the_header():
     lib, declared = native.native(), native.prototypes(native.HEADER.read_text())
-    assert {"linear_bf16", "linear_int8", "moe_tokens_bf16", "decode_step_bf16", "decode_step_abi"} <= set(declared)
+    assert {"linear_bf16", "linear_matrix", "quant_isa", "moe_tokens", "decode_step_bf16",
+            "decode_step_abi"} <= set(declared)
     for name, (restype, argtypes) in declared.items():
         assert getattr(lib, name).argtypes == argtypes, name
         assert getattr(lib, name).restype == restype, name
@@ -112,18 +113,18 @@ def _layer(change):
 @needs_native
 @pytest.mark.parametrize("change, message", [
     (lambda f: [(n, _i32 if n == "routing" else k) for n, k in f],
-     "native ABI: DecodeLayer.routing is at offset 64 (8 bytes) in cpu_kernels.h but at offset 64 (4 bytes) in "
+     "native ABI: DecodeLayer.routing is at offset 112 (8 bytes) in cpu_kernels.h but at offset 112 (4 bytes) in "
      "ctypes"),
     (lambda f: [x for x in f if x[0] != "q_norm"],
      "native ABI: DecodeLayer.q_norm is in cpu_kernels.h but not in native.py's ctypes mirror"),
     (lambda f: f[:3] + [("extra", _p)] + f[3:],
      "native ABI: DecodeLayer.extra is in native.py's ctypes mirror but not in cpu_kernels.h"),
     (lambda f: [f[1], f[0]] + f[2:],
-     "native ABI: DecodeLayer.attn_norm is at offset 0 (8 bytes) in cpu_kernels.h but at offset 8 (8 bytes) in "
+     "native ABI: DecodeLayer.attn_norm is at offset 0 (8 bytes) in cpu_kernels.h but at offset 32 (8 bytes) in "
      "ctypes"),
 ])
 def test_the_struct_check_names_the_mismatched_field(change, message):
-    wrong = (_layer(change), native.DecodeModel, native.RouteBuffers)
+    wrong = (native.Matrix, _layer(change), native.DecodeModel, native.RouteBuffers)
     with pytest.raises(ValueError) as e:
         native.check_abi(native.abi_table(native.native()), wrong, native.ENUMS)
     assert str(e.value) == message

@@ -170,17 +170,64 @@ def test_a_router_error_surfaces_from_the_native_step(tiny_mixtral):
 
 def test_what_it_does_not_cover_takes_the_per_op_path(tiny_mixtral):
     fp32 = load_model(tiny_mixtral)
-    quantised = load_model(tiny_mixtral, dtype="bfloat16")
-    plain = load_model(tiny_mixtral, dtype="bfloat16")
-    for model, covered in ((fp32, False), (quantised, False), (plain, True)):
+    mixed = load_model(tiny_mixtral, dtype="bfloat16")
+    observed = load_model(tiny_mixtral, dtype="bfloat16")
+    for model, covered in ((fp32, False), (mixed, True), (observed, False)):
         llm = LLM(model, block_size=4)
-        if model is quantised:  # int8 copies run per copy, outside the one-call step
+        if model is mixed:  # quantised copies are covered too
             for block in model.moe_blocks():
                 E = block.experts.num_experts
                 block.experts.apply_plan(ExpertPlan([Copy(e, "int8" if e == 1 else "full") for e in range(E)]))
+        if model is observed:  # only the per-op path reports the experts' activations
+            model.moe_blocks()[0].observer = object()
         assert native_decode.covers(model, llm.runner.cache.k) == covered
-        out = llm.generate(prompts([7]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
-        assert len(out.token_ids) == 4
+        if model is not observed:
+            out = llm.generate(prompts([7]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+            assert len(out.token_ids) == 4
+
+
+QUANT = {  # name -> (load_model's quant, a plan of every expert plus quantised replicas)
+    "int8": ("int8", False),
+    "int4": ("int4", False),
+    "mixed parts": ("experts=int4,shared=int8,dense=int4,attn=int8,head=int8", False),
+    "R&Q-like": ("attn=int4", True),
+}
+
+
+def rnq_like(model):
+    """Every expert at the base precision plus int4 and int8 replicas: copies picked per token."""
+    for block in model.moe_blocks():
+        E = block.experts.num_experts
+        block.experts.apply_plan(ExpertPlan([Copy(e) for e in range(E)] + [Copy(0, "int4"), Copy(2, "int4"),
+                                                                            Copy(1, "int8")]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("quant", list(QUANT))
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "qwen3"])
+def test_quantised_one_call_step_equals_the_per_op_path(family, quant, threads, tiny_mixtral, tiny_qwen3, tmp_path,
+                                                        monkeypatch):
+    """int8 / int4 projections and expert copies, per part or through a plan: the one-call step
+    reads them as the per-op path's kernels do, logits and caches bit for bit."""
+    if family == "deepseek":
+        path = checkpoints.deepseek_moe(tmp_path, hidden_size=64)
+    else:
+        path = {"mixtral": tiny_mixtral, "qwen3": tiny_qwen3}[family]
+    spec, replicas = QUANT[quant]
+    model = load_model(path, dtype="bfloat16", quant=spec)
+    if replicas:
+        rnq_like(model)
+    layer = model.model.layers[-1]
+    assert not isinstance(layer.self_attn.o_proj.kernel_weight(), torch.Tensor)  # quantised projections
+    if quant != "R&Q-like":
+        precision = spec if quant != "mixed parts" else "int4"
+        assert {name for name, _ in layer.mlp.experts.copies().where} == {precision}
+    llm = LLM(model, block_size=4)
+    taken = checked_runner(llm, monkeypatch)
+    run_three(llm, threads)
+    routing = native_decode.ROUTE_CALLBACK if replicas else native_decode.ROUTE_TOPK
+    assert all(native_decode._routing(b) == routing for b in model.moe_blocks())
+    assert sum(taken) >= 12
 
 
 def test_parameters_replaced_after_the_first_step_are_seen(tiny_mixtral):
@@ -194,3 +241,21 @@ def test_parameters_replaced_after_the_first_step_are_seen(tiny_mixtral):
     after = llm.generate(prompts([9]), greedy)[0].token_ids
     assert after != before
     assert after == LLM(model, block_size=4).generate(prompts([9]), greedy)[0].token_ids
+
+
+def test_quantised_weights_replaced_after_the_first_step_are_seen(tiny_mixtral):
+    model = load_model(tiny_mixtral, dtype="bfloat16", quant="int8")
+    llm = LLM(model, block_size=4)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = llm.generate(prompts([9]), greedy)[0].token_ids
+    first = native_decode._described[model]
+    assert first[1] is not None  # the one-call step ran
+    # new buffers for the last o projection (after every K/V write, so the prefix cache stays
+    # valid): the cached description must follow
+    o = model.model.layers[-1].self_attn.o_proj
+    qw = o.kernel_weight()
+    o.hold(qw._replace(q=-qw.q, scales=qw.scales.clone()))
+    after = llm.generate(prompts([9]), greedy)[0].token_ids
+    assert after != before and native_decode._described[model] is not first
+    with settings.override(native_step=False):
+        assert after == LLM(model, block_size=4).generate(prompts([9]), greedy)[0].token_ids

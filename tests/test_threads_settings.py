@@ -90,3 +90,20 @@ def test_entry_point_sets_the_policy_before_torch(user, argv, seen):
     lines = done.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("AT_TORCH_IMPORT ")] == [seen]
     assert any(line.startswith("tiny ") for line in lines)  # the command ran
+
+
+@pytest.mark.parametrize("value", ["AVX2", "avx512", "0"])
+def test_bad_native_isa(value):
+    with pytest.raises(ValueError) as e:
+        Settings.from_env({"TINYMOE_NATIVE_ISA": value})
+    assert str(e.value) == (f"TINYMOE_NATIVE_ISA={value!r}: use native (this CPU's instructions, the default) or "
+                            "avx2 (the AVX2 code only)")
+    with pytest.raises(ValueError) as e:
+        Settings(native_isa=value)
+    assert str(e.value) == f"Settings.native_isa takes 'native' or 'avx2', not {value!r}"
+
+
+def test_native_isa_variable():
+    assert Settings().native_isa == "native"
+    assert Settings.from_env({"TINYMOE_NATIVE_ISA": "avx2"}) == Settings(native_isa="avx2")
+    assert Settings.from_env({"TINYMOE_NATIVE_ISA": ""}) == Settings()

@@ -5,7 +5,8 @@ Nothing is imported until first used: `import tinymoe` loads neither torch nor t
 import importlib
 
 _PUBLIC = {"load_model": ".models", "load_tokenizer": ".tokenizer", "ROUTERS": ".routing",
-           "make_router": ".routing", "Settings": ".settings", "LLM": ".engine", "SamplingParams": ".engine"}
+           "make_router": ".routing", "Settings": ".settings", "LLM": ".engine", "SamplingParams": ".engine",
+           "QuantSpec": ".models.quantize", "parse_quant": ".models.quantize"}
 __all__ = list(_PUBLIC)
 
 

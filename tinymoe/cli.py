@@ -67,6 +67,7 @@ class EngineOptions:
     debug: bool = False
     plan_name: str | None = None
     plan_opts: dict = field(default_factory=dict)
+    quant: str | None = None
 
     @property
     def plan(self):
@@ -79,17 +80,39 @@ class EngineOptions:
         """The engine for `model` with these options, with a progress bar while loading."""
         from .engine import LLM
         return LLM(model, router=self.router, dtype=self.dtype, calib=self.calib, progress=True,
-                   plan=self.plan, router_opts=self.router_opts, **engine_kwargs)
+                   plan=self.plan, router_opts=self.router_opts, quant=self.quant, **engine_kwargs)
+
+
+def _check_quant(_ctx, param, value):
+    """--quant: a bad spec is one line before anything loads."""
+    if value is None:
+        return None
+    from .models.quantize import parse_quant
+    try:
+        parse_quant(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
+    return value
+
+
+QUANT_HELP = ("quantise weights while loading: int8, int4, int4:g32 (group 32, 64 or 128), or per part "
+              "experts=int4,shared=int8,dense=int8,attn=int8,head=int8 (unnamed parts stay full; gates "
+              "and embeddings always do); a checkpoint from `tinymoe quantize` loads as written")
+
+
+def quant_option(f):
+    return click.option("--quant", default=None, metavar="SPEC", callback=_check_quant, help=QUANT_HELP)(f)
 
 
 def engine_options(f):
     """--router, --router-opt KEY=VALUE (repeatable), --plan, --plan-opt KEY=VALUE (repeatable),
-    --calib, --dtype, --debug; the command receives them as one `engine: EngineOptions` argument."""
+    --calib, --dtype, --quant, --debug; the command receives them as one `engine: EngineOptions`
+    argument."""
     @functools.wraps(f)
-    def wrapper(*args, router, router_opt, plan, plan_opt, calib, dtype, debug, **kwargs):
+    def wrapper(*args, router, router_opt, plan, plan_opt, calib, dtype, quant, debug, **kwargs):
         if plan_opt and plan is None:
             raise click.UsageError("--plan-opt needs --plan")
-        engine = EngineOptions(router, router_opt, calib, dtype, debug, plan, plan_opt)
+        engine = EngineOptions(router, router_opt, calib, dtype, debug, plan, plan_opt, quant)
         if plan is not None:  # a bad plan name or option fails before the model loads
             from .routing import plan_spec
             plan_spec(engine.plan)
@@ -106,6 +129,7 @@ def engine_options(f):
         click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="calibration file from `tinymoe calibrate`"),
         click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)"),
+        click.option("--quant", default=None, metavar="SPEC", callback=_check_quant, help=QUANT_HELP),
         click.option("--debug", is_flag=True, callback=_set_debug, expose_value=True, is_eager=True,
                      help="show tracebacks"),
     ]):
@@ -305,9 +329,9 @@ def _windows_bar(tokens, seq_len: int):
     return bar(total=max(1, tokens.numel() // seq_len), desc="calibrate", unit="window")
 
 
-def _load(model: str, dtype):
+def _load(model: str, dtype, quant=None):
     from . import load_model, load_tokenizer
-    return load_model(model, dtype=dtype, progress=True), load_tokenizer(model)
+    return load_model(model, dtype=dtype, progress=True, quant=quant), load_tokenizer(model)
 
 
 def _load_checked(model: str, engine: EngineOptions, check_router: bool = True):
@@ -323,7 +347,7 @@ def _load_checked(model: str, engine: EngineOptions, check_router: bool = True):
         calib.check_config(cfg)
     if check_router:
         check_before_loading(cfg, engine.router, None, engine.plan, **engine.router_opts)
-    net, tok = _load(model, engine.dtype)
+    net, tok = _load(model, engine.dtype, engine.quant)
     if calib is not None:
         calib.check(net)
         engine.calib = calib
@@ -383,17 +407,20 @@ def _default_data(model) -> str:
 @click.option("--proto-steps", default=200, show_default=True, type=click.IntRange(min=0),
               help="Adam steps of the prototype fit (0: skip)")
 @click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
+@quant_option
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
-def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, debug):
+def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, quant, debug):
     """One pass over --data recording what routers need (LASER thresholds, expert loads and
-    importance for R&Q, fitted prototypes); any command reads it with --calib."""
+    importance for R&Q, fitted prototypes); any command reads it with --calib. The file records
+    the --quant it was measured under."""
     from .evaluation import read_tokens
     from .routing.calibrate import calibrate as run_calibration
-    net, tok = _load(model, dtype)
+    net, tok = _load(model, dtype, quant)
     tokens = read_tokens(tok, data)[:max_tokens]
     with _windows_bar(tokens, seq_len) as counter:
         calib = run_calibration(net, tokens, seq_len=seq_len, batch=batch, proto_steps=proto_steps,
                                 progress=counter.update)
+    calib.meta["quant"] = net.quant.describe()
     calib.save(out)
     click.echo(f"wrote {out}: {len(calib.layers)} MoE layers, {calib.meta['tokens']} tokens", err=True)
 
@@ -469,3 +496,54 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
     if plot:
         benchmark.plot_heatmaps(res, plot)
         click.echo(f"wrote {plot}", err=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--quant", required=True, metavar="SPEC", callback=_check_quant, help="what to quantise: " + QUANT_HELP)
+@click.option("--out", required=True, type=click.Path(), help="a new (or empty) directory to write")
+@click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
+def quantize(model, quant, out, debug):
+    """Write MODEL quantised as --quant into --out: safetensors with int8/int4 codes and scales,
+    the tokenizer, and config.json with its quantization_config. Every command loads it directly."""
+    from .models.checkpoint_writer import write_quantized
+    res = write_quantized(model, quant, out, progress=True)
+    click.echo(f"wrote {res['dir']}: {res['quant'].describe()}, {res['tensors']} tensors, "
+               f"{res['bytes'] / 2**20:.1f} MiB (source {res['source_bytes'] / 2**20:.1f} MiB)", err=True)
+
+
+# --- serve (serving engineer) ---
+
+
+@cli.command()
+@click.argument("model", default="tiny")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="TINYMOE_API_KEY",
+              help="require `Authorization: Bearer KEY` on /v1, /tokenize, /detokenize (env TINYMOE_API_KEY)")
+@click.option("--max-num-seqs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="sequences decoding together")
+@click.option("--max-waiting", default=128, show_default=True, type=click.IntRange(min=0),
+              help="sequences queued beyond those; past it a request gets 503 with Retry-After")
+@click.option("--kv-cache-tokens", default=None, type=click.IntRange(min=1),
+              help="paged KV cache size in tokens (default: a 512 MiB budget)")
+@click.option("--max-model-len", type=click.IntRange(min=2), default=None, help="context in tokens (default: the model's)")
+@click.option("--expert-window", default=64, show_default=True, type=click.IntRange(min=0),
+              help="forward passes behind the expert-load metrics (0: off, and routing stays native)")
+@click.option("--devices", default=4, show_default=True, type=click.IntRange(min=1), help="G of the I_dev metric")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@engine_options
+def serve(model, host, port, api_key, max_num_seqs, max_waiting, kv_cache_tokens, max_model_len, expert_window,
+          devices, log_level, engine):
+    """Serve MODEL (default: the embedded tiny model) over the OpenAI API: /v1/chat/completions,
+    /v1/completions, /v1/models, /health, /metrics, /tokenize, /detokenize. Requests from all
+    clients decode in one batch; SIGINT / SIGTERM finish the running requests and exit."""
+    from .server import bind, serve as run_server
+    sock = bind(host, port)  # a taken port fails before the model loads
+    try:
+        llm = engine.llm(model, max_num_seqs=max_num_seqs, max_batch_tokens=max(4096, max_num_seqs),
+                         kv_cache_tokens=kv_cache_tokens, max_model_len=max_model_len)
+        run_server(llm, sock, model, api_key, max_waiting, expert_window, devices, log_level)
+    finally:
+        sock.close()

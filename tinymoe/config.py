@@ -54,6 +54,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     prototype_router: dict | None = None  # tinymoe extension: gate trained with latent prototypes
+    quantization: dict | None = None  # a checkpoint written by `tinymoe quantize`: its quantization_config
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -71,7 +72,10 @@ class ModelConfig:
         if arch not in FAMILIES:
             raise ConfigError(f"unsupported architecture {arch!r}; supported: {', '.join(FAMILIES)}")
         family = FAMILIES[arch]
-        return _READERS[family](_Fields(raw, source, arch))
+        fields = _Fields(raw, source, arch)
+        cfg = _READERS[family](fields)
+        cfg.quantization = _quantization(fields)
+        return cfg
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -269,6 +273,24 @@ def _prototype_router(f: _Fields) -> dict | None:
         raise f.error('tinymoe_router must be {"type": "prototype", "latent_dim": a positive integer, '
                       f'"temperature": a positive number}}, got {json.dumps(proto)}')
     return proto
+
+
+def _quantization(f: _Fields) -> dict | None:
+    """The envelope of a quantised checkpoint's quantization_config (its parts and group are read
+    by models/quantize.py's QuantSpec.from_config, which the loader calls before any weight)."""
+    qc = f.raw.get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise f.error(f"quantization_config must be an object, got {_kind(qc)}")
+    method = qc.get("quant_method")
+    if method != "tinymoe":
+        raise f.error(f"quantization_config.quant_method {method!r} is not supported: tinymoe reads only "
+                      f"checkpoints written by `tinymoe quantize` (quant_method 'tinymoe')")
+    if qc.get("format_version") != 1:
+        raise f.error(f"quantization_config.format_version {qc.get('format_version')!r} is not supported "
+                      f"(this tinymoe reads format 1)")
+    return qc
 
 
 def _mixtral(f: _Fields) -> ModelConfig:

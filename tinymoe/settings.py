@@ -1,5 +1,6 @@
 """Engine-wide choices in one frozen object: which kernel backend runs, whether the native CPU
-library and its one-call decode step are used, where that library is built, the CPU threads,
+library and its one-call decode step are used, where that library is built and for which
+instructions, the CPU threads,
 how idle OpenMP threads wait, whether the CPU counts as having bf16 matmul instructions, and the
 default KV cache budget.
 
@@ -14,7 +15,12 @@ library shares) reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when `import torch`
 package imports nothing); a library user sets
 OMP_WAIT_POLICY=passive in the environment before importing torch (or tinymoe). Spinning waits
 ("active", or libgomp's default of spinning a while) make decode with 2+ threads collapse when
-another process is busy on a core (bench/threads.py); `threads` is applied by `install`. Tests change one field at a
+another process is busy on a core (bench/threads.py); `threads` is applied by `install`.
+
+`native_isa` (TINYMOE_NATIVE_ISA) is what the native library is compiled for: "native" (this
+CPU's instructions, `-march=native`: AVX512-VNNI or AVX-VNNI integer dot products where the CPU
+has them) or "avx2" (`-march=native -mno-avx512f -mno-avxvnni`: the AVX2 code, in its own cached
+build), so the AVX2 kernels run, and are tested, on an AVX-512 machine. Tests change one field at a
 time through `kernels.use_backend` and `cpu_linear.bf16_instructions`.
 """
 import os
@@ -23,6 +29,7 @@ from pathlib import Path
 
 
 BACKENDS = ("triton", "torch", "auto")
+NATIVE_ISAS = ("native", "avx2")  # what the native library is built for (native.ISA_FLAGS)
 WAIT_POLICIES = ("passive", "active")  # OMP_WAIT_POLICY: sleep, or spin, while waiting for work
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: they win over wait_policy
 KV_CACHE_BYTES = 512 << 20
@@ -42,6 +49,7 @@ class Settings:
     native: bool = True             # the native CPU library (else torch ops only)
     native_step: bool = True        # the one-call decode step of that library (else per op)
     cache_dir: Path = field(default_factory=_default_cache)  # where the native library is built
+    native_isa: str = "native"      # build it for this CPU, or "avx2": its AVX2 code only
     threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
     wait_policy: str = "passive"    # OMP_WAIT_POLICY the `tinymoe` command exports (see above)
     cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
@@ -58,6 +66,8 @@ class Settings:
         if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
             raise TypeError(f"Settings.cache_dir takes a folder path, not {self.cache_dir!r}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.native_isa not in NATIVE_ISAS:
+            raise ValueError(f"Settings.native_isa takes 'native' or 'avx2', not {self.native_isa!r}")
         if self.threads is not None and not _positive(self.threads):
             raise ValueError(f"Settings.threads takes a positive integer or None, not {self.threads!r}")
         if self.wait_policy not in WAIT_POLICIES:
@@ -92,6 +102,12 @@ class Settings:
             if os.path.exists(cache) and not os.path.isdir(cache):
                 raise ValueError(f"TINYMOE_CACHE={cache!r} is not a folder")
             given["cache_dir"] = Path(cache)
+        isa = env.get("TINYMOE_NATIVE_ISA", "")
+        if isa:
+            if isa not in NATIVE_ISAS:
+                raise ValueError(f"TINYMOE_NATIVE_ISA={isa!r}: use native (this CPU's instructions, the default) or "
+                                 "avx2 (the AVX2 code only)")
+            given["native_isa"] = isa
         bf16 = env.get("TINYMOE_CPU_BF16", "")
         if bf16 not in ("", "0", "1"):
             raise ValueError(f"TINYMOE_CPU_BF16={bf16!r}: use 0 (no bf16 instructions), 1 (bf16 instructions) or "

@@ -1,5 +1,6 @@
 """Find a checkpoint (directory, Hugging Face cache, alias) and read its safetensors lazily."""
 import json
+import math
 import mmap
 import os
 import struct
@@ -119,16 +120,40 @@ class _SafetensorsFile:
         # Copy-on-write so torch.frombuffer gets a writable buffer; we never write, so nothing is copied.
         self._mm = mmap.mmap(self._fd, size, access=mmap.ACCESS_COPY) if size else None
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
+    def _span(self, name: str) -> tuple[torch.dtype, int, int, int]:
+        """(dtype, elements, start, end) of a tensor's bytes in the file, checked."""
         info = self.tensors[name]
         src_dtype = _DTYPES.get(info["dtype"])
         if src_dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = (self.data_start + o for o in info["data_offsets"])
-        if out.numel() * src_dtype.itemsize != end - start:
+        count = math.prod(info["shape"])
+        if count * src_dtype.itemsize != end - start:
             raise CheckpointError(f"{self.path}: tensor {name} has {end - start} bytes for shape {info['shape']}")
+        return src_dtype, count, start, end
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        src_dtype, count, start, end = self._span(name)
         if out.numel():
-            out.copy_(torch.frombuffer(self._mm, dtype=src_dtype, count=out.numel(), offset=start).view(out.shape))
+            out.copy_(torch.frombuffer(self._mm, dtype=src_dtype, count=count, offset=start).view(out.shape))
+            self._drop_pages(start, end)
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as stored (its dtype), read in place from the mapping: no copy. Drop it and
+        call `release` before reading on, or its pages stay resident."""
+        src_dtype, count, start, _ = self._span(name)
+        shape = self.tensors[name]["shape"]
+        if not count:
+            return torch.empty(shape, dtype=src_dtype)
+        return torch.frombuffer(self._mm, dtype=src_dtype, count=count, offset=start).view(shape)
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        _, _, start, end = self._span(name)
+        if rows is not None:  # only rows r0..r1 of the leading dimension
+            shape = self.tensors[name]["shape"]
+            row = (end - start) // shape[0] if shape and shape[0] else 0
+            start, end = start + rows[0] * row, start + rows[1] * row
+        if end > start:
             self._drop_pages(start, end)
 
     def _drop_pages(self, start: int, end: int):
@@ -176,8 +201,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def read(self, name: str, out: torch.Tensor) -> None:
-        """Copy one tensor into `out` (converting dtype), checking it exists and has out's shape."""
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _holding(self, name: str, shape=None) -> _SafetensorsFile:
+        """The file holding `name`, checking it is there (with `shape`, if given)."""
         fname = self._where.get(name)
         if fname is None:
             raise CheckpointError(f"checkpoint {self.dir} has no tensor {name}")
@@ -185,9 +213,28 @@ class Checkpoint:
         if name not in f.tensors:
             raise CheckpointError(f"{f.path} has no tensor {name} (the index says it does)")
         got = tuple(f.tensors[name]["shape"])
-        if got != tuple(out.shape):
-            raise CheckpointError(f"{f.path}: tensor {name} has shape {list(got)}, expected {list(out.shape)}")
-        f.read_into(name, out)
+        if shape is not None and got != tuple(shape):
+            raise CheckpointError(f"{f.path}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+        return f
+
+    def info(self, name: str) -> tuple[str, list[int]]:
+        """(safetensors dtype name, shape) of a tensor, without reading it."""
+        t = self._holding(name).tensors[name]
+        return t["dtype"], list(t["shape"])
+
+    def read(self, name: str, out: torch.Tensor) -> None:
+        """Copy one tensor into `out` (converting dtype), checking it exists and has out's shape."""
+        self._holding(name, out.shape).read_into(name, out)
+
+    def view(self, name: str, shape=None) -> torch.Tensor:
+        """One tensor as stored, without a copy (checked against `shape` if given); `release(name)`
+        once it is no longer needed drops its pages."""
+        return self._holding(name, shape).view(name)
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the pages of a tensor (or of its rows r0..r1) read by `view`: a mapped page
+        that was read stays resident until then."""
+        self._holding(name).release(name, rows)
 
     def close(self):
         for f in self._files.values():

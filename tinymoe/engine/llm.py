@@ -4,7 +4,7 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,21 +12,38 @@ from ..settings import Settings, current as current_settings, install as install
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
-from .sampler import sample
+from .sampler import pick_logprobs, sample, token_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's shape)."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None      # per token {token id: Logprob}, when SamplingParams.logprobs is set
+    finish_reason: str | None
+
+
+@dataclass
 class RequestOutput:
+    """A request's result. `.outputs` holds its n samples (vLLM's shape); `.text`, `.token_ids`,
+    `.finish_reason` and `.logprobs` are the first sample's."""
     request_id: int
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]             # the generated tokens (an EOS that ended the request included)
     finish_reason: str | None        # "stop" (EOS, stop token or stop string), "length", "abort"
     num_cached_tokens: int           # prompt tokens served by the prefix cache
-    time_to_first_token: float       # seconds from arrival
-    latency: float                   # seconds from arrival to finish
+    time_to_first_token: float       # seconds from arrival (the first sample's first token)
+    latency: float                   # seconds from arrival to finish (of the last sample)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def logprobs(self) -> list[dict] | None:
+        return self.outputs[0].logprobs if self.outputs else None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -42,6 +59,22 @@ class Stream:
     def __init__(self, llm: "LLM", seq: Sequence):
         self.llm, self.seq, self.output = llm, seq, None
         self.request_id = seq.seq_id
+        self._taken = 0  # output tokens already handed out by take()
+
+    def take(self) -> "Delta":
+        """What the request produced since the last take, without stepping the engine: for a
+        thread that steps the engine itself (the server's), called between its steps. Once the
+        delta says finished, `.output` is set."""
+        seq = self.seq
+        finished = seq.finished
+        text = self.llm._take_text(seq)
+        end = seq.num_output_tokens
+        ids = seq.output_ids[self._taken:end]
+        logprobs = seq.logprobs[self._taken:end] if seq.logprobs is not None else None
+        self._taken = end
+        if finished:
+            self.output = self.llm._output(seq)
+        return Delta(text, ids, logprobs, seq.finish_reason if finished else None)
 
     def __iter__(self):
         try:
@@ -62,6 +95,15 @@ class Stream:
                 with self.llm._exclusive():  # the step that finished the request may still be running
                     self.llm._abort(self.seq.seq_id)
                     self.output = self.llm._output(self.seq)
+
+
+@dataclass
+class Delta:
+    """New output of a streamed request (Stream.take)."""
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None
+    finish_reason: str | None        # set on the last delta
 
 
 def _id_array(a, ndims=(1, 2)) -> list:
@@ -87,9 +129,11 @@ class LLM:
     The tokenizer is the checkpoint's unless `tokenizer` (an object or a path) is given; without
     one, prompts must be token ids. The engine options size the batch (`max_num_seqs`,
     `max_batch_tokens` per step) and the paged KV cache (`block_size`, `kv_cache_tokens`,
-    `max_model_len`). `settings` (a tinymoe.Settings: kernel backend, native library, threads,
-    KV budget, ...) is installed for the process; without it the installed ones apply (the
-    environment's unless something installed others).
+    `max_model_len`). `quant` ("int8", "int4", "experts=int4,attn=int8", ...; see
+    tinymoe.models.quantize) quantises those weights while the model loads by name; a checkpoint
+    written by `tinymoe quantize` is already quantised. `settings` (a tinymoe.Settings: kernel
+    backend, native library, threads, KV budget, ...) is installed for the process; without it
+    the installed ones apply (the environment's unless something installed others).
 
     Safe to share between threads: requests from every thread join the same running batch. One
     thread at a time is inside the engine (stepping, adding or aborting); a thread waiting for
@@ -99,10 +143,13 @@ class LLM:
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  prefix_caching: bool = True, progress: bool = False, plan=None, router_opts: dict | None = None,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, quant=None):
         from .. import load_model, load_tokenizer, routing
+        from ..models.quantize import parse_quant
         if router_opts is not None and not isinstance(router_opts, Mapping):
             raise TypeError(f"router_opts takes a dict of router options, not {type(router_opts).__name__}")
+        if quant is not None:
+            parse_quant(quant)  # a bad spec fails before anything is read
         if settings is not None:
             install_settings(settings)
         self.settings = current_settings()  # read before loading: a bad environment fails first
@@ -112,9 +159,11 @@ class LLM:
                 from ..weights import resolve
                 calib = routing.check_before_loading(load_config(resolve(model)), router, calib, plan,
                                                      **(router_opts or {}))
-            model = load_model(model, dtype=dtype, device=device, progress=progress)
+            model = load_model(model, dtype=dtype, device=device, progress=progress, quant=quant)
         elif dtype is not None:
             raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")
+        elif quant is not None:
+            raise ValueError("quant applies when LLM loads the model by name; pass load_model(..., quant=...) instead")
         elif device is not None:
             model = model.to(device)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -213,13 +262,21 @@ class LLM:
         return ids
 
     def _make(self, prompt, params: SamplingParams | None) -> Sequence:
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"one request is one sample (n=1, got n={params.n}): use generate, "
+                             "or a request per params.per_sample()")
+        return self._make_samples(prompt, params)[0]
+
+    def _make_samples(self, prompt, params: SamplingParams | None) -> list[Sequence]:
+        """The n sequences of one prompt (its samples)."""
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, but the context holds {self.max_model_len} "
                              "(prompt plus at least one generated token)")
-        return Sequence(ids, params or SamplingParams())
+        return [Sequence(ids, p) for p in (params or SamplingParams()).per_sample()]
 
     def _submit(self, seq: Sequence) -> int:
         self._seqs[seq.seq_id] = seq
@@ -266,8 +323,11 @@ class LLM:
         logits, seqs = self.runner.run(batch)
         self.scheduler.advance(batch)
         if seqs:
-            for seq, token in zip(seqs, sample(logits, seqs)):
+            rows = token_logprobs(logits, seqs)  # before sample, which may change the logits in place
+            for seq, token, row in zip(seqs, sample(logits, seqs), rows):
                 seq.append(token)
+                if row is not None:
+                    seq.logprobs.append(pick_logprobs(row, token, seq.params.logprobs))
                 self._check_stop(seq, token)
         self.scheduler.reap()
         done = [seq for seq, _ in batch if seq.finished]
@@ -303,18 +363,25 @@ class LLM:
         seq.emitted = end
         return text[start:end]
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        now = seq.finish_time or 0.0
-        first = seq.first_token_time or now
-        return RequestOutput(seq.seq_id, seq.token_ids[:seq.num_prompt_tokens], seq.text, seq.output_ids,
-                             seq.finish_reason, seq.num_cached_prompt, first - seq.arrival_time,
-                             now - seq.arrival_time if seq.finish_time else 0.0)
+    def _output(self, seq: Sequence | list[Sequence]) -> RequestOutput:
+        """The RequestOutput of one sequence, or of a prompt's samples (all done or not)."""
+        samples = seq if isinstance(seq, list) else [seq]
+        outputs = [CompletionOutput(i, s.text, s.output_ids, None if s.logprobs is None else list(s.logprobs),
+                                    s.finish_reason) for i, s in enumerate(samples)]
+        first, arrival = samples[0], samples[0].arrival_time
+        done = all(s.finish_time for s in samples)
+        last = max((s.finish_time or 0.0) for s in samples)
+        first_token = first.first_token_time or first.finish_time or 0.0
+        return RequestOutput(first.seq_id, first.token_ids[:first.num_prompt_tokens], first.text, first.output_ids,
+                             first.finish_reason, first.num_cached_prompt, first_token - arrival,
+                             last - arrival if done else 0.0, outputs)
 
     # --- public API ---------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (each text or token ids), batched together.
         Token ids may also come as a numpy array or torch tensor: 1-D for one prompt, 2-D for several.
+        One RequestOutput per prompt; with SamplingParams.n > 1 its `.outputs` holds the n samples.
 
         If the call is interrupted (Ctrl-C, or an error), its unfinished requests are aborted and
         the exception is re-raised carrying `.outputs`: a RequestOutput for every prompt with what
@@ -331,7 +398,9 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        seqs = [self._make(p, sp) for p, sp in zip(prompts, params)]  # validate all before queueing any
+        # validate all before queueing any; a prompt with SamplingParams.n > 1 becomes n sequences
+        groups = [self._make_samples(p, sp) for p, sp in zip(prompts, params)]
+        seqs = [s for group in groups for s in group]
         bar = None
         if use_tqdm:
             from ..progress import bar as progress_bar
@@ -351,13 +420,13 @@ class LLM:
             with self._exclusive():  # an interrupted call leaves nothing queued
                 for seq in seqs:
                     self._abort(seq.seq_id)
-                e.outputs = [self._output(s) for s in seqs]
+                e.outputs = [self._output(g) for g in groups]
             raise
         finally:
             if bar is not None:
                 bar.close()
         with self._exclusive():  # the step that finished the last of them may still be running
-            return [self._output(s) for s in seqs]
+            return [self._output(g) for g in groups]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Stream:
         """Text pieces of one request as they are generated (other queued requests advance too)."""

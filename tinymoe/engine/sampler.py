@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import torch
 
 from .sequence import Sequence
@@ -8,6 +10,16 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty
     ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
     seen = logits[ids]
     logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+
+
+def apply_presence_frequency(logits: torch.Tensor, output_ids: list[int], presence: float, frequency: float):
+    """In place on one row (OpenAI's penalties): each token generated so far loses
+    `presence + frequency * count` from its logit."""
+    if not output_ids:
+        return
+    ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+    ids, counts = ids.to(logits.device), counts.to(logits.device, logits.dtype)
+    logits[ids] -= presence + frequency * counts
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -44,12 +56,14 @@ def generator_for(seq: Sequence, device: torch.device) -> torch.Generator | None
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token per sequence from `logits [B, V]`, each with its own SamplingParams."""
     params = [s.params for s in seqs]
-    if all(p.greedy and p.repetition_penalty == 1 for p in params):
+    if all(p.greedy and not p.penalised for p in params):
         return logits.argmax(-1).tolist()
     logits = logits.float()
     for row, (seq, p) in enumerate(zip(seqs, params)):
         if p.repetition_penalty != 1:
             apply_repetition_penalty(logits[row], seq.token_ids, p.repetition_penalty)
+        if p.presence_penalty != 0 or p.frequency_penalty != 0:
+            apply_presence_frequency(logits[row], seq.output_ids, p.presence_penalty, p.frequency_penalty)
     tokens = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -73,3 +87,34 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
                 race[j].exponential_(generator=g)
         tokens[idx] = (probs / race).argmax(-1)
     return tokens.tolist()
+
+
+@dataclass
+class Logprob:
+    """As vLLM's: a token's log-probability under the model and its rank (1: the most likely)."""
+    logprob: float
+    rank: int
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> list[torch.Tensor | None]:
+    """Log-softmax rows of the model's own logits (before penalties, temperature and filters, as
+    vLLM's default reports them) for the sequences that asked for logprobs; None for the others.
+    Call it before `sample`, which may change `logits` in place."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    if rows:
+        lp = logits[rows].float().log_softmax(-1)
+        for j, i in enumerate(rows):
+            out[i] = lp[j]
+    return out
+
+
+def pick_logprobs(row: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
+    """The sampled token's Logprob and the k most likely tokens' (k + 1 entries at most)."""
+    chosen = row[token]
+    picked = {token: Logprob(float(chosen), int((row > chosen).sum()) + 1)}
+    if k:
+        top = row.topk(k)
+        for rank, (value, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            picked.setdefault(t, Logprob(value, rank))
+    return picked

@@ -32,6 +32,8 @@ class Sequence:
         # first sample (a CPU generator cannot drive CUDA tensors)
         self.generator: torch.Generator | None = None
         self.text = ""
+        # per output token, when params.logprobs is set: {token id: Logprob}, the sampled token first
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.detokenizer = None  # set by the engine when it has a tokenizer
         self.emitted = 0         # characters of text already streamed
         self.arrival_time = time.perf_counter()

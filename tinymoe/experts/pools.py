@@ -1,97 +1,136 @@
-"""Expert weights in one precision, stacked: storage, quantisation and bytes. They are computed
-by one op, `kernels.moe_experts`, which reads each pool as `kernel_weights()`.
+"""Expert weights in one precision, stacked: storage and building. The op (`kernels.moe_experts`)
+reads each pool as `kernel_weights() -> MoEWeights`.
 
 Every pool stores gate and up as one matrix `w13 [n, 2I, D]` (rows 0..I gate, I..2I up) and the
-down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul.
+down projection as `w2 [n, D, I]`, so an expert's gate+up is a single matmul: "full" as tensors
+in the model's dtype, "int8" / "int4" as `kernels.quant.QWeight` stacks. Row i holds expert
+`experts[i]`. Quantised rows are quantised per output channel (and group), so a gate+up stack is
+its gate's rows and its up's rows, whether quantised here or read from a quantised checkpoint.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import quant
 from ..kernels.moe_op import MoEWeights
-from .quant import (INT4_COL_PAD, INT4_ROW_PAD, expert_bytes, int4_group_size, int4_pack_block, int4_padded,
-                    pack_int4, quantize_int4, quantize_int8)
+from ..kernels.quant import QWeight
+
+
+def as_precision(w, precision: str, group: int, dtype: torch.dtype, device) -> torch.Tensor | QWeight:
+    """One weight matrix (a Tensor, or a QWeight from a quantised checkpoint) in `precision`:
+    as it is when it already is (int4: in the group these experts use), else converted (a QWeight
+    dequantised first). Full precision means `dtype`."""
+    if isinstance(w, QWeight):
+        if w.precision == precision:
+            want = quant.int4_group(w.cols, group) if precision == "int4" else 0
+            if w.group != want:
+                raise ValueError(f"int4 weights of group {w.group} given to experts stored with group {want} "
+                                 f"(requantising int4 would lose precision)")
+            return w.to(device)
+        w = quant.dequantize(w.to(device), dtype)
+    w = w.to(device=device, dtype=dtype)
+    return w if precision == "full" else quant.quantize(w, precision, group)
+
+
+def _rows(w: torch.Tensor | QWeight, a: int, b: int) -> torch.Tensor | QWeight:
+    """Output channels a..b of one matrix."""
+    return w._replace(q=w.q[a:b], scales=w.scales[a:b]) if isinstance(w, QWeight) else w[a:b]
+
+
+def _matrix(w: torch.Tensor | QWeight, row: int) -> torch.Tensor | QWeight:
+    return w.row(row) if isinstance(w, QWeight) else w[row]
 
 
 class FullPool:
-    """Unquantised experts in the checkpoint's dtype; also the source every quantised pool is built
-    from. A plain object: its tensors are (views of) the `Experts` parameters."""
+    """Full-precision experts held by the `Experts` parameters (a plain object over views of
+    them, so nothing is stored twice): every expert, row e = expert e."""
 
     precision = "full"
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
         self.w13, self.w2 = w13, w2
         self.inter, self.hidden = w2.shape[2], w2.shape[1]
-
-    def copy_bytes(self) -> int:
-        return expert_bytes(self.hidden, self.inter, "full", self.w13.element_size())
+        self.experts = list(range(w13.shape[0]))
+        self.row_of = {e: e for e in self.experts}
 
     def kernel_weights(self) -> MoEWeights:
-        return MoEWeights("full", self.w13, self.w2, None, None, 0, 0, self.inter, self.hidden)
+        return MoEWeights("full", self.w13, self.w2, self.inter, self.hidden)
+
+    def matrices(self, expert: int):
+        """(gate [I, D], up [I, D], down [D, I]) of an expert this pool holds (views)."""
+        return matrices(self.kernel_weights(), self.row_of[expert])
 
 
-class Int8Pool(nn.Module):
-    """int8 weights, one symmetric bf16 scale per output channel."""
+def matrices(w: MoEWeights, row: int):
+    w13 = _matrix(w.w13, row)
+    return _rows(w13, 0, w.inter), _rows(w13, w.inter, 2 * w.inter), _matrix(w.w2, row)
 
-    precision = "int8"
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int]):
+class StoredPool(nn.Module):
+    """Experts of one precision stacked in tensors of their own, registered as buffers (`.to()`
+    moves them; a dtype change leaves quantised codes and their bf16 scales as they are)."""
+
+    def __init__(self, precision: str, experts: list[int], inter: int, hidden: int):
         super().__init__()
-        q13, s13, q2, s2 = [], [], [], []
-        for i in experts:  # one expert at a time keeps the fp32 temporaries small
-            q, s = quantize_int8(w13[i]); q13.append(q); s13.append(s)
-            q, s = quantize_int8(w2[i]); q2.append(q); s2.append(s)
-        self.register_buffer("q13", torch.stack(q13), persistent=False)
-        self.register_buffer("s13", torch.stack(s13), persistent=False)
-        self.register_buffer("q2", torch.stack(q2), persistent=False)
-        self.register_buffer("s2", torch.stack(s2), persistent=False)
-        self.inter, self.hidden = w2.shape[2], w2.shape[1]
-
-    def copy_bytes(self) -> int:
-        return expert_bytes(self.hidden, self.inter, "int8", 0)
+        self.precision, self.experts = precision, list(experts)
+        self.row_of = {e: i for i, e in enumerate(self.experts)}
+        self.inter, self.hidden = inter, hidden
+        self.group13 = self.group2 = 0
 
     def kernel_weights(self) -> MoEWeights:
-        return MoEWeights("int8", self.q13, self.q2, self.s13, self.s2, 0, 0, self.inter, self.hidden)
+        if self.precision == "full":
+            return MoEWeights("full", self.w13, self.w2, self.inter, self.hidden)
+        p = self.precision
+        return MoEWeights(p, QWeight(p, self.q13, self.s13, self.group13, self.hidden),
+                          QWeight(p, self.q2, self.s2, self.group2, self.inter), self.inter, self.hidden)
+
+    def matrices(self, expert: int):
+        return matrices(self.kernel_weights(), self.row_of[expert])
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.precision != "full":  # the formats' scales are bf16 whatever the model's dtype
+            self.s13, self.s2 = self.s13.to(torch.bfloat16), self.s2.to(torch.bfloat16)
+        return self
 
 
-def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad [N, K] to multiples of (rows, cols)."""
-    extra_n, extra_k = -w.shape[-2] % rows, -w.shape[-1] % cols
-    return F.pad(w, (0, extra_k, 0, extra_n)) if extra_n or extra_k else w
+def build_pool(precision: str, experts: list[int], source, group: int, dtype: torch.dtype, device,
+               inter: int, hidden: int) -> StoredPool:
+    """A pool of `experts` in `precision`, one expert at a time: `source(e)` gives its (gate
+    [I, D], up [I, D], down [D, I]) as Tensors or QWeights, converted here (`as_precision`) and
+    written into the preallocated stacks, so only one expert's temporaries exist beside them."""
+    pool = StoredPool(precision, experts, inter, hidden)
+    n, I, D = len(experts), inter, hidden
+    for i, e in enumerate(experts):
+        gate, up, down = source(e)
+        shapes = tuple(tuple(w.shape) for w in (gate, up, down))
+        if shapes != ((I, D), (I, D), (D, I)):
+            raise ValueError(f"expert {e}: gate, up, down are {', '.join(map(str, shapes))}; want "
+                             f"{(I, D)}, {(I, D)}, {(D, I)}")
+        kinds = [(w.precision, w.group) if isinstance(w, QWeight) else ("full", 0) for w in (gate, up)]
+        if kinds[0] != kinds[1]:
+            raise ValueError(f"expert {e}: gate is {kinds[0][0]} (group {kinds[0][1]}) but up is {kinds[1][0]} "
+                             f"(group {kinds[1][1]}); gate and up must share one precision and group")
+        gate, up, down = (as_precision(w, precision, group, dtype, device) for w in (gate, up, down))
+        if precision == "full":
+            if i == 0:
+                pool.register_buffer("w13", torch.empty(n, 2 * I, D, dtype=dtype, device=device), persistent=False)
+                pool.register_buffer("w2", torch.empty(n, D, I, dtype=dtype, device=device), persistent=False)
+            pool.w13[i, :I], pool.w13[i, I:], pool.w2[i] = gate, up, down
+            continue
+        if i == 0:
+            for name, rows, w in (("13", 2 * I, gate), ("2", D, down)):
+                pool.register_buffer("q" + name, torch.empty(n, rows, *w.q.shape[1:], dtype=w.q.dtype, device=device),
+                                     persistent=False)
+                pool.register_buffer("s" + name, torch.empty(n, rows, *w.scales.shape[1:], dtype=torch.bfloat16,
+                                                             device=device), persistent=False)
+            pool.group13, pool.group2 = gate.group, down.group
+        pool.q13[i, :I], pool.q13[i, I:], pool.q2[i] = gate.q, up.q, down.q
+        pool.s13[i, :I], pool.s13[i, I:], pool.s2[i] = gate.scales, up.scales, down.scales
+    return pool
 
 
-class Int4Pool(nn.Module):
-    """int4 weights, asymmetric per group of K inputs: w = (q - 8) * scale + zero (bf16 scale, zero).
+def pool_bytes(pool) -> int:
+    """Bytes a pool's tensors take (what `expert_bytes` says per row)."""
+    w = pool.kernel_weights()
+    return sum(m.nbytes() if isinstance(m, QWeight) else m.numel() * m.element_size() for m in (w.w13, w.w2))
 
-    Packed in the layout of torch's CPU int4 kernel on this CPU (`int4_pack_block`), which
-    needs the output channels padded to a multiple of 64 and K to a multiple of 32 (zeros; only
-    tiny test models need it); the Triton kernel reads the same bytes."""
-
-    precision = "int4"
-
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, experts: list[int]):
-        super().__init__()
-        self.inter, self.hidden = w2.shape[2], w2.shape[1]
-        (_, self.k13), (_, self.k2) = int4_padded(2 * self.inter, self.hidden), int4_padded(self.hidden, self.inter)
-        self.group13 = int4_group_size(self.k13)
-        self.group2 = int4_group_size(self.k2)
-        p13, z13, p2, z2 = [], [], [], []
-        for i in experts:
-            q, sz = quantize_int4(_pad(w13[i], INT4_ROW_PAD, INT4_COL_PAD), self.group13)
-            p13.append(pack_int4(q)); z13.append(sz)
-            q, sz = quantize_int4(_pad(w2[i], INT4_ROW_PAD, INT4_COL_PAD), self.group2)
-            p2.append(pack_int4(q)); z2.append(sz)
-        self.register_buffer("p13", torch.stack(p13), persistent=False)  # [n, pad64(2I), pad32(D)/2]
-        self.register_buffer("z13", torch.stack(z13), persistent=False)  # [n, pad32(D)/g, pad64(2I), 2]
-        self.register_buffer("p2", torch.stack(p2), persistent=False)    # [n, pad64(D), pad32(I)/2]
-        self.register_buffer("z2", torch.stack(z2), persistent=False)    # [n, pad32(I)/g, pad64(D), 2]
-
-    def copy_bytes(self) -> int:
-        return expert_bytes(self.hidden, self.inter, "int4", 0)
-
-    def kernel_weights(self) -> MoEWeights:
-        return MoEWeights("int4", self.p13, self.p2, self.z13, self.z2, self.group13, self.group2,
-                          self.inter, self.hidden, int4_pack_block())
-
-
-POOLS = {pool.precision: pool for pool in (FullPool, Int8Pool, Int4Pool)}  # by kernels.moe_op.PRECISIONS

@@ -1,12 +1,12 @@
-// A whole decode step of a bf16 MoE transformer in one call: every layer's norms, fused q/k/v
-// (with per-head q/k norms if the family has them), rotary, K/V store, paged attention, o
-// projection, routing (the family's top-k here, or any router through a callback into Python)
-// and experts, then the final norm. It chains the library's own ops (cpu_kernels.h) in the order
-// and with the roundings of `Transformer.hidden_states`, so it computes what the per-op path
-// computes; what it removes is the ~15 Python and torch calls per layer around them, ~10 ms of a
-// ~37 ms batch-1 step that reads ~460 MB of weights (docs/DESIGN.md, "One-call decode").
-// models/native_decode.py decides which models and batches take it; its structs and enums are
-// declared in cpu_kernels.h.
+// A whole decode step of a MoE transformer in one call (bf16 activations; every matrix but the
+// gate in any Precision): every layer's norms, fused q/k/v (with per-head q/k norms if the family
+// has them), rotary, K/V store, paged attention, o projection, routing (the family's top-k here,
+// or any router through a callback into Python) and experts, then the final norm. It chains the
+// library's own ops (cpu_kernels.h) in the order and with the roundings of
+// `Transformer.hidden_states`, so it computes what the per-op path computes; what it removes is
+// the ~15 Python and torch calls per layer around them, ~10 ms of a ~37 ms batch-1 step that
+// reads ~460 MB of weights (docs/DESIGN.md, "One-call decode"). models/native_decode.py decides
+// which models and batches take it; its structs and enums are declared in cpu_kernels.h.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -44,10 +44,10 @@ static void route_topk(const uint16_t* logits, int64_t E, int64_t k, bool renorm
 static void dense_mlp(const DecodeLayer& L, const uint16_t* x, int64_t N, int64_t D, uint16_t* y, int threads) {
     const int64_t I = L.mlp_I;
     std::vector<uint16_t> g(N * I), u(N * I), act(N * I);
-    linear_bf16(x, 1, N, D, L.mlp_gate, I, g.data(), 1, threads);
-    linear_bf16(x, 1, N, D, L.mlp_up, I, u.data(), 1, threads);
+    linear_matrix(x, 1, N, D, &L.mlp_gate, I, g.data(), 1, threads);
+    linear_matrix(x, 1, N, D, &L.mlp_up, I, u.data(), 1, threads);
     for (int64_t n = 0; n < N; n++) swiglu_row(&g[n * I], &u[n * I], &act[n * I], I);
-    linear_bf16(act.data(), 1, N, I, L.mlp_down, D, y, 1, threads);
+    linear_matrix(act.data(), 1, N, I, &L.mlp_down, D, y, 1, threads);
 }
 
 // The routed experts (+ shared experts) of N tokens h [N, D] of layer l into y [N, D].
@@ -67,10 +67,10 @@ static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N,
         std::memcpy(ids.data(), buffers.ids, N * k * 8);
         std::memcpy(w.data(), buffers.weights, N * k * 4);
         for (const int64_t c : ids)
-            if (c < 0 || c >= L.copies) return COPY_OUT_OF_RANGE;  // the pointers below are indexed unchecked
+            if (c < 0 || c >= L.copies) return COPY_OUT_OF_RANGE;  // the matrices below are indexed unchecked
     }
-    moe_tokens_bf16(h, N, D, M.I, k, ids.data(), w.data(), L.copies, L.w13, L.w2, y, threads);
-    if (L.mlp_gate) {
+    moe_tokens(h, N, D, M.I, k, ids.data(), w.data(), L.copies, L.w13, L.w2, y, threads);
+    if (L.mlp_gate.data) {
         std::vector<uint16_t> shared(N * D);
         dense_mlp(L, h, N, D, shared.data(), threads);
         for (int64_t i = 0; i < N * D; i++) y[i] = to_bf(bf(y[i]) + bf(shared[i]));
@@ -97,7 +97,7 @@ int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const flo
         } else {
             rms_norm_bf16(x, residual.data(), L.attn_norm, h.data(), residual.data(), N, D, M.eps);
         }
-        linear_bf16(h.data(), 1, N, D, L.qkv, qkv_width, qkv.data(), 1, threads);
+        linear_matrix(h.data(), 1, N, D, &L.qkv, qkv_width, qkv.data(), 1, threads);
         if (L.q_norm) {  // each head normalised, then rotated in place: as the per-op path
             for (int64_t n = 0; n < N; n++) {
                 rms_norm_bf16(&qkv[n * qkv_width], nullptr, L.q_norm, &qk[n * qk_width], nullptr, H, hd, M.eps);
@@ -112,7 +112,7 @@ int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const flo
                       N, KV * hd);
         paged_decode_bf16(qk.data(), qk_width, L.k_cache, L.v_cache, tables, W, lens, N, H, KV, hd, M.block_size,
                           M.scale, attn.data(), threads);
-        linear_bf16(attn.data(), 1, N, H * hd, L.o, D, x, 1, threads);
+        linear_matrix(attn.data(), 1, N, H * hd, &L.o, D, x, 1, threads);
         rms_norm_bf16(x, residual.data(), L.mlp_norm, h.data(), residual.data(), N, D, M.eps);
         if (L.routing == DENSE) {
             dense_mlp(L, h.data(), N, D, x, threads);
@@ -135,6 +135,8 @@ struct AbiEntry {
 #define ABI_FIELD(S, f) {#S "." #f, offsetof(S, f), sizeof(S::f)}
 #define ABI_ENUM(E, v) {#E "." #v, v, 0}
 static const AbiEntry ABI[] = {
+    ABI_STRUCT(Matrix),
+    ABI_FIELD(Matrix, precision), ABI_FIELD(Matrix, data), ABI_FIELD(Matrix, scales), ABI_FIELD(Matrix, group),
     ABI_STRUCT(DecodeLayer),
     ABI_FIELD(DecodeLayer, attn_norm), ABI_FIELD(DecodeLayer, qkv), ABI_FIELD(DecodeLayer, q_norm),
     ABI_FIELD(DecodeLayer, k_norm), ABI_FIELD(DecodeLayer, o), ABI_FIELD(DecodeLayer, mlp_norm),
@@ -150,6 +152,7 @@ static const AbiEntry ABI[] = {
     ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, final_norm), ABI_FIELD(DecodeModel, route),
     ABI_STRUCT(RouteBuffers),
     ABI_FIELD(RouteBuffers, hidden), ABI_FIELD(RouteBuffers, ids), ABI_FIELD(RouteBuffers, weights),
+    ABI_ENUM(Precision, BF16), ABI_ENUM(Precision, INT8), ABI_ENUM(Precision, INT4),
     ABI_ENUM(Routing, DENSE), ABI_ENUM(Routing, ROUTE_TOPK), ABI_ENUM(Routing, ROUTE_CALLBACK),
     ABI_ENUM(Status, OK), ABI_ENUM(Status, ROUTE_FAILED), ABI_ENUM(Status, COPY_OUT_OF_RANGE),
 };

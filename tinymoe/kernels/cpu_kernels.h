@@ -1,5 +1,6 @@
 // The native library's ABI in one place: every C entry point (defined in cpu_linear.cpp,
-// cpu_ops.cpp, cpu_decode.cpp) and the structs and enums of the one-call decode step.
+// cpu_quant.cpp, cpu_moe.cpp, cpu_ops.cpp, cpu_decode.cpp), the structs and enums of the
+// one-call decode step, and (outside extern "C") the C++ matmul interface the sources share.
 // native.py generates the ctypes bindings from the extern "C" block below at load, so a
 // prototype there may use only int, int64_t, float, void (as a result) and pointers. Each source
 // includes this header, so the compiler checks every definition against its prototype, and the
@@ -8,29 +9,66 @@
 // decode_step_abi and checked at load against native.py's ctypes mirror.
 #pragma once
 #include <cstdint>
+#include <vector>
+
+// One weight matrix [N, K] for every native consumer, in a format of kernels/quant.py. BF16: data
+// bf16 [N, K], no scales. INT8: data int8 [N, K], scales bf16 [N] (w = q * scale). INT4: data
+// uint8 [N, KP / 2] (KP = K rounded up to `group`; input 2j in the low nibble of byte j), scales
+// bf16 [N, KP / group, 2] = (scale, zero) (w = (q - 8) * scale + zero).
+enum Precision : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
+struct Matrix {
+    int64_t precision;  // Precision
+    const void* data;
+    const uint16_t* scales;
+    int64_t group;      // INT4's group (32, 64 or 128); 0 otherwise
+};
+
+// The matmul y [M, N] = x [M, K] . w^T as units of work that a consumer schedules itself
+// (linear_matrix, the experts, the decode step): prepare() makes the activations ready once for
+// w's precision (BF16: fp32, permuted to the kernel's lanes; INT8/INT4: int8 per block of 32
+// inputs with fp32 scales and, for INT4, the blocks' sums), then compute_unit(u) writes weight
+// rows [u R, u R + R) of y for all M rows, R = unit_rows(w, M). A row's result depends only on
+// that row of x, never on M.
+struct Prepared {
+    int64_t precision, M, K;
+    std::vector<float> f;
+    std::vector<int8_t> q;
+    std::vector<float> scale, sum;
+};
+void prepare(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out);
+int64_t unit_rows(const Matrix& w, int64_t M);                   // weight rows per unit of work
+int64_t units_per_chunk(const Matrix& w, int64_t M, int64_t K);  // ~256 KB of weights per scheduling chunk
+void compute_unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u);
+constexpr int64_t SERIAL_BELOW = 1 << 20;  // multiply-adds: less runs on the calling thread
+// cpu_quant.cpp's side of the four above, for INT8 and INT4 matrices.
+void prepare_quant(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out);
+int64_t quant_unit_rows(int64_t M);
+int64_t quant_units_per_chunk(const Matrix& w, int64_t M, int64_t K);
+void quant_unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u);
 
 // One decoder layer's weights and cache. A MoE layer routes here (ROUTE_TOPK: the family's gate
 // `gate` [E, D], with its top-k) or in Python (ROUTE_CALLBACK: DecodeModel::route picks the
-// copies), and has its expert copies' pointers; a dense layer has neither. `mlp_*` is the dense
-// MLP of a dense layer or the shared experts of a MoE layer (null: none).
+// copies), and has its expert copies' matrices; a dense layer has neither. `mlp_*` is the dense
+// MLP of a dense layer or the shared experts of a MoE layer (mlp_gate.data null: none). Every
+// Matrix may be of any Precision; the gate stays bf16.
 enum Routing : int64_t { DENSE = 0, ROUTE_TOPK = 1, ROUTE_CALLBACK = 2 };
 struct DecodeLayer {
     const uint16_t* attn_norm;   // [D]
-    const uint16_t* qkv;         // [(H + 2 KV) hd, D]: q rows, then k, then v
+    Matrix qkv;                  // [(H + 2 KV) hd, D]: q rows, then k, then v
     const uint16_t* q_norm;      // [hd] per-head RMSNorm of q before RoPE (Qwen3), or null
     const uint16_t* k_norm;      // [hd], with q_norm
-    const uint16_t* o;           // [D, H hd]
+    Matrix o;                    // [D, H hd]
     const uint16_t* mlp_norm;    // [D]
     uint16_t* k_cache;           // [blocks, block_size, KV, hd]
     uint16_t* v_cache;
     int64_t routing;             // Routing
-    const uint16_t* gate;        // [E, D] (ROUTE_TOPK)
-    const uint16_t* const* w13;  // per expert copy, [2I, D] (gate rows, then up rows)
-    const uint16_t* const* w2;   // per expert copy, [D, I]
+    const uint16_t* gate;        // [E, D] bf16 (ROUTE_TOPK)
+    const Matrix* w13;           // per expert copy, [2I, D] (gate rows, then up rows)
+    const Matrix* w2;            // per expert copy, [D, I]
     int64_t copies;
-    const uint16_t* mlp_gate;    // [Im, D] or null
-    const uint16_t* mlp_up;      // [Im, D]
-    const uint16_t* mlp_down;    // [D, Im]
+    Matrix mlp_gate;             // [Im, D]
+    Matrix mlp_up;               // [Im, D]
+    Matrix mlp_down;             // [D, Im]
     int64_t mlp_I;
 };
 
@@ -59,14 +97,19 @@ extern "C" {
 // x [M, K] contiguous, fp32 or (x_bf16) bf16; w [N, K] contiguous; y [M, N] fp32 or bf16.
 void linear_bf16(const void* x, int x_bf16, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                  int out_bf16, int threads);
-// As linear_bf16 with int8 weights times their bf16 per-row scale [N].
-void linear_int8(const void* x, int x_bf16, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
-                 int64_t N, void* y, int out_bf16, int threads);
-// x bf16 [T, D]; ids int64 [T, k] in [0, C); weights fp32 [T, k] (bf16 values); w13, w2: C
-// pointers; out bf16 [T, D].
-void moe_tokens_bf16(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
-                     const float* weights, int64_t C, const uint16_t* const* w13, const uint16_t* const* w2,
-                     uint16_t* out, int threads);
+// As linear_bf16 with w in any Precision (a Matrix above); BF16 is bit-identical to linear_bf16.
+void linear_matrix(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix* w, int64_t N, void* y,
+                   int out_bf16, int threads);
+// Which integer dot products the INT8/INT4 kernels were built with: "avx512-vnni", "avx-vnni" or
+// "avx2" (Settings.native_isa "avx2" forces the last).
+const char* quant_isa(void);
+// out bf16 [N, K] = an INT8/INT4 w dequantised as kernels/quant.py's dequantize(w, torch.bfloat16).
+void dequantize_matrix(const Matrix* w, int64_t N, int64_t K, uint16_t* out, int threads);
+// The SwiGLU experts of a MoE layer (cpu_moe.cpp): x bf16 [T, D]; ids int64 [T, k] in [0, C);
+// weights fp32 [T, k] (bf16 values); w13 [C] and w2 [C]: each copy's gate/up [2I, D] and down
+// [D, I] matrices, any Precision; out bf16 [T, D].
+void moe_tokens(const uint16_t* x, int64_t T, int64_t D, int64_t I, int64_t k, const int64_t* ids,
+                const float* weights, int64_t C, const Matrix* w13, const Matrix* w2, uint16_t* out, int threads);
 void rms_norm_bf16(const uint16_t* x, const uint16_t* residual, const uint16_t* w, uint16_t* y,
                    uint16_t* res_out, int64_t rows, int64_t D, float eps);
 void rotary_bf16(const uint16_t* x, int64_t stride, uint16_t* out, int64_t rows, int64_t heads, int64_t hd,

@@ -1,14 +1,19 @@
-"""`linear(x, w, scale=None)`: x [..., K] times w [N, K] transposed (times scale [N] for int8 w).
+"""`linear(x, w)`: x [..., K] times w [N, K] transposed, w a bf16/fp32 Tensor or a 2-D
+`kernels.quant.QWeight` (int8, int4).
 
-On a CPU with bf16 or int8 weights it runs the small native kernel in `cpu_linear.cpp` (built
-and loaded by `native.py`): without bf16 instructions torch's bf16 GEMV streams weights at about
-half the memory bandwidth and its GEMM emulates bf16 at a quarter of what the kernel reaches
-(bench/linear.py). With AMX or AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes
-them. Elsewhere (GPU, fp32 weights, no compiler) it is `F.linear`.
+On a CPU with bf16 weights or a QWeight it runs the native kernels (`cpu_linear.cpp`, and
+`cpu_quant.cpp` for int8/int4, built and loaded by `native.py`): without bf16 instructions
+torch's bf16 GEMV streams weights at about half the memory bandwidth and its GEMM emulates bf16
+at a quarter of what the kernel reaches (bench/linear.py). With AMX or AVX512-BF16, torch's GEMM
+wins from a few dozen rows on and takes them (a QWeight dequantised to bf16 first). Elsewhere
+(GPU, fp32 weights, no compiler) it is `F.linear` (a QWeight dequantised to x's dtype).
 
 Whether the CPU counts as having bf16 instructions is decided in one place, `native_bf16()`:
 `Settings.cpu_bf16` (`TINYMOE_CPU_BF16=0|1`; in tests `bf16_instructions(True | False | None)`,
 also a context manager), None leaving it to the /proc/cpuinfo flags.
+
+`matrix(w)` is the native `Matrix` (cpu_kernels.h) of a bf16 Tensor or QWeight, for every
+Python caller of a native entry point that takes one.
 """
 import ctypes
 import functools
@@ -17,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import settings
-from .native import cpu_flags, native
+# Matrix: cpu_kernels.h's struct, mirrored (and checked at load) in native.py
+from .native import BF16, INT4, INT8, Matrix, cpu_flags, native
+from .quant import INT4_GROUPS, QWeight, dequantize
 
 
 @functools.cache
@@ -47,26 +54,100 @@ NATIVE_MAX_ROWS_WITH_BF16 = 16  # with bf16 instructions, torch's GEMM beyond th
 ACTIVATIONS = (torch.float32, torch.bfloat16)
 
 
-def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
-    """Can the native kernel take this matmul? CPU; bf16 weights, or int8 with bf16 scales;
-    row-major weights."""
-    kind_ok = w.dtype == torch.bfloat16 if scale is None else (w.dtype == torch.int8 and scale.dtype == torch.bfloat16)
-    rows_ok = not native_bf16() or x.numel() <= NATIVE_MAX_ROWS_WITH_BF16 * x.shape[-1]
-    return (x.device.type == "cpu" and kind_ok and rows_ok and w.dim() == 2 and w.is_contiguous()
-            and native() is not None)
+def matrix(w: torch.Tensor | QWeight) -> Matrix:
+    """The native Matrix of a 2-D bf16 Tensor or QWeight [N, K] on the CPU (contiguous copies made
+    if needed, held by the result: keep it alive while the native call runs). A QWeight whose
+    tensors do not have its format's dtypes and shapes is a ValueError naming the difference."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"matrix: a weight Tensor must be 2-D bf16 on the CPU, not {w.dim()}-D {w.dtype} on "
+                             f"{w.device.type}")
+        w = w.contiguous()
+        m = Matrix(BF16, w.data_ptr(), None, 0)
+        m.tensors = (w,)
+        return m
+    _check_qweight(w)
+    q, scales = w.q.contiguous(), w.scales.contiguous()
+    m = Matrix(INT8 if w.precision == "int8" else INT4, q.data_ptr(), scales.data_ptr(), w.group)
+    m.tensors = (q, scales)
+    return m
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K].T (times scale [N] for int8 w) -> [..., N] in out_dtype (default
-    x's dtype), accumulated in fp32."""
+def _check_qweight(w: QWeight) -> None:
+    if w.q.dim() != 2:
+        raise ValueError(f"a QWeight for linear must be one matrix, not a stack of shape {tuple(w.q.shape)} "
+                         "(take w.row(i))")
+    if w.q.device.type != "cpu" or w.scales.device.type != "cpu":
+        raise ValueError(f"matrix: the QWeight is on {w.q.device.type}, not the CPU")
+    N, K = w.rows, w.cols
+    if w.precision == "int8":
+        want = (torch.int8, (N, K), (N,))
+    elif w.precision == "int4":
+        if w.group not in INT4_GROUPS:
+            raise ValueError(f"int4 QWeight: group {w.group} is not one of {', '.join(map(str, INT4_GROUPS))}")
+        kp = -(-K // w.group) * w.group
+        want = (torch.uint8, (N, kp // 2), (N, kp // w.group, 2))
+    else:
+        raise ValueError(f"QWeight precision {w.precision!r} is not int8 or int4")
+    dtype, q_shape, s_shape = want
+    if w.q.dtype != dtype or tuple(w.q.shape) != q_shape:
+        raise ValueError(f"{w.precision} QWeight of {K} inputs: codes are {w.q.dtype} {tuple(w.q.shape)}, "
+                         f"expected {dtype} {q_shape}")
+    if w.scales.dtype != torch.bfloat16 or tuple(w.scales.shape) != s_shape:
+        raise ValueError(f"{w.precision} QWeight of {K} inputs: scales are {w.scales.dtype} "
+                         f"{tuple(w.scales.shape)}, expected torch.bfloat16 {s_shape}")
+
+
+def dequantize_bf16(w: QWeight) -> torch.Tensor:
+    """dequantize(w, torch.bfloat16), bit for bit, in one native pass (the torch ops take several
+    passes over fp32 copies, which cost more than the GEMM they feed)."""
+    m = matrix(w)
+    out = torch.empty(w.rows, w.cols, dtype=torch.bfloat16)
+    native().dequantize_matrix(ctypes.byref(m), w.rows, w.cols, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def isa() -> str | None:
+    """Which integer dot products the loaded library's int8/int4 kernels use ("avx512-vnni",
+    "avx-vnni" or "avx2"; see Settings.native_isa), or None without the library."""
+    lib = native()
+    return None if lib is None else ctypes.string_at(lib.quant_isa()).decode()
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return not native_bf16() or x.numel() <= NATIVE_MAX_ROWS_WITH_BF16 * x.shape[-1]
+
+
+def supports(x: torch.Tensor, w: torch.Tensor | QWeight) -> bool:
+    """Does `linear` run this matmul in the native kernel? CPU; bf16 weights (row-major) or a
+    2-D QWeight; and, with bf16 instructions, at most NATIVE_MAX_ROWS_WITH_BF16 rows."""
+    if isinstance(w, QWeight):
+        kind_ok = w.q.dim() == 2 and w.q.device.type == "cpu"
+    else:
+        kind_ok = w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous()
+    return x.device.type == "cpu" and kind_ok and _rows_ok(x) and native() is not None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QWeight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ w[N, K].T -> [..., N] in out_dtype (default x's dtype). Native kernels: fp32
+    accumulation; a QWeight's activations quantised to int8 per block of 32 inputs (cpu_quant.cpp)."""
     out_dtype = out_dtype or x.dtype
-    if not supports(x, w, scale):
+    quantised = isinstance(w, QWeight)
+    if quantised:
+        if w.q.dim() != 2:
+            _check_qweight(w)
+        if x.shape[-1] != w.cols:
+            raise ValueError(f"linear: x has {x.shape[-1]} features, weight {tuple(w.shape)}")
+    if not supports(x, w):
+        if quantised:
+            if x.device.type == "cpu" and native() is not None and not _rows_ok(x):  # torch's bf16 GEMM
+                return F.linear(x.to(torch.bfloat16), dequantize_bf16(w)).to(out_dtype)
+            return F.linear(x, dequantize(w, x.dtype)).to(out_dtype)
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and w.dtype == x.dtype:
             y = torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)  # torch's GEMV beats its GEMM
         else:
-            y = F.linear(x, w.to(x.dtype))  # int8 codes are exact in any float dtype
-        return (y if scale is None else y * scale).to(out_dtype)
+            y = F.linear(x, w.to(x.dtype))
+        return y.to(out_dtype)
     lead, K = x.shape[:-1], x.shape[-1]
     N = w.shape[0]
     if K != w.shape[1]:
@@ -78,45 +159,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
     as_bf16 = out_dtype == torch.bfloat16
     y = torch.empty(xc.shape[0], N, dtype=torch.bfloat16 if as_bf16 else torch.float32)
     x_bf16, threads = int(xc.dtype == torch.bfloat16), torch.get_num_threads()
-    if scale is None:
+    if quantised:
+        m = matrix(w)  # held until the call returns: its tensors are what the pointers point into
+        native().linear_matrix(xc.data_ptr(), x_bf16, xc.shape[0], K, ctypes.byref(m), N, y.data_ptr(),
+                               int(as_bf16), threads)
+    else:
         native().linear_bf16(xc.data_ptr(), x_bf16, xc.shape[0], K, w.data_ptr(), N, y.data_ptr(), int(as_bf16),
                              threads)
-    else:
-        scale = scale.contiguous()  # held: a temporary's pointer would dangle
-        native().linear_int8(xc.data_ptr(), x_bf16, xc.shape[0], K, w.data_ptr(), scale.data_ptr(), N,
-                             y.data_ptr(), int(as_bf16), threads)
     y = y.view(*lead, N)
     return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-        rows: list[int] | None = None) -> torch.Tensor | None:
-    """SwiGLU experts for tokens x [T, D] (bf16): token t gets the sum over its slots s of
-    weights[t, s] * w2[c] . swiglu(w13[c] . x_t), c = rows[ids[t, s]] (identity without `rows`),
-    rounded exactly where the per-copy torch path rounds (bit-identical to it while its matmuls
-    run natively: with bf16 instructions, a copy's matmuls over 16 rows run torch's GEMM, which
-    sums in its own order; this call stays native at any size). w13 [C, 2I, D] (gate rows, then up
-    rows) and w2 [C, D, I] bf16; ids int64 [T, k]; weights [T, k], rounded to bf16 here. One
-    native call (one parallel region up to 64 tokens); None when the library cannot take it
-    (the caller then runs its torch path)."""
-    T, D = x.shape
-    if (native() is None or x.device.type != "cpu" or
-            any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (x, w13, w2))):
-        return None
-    I = w2.shape[2]
-    if w13.shape[1:] != (2 * I, D) or w2.shape[1] != D:
-        raise ValueError(f"moe: experts {tuple(w13.shape)} / {tuple(w2.shape)} do not fit D={D}")
-    base13, base2 = w13.data_ptr(), w2.data_ptr()
-    step13, step2 = w13[0].numel() * 2, w2[0].numel() * 2
-    rows = rows if rows is not None else range(w13.shape[0])
-    p13 = [base13 + r * step13 for r in rows]
-    p2 = [base2 + r * step2 for r in rows]
-    ids, w = ids.to(torch.int64).contiguous(), weights.to(torch.bfloat16).float().contiguous()
-    low, high = ids.aminmax()
-    if low < 0 or high >= len(p13):  # the native code indexes with them unchecked
-        raise ValueError(f"moe: expert ids in {int(low)}..{int(high)}, outside 0..{len(p13) - 1}")
-    out = torch.empty_like(x)
-    ptrs = ctypes.c_void_p * len(p13)
-    native().moe_tokens_bf16(x.data_ptr(), T, D, I, ids.shape[1], ids.data_ptr(), w.data_ptr(), len(p13), ptrs(*p13),
-                             ptrs(*p2), out.data_ptr(), torch.get_num_threads())
-    return out

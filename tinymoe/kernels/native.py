@@ -1,6 +1,7 @@
-"""The native CPU library: `cpu_linear.cpp` (matmul), `cpu_ops.cpp` (the small per-layer ops) and
-`cpu_decode.cpp` (the one-call decode step), with their shared helpers in `cpu_simd.h`, built into
-one shared object on first use and loaded with ctypes.
+"""The native CPU library: `cpu_linear.cpp` (bf16 matmul and the matmul interface),
+`cpu_quant.cpp` (int8 / int4 matmul), `cpu_moe.cpp` (the experts of a MoE layer), `cpu_ops.cpp`
+(the small per-layer ops) and `cpu_decode.cpp` (the one-call decode step), with their shared
+helpers in `cpu_simd.h`, built into one shared object on first use and loaded with ctypes.
 
 Its ABI has one source, `cpu_kernels.h`: the ctypes bindings of every entry point are generated
 from the header's prototypes at load (`prototypes`), and the decode step's structs and enums,
@@ -9,7 +10,10 @@ mirrored below for ctypes, are checked at load against the layout the compiler e
 
 It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) on first use
 and cached under `Settings.cache_dir` (`$TINYMOE_CACHE`, default `~/.cache/tinymoe`), keyed by
-the sources, flags and CPU. Without a compiler or AVX2 every op takes its torch path, after one
+the sources, flags and CPU. `Settings.native_isa` "avx2" (`TINYMOE_NATIVE_ISA=avx2`) adds
+`ISA_FLAGS["avx2"]` (no AVX-512, no AVX-VNNI), a build of its own whose int8/int4 kernels take
+their AVX2 path (`maddubs`) on any CPU; the library's `quant_isa()` names the path it was built
+with. Without a compiler or AVX2 every op takes its torch path, after one
 warning; `Settings.native` False (`TINYMOE_NATIVE=0`) chooses that path silently. The process
 has one OpenMP runtime (torch's libgomp.so.1), so the library's threads are torch's.
 """
@@ -28,7 +32,8 @@ import torch
 
 from .. import settings
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu_linear.cpp", "cpu_quant.cpp", "cpu_moe.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 HEADERS = [Path(__file__).with_name("cpu_simd.h"), HEADER]
 # no FMA contraction of plain C arithmetic: a*b - c*d rounds as torch computes it (the kernels
@@ -36,6 +41,7 @@ HEADERS = [Path(__file__).with_name("cpu_simd.h"), HEADER]
 # no bindings, so a non-static function without a declaration is an error
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
          "-Werror=missing-declarations"]
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"]}  # Settings.native_isa
 
 _SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
 _PROTOTYPE = re.compile(r"(?P<result>[\w\s*]+?)\s*\b(?P<name>\w+)\s*\((?P<params>[^()]*)\)")
@@ -84,17 +90,23 @@ def prototypes(header: str) -> dict[str, tuple]:
 
 
 # The decode step's structs and enums (cpu_kernels.h), for ctypes; check_abi holds them to it.
+BF16, INT8, INT4 = 0, 1, 2  # Precision
 DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # Routing
 ROUTE_FAILED, COPY_OUT_OF_RANGE = 1, 2  # Status (OK is 0)
 ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
+class Matrix(ctypes.Structure):
+    """One weight matrix as the native kernels read it (`cpu_linear.matrix` builds one)."""
+    _fields_ = [("precision", _i64), ("data", _ptr), ("scales", _ptr), ("group", _i64)]
+
+
 class DecodeLayer(ctypes.Structure):
-    _fields_ = [("attn_norm", _ptr), ("qkv", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("o", _ptr),
+    _fields_ = [("attn_norm", _ptr), ("qkv", Matrix), ("q_norm", _ptr), ("k_norm", _ptr), ("o", Matrix),
                 ("mlp_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr), ("routing", _i64), ("gate", _ptr),
-                ("w13", _ptr), ("w2", _ptr), ("copies", _i64), ("mlp_gate", _ptr), ("mlp_up", _ptr),
-                ("mlp_down", _ptr), ("mlp_I", _i64)]
+                ("w13", _ptr), ("w2", _ptr), ("copies", _i64), ("mlp_gate", Matrix), ("mlp_up", Matrix),
+                ("mlp_down", Matrix), ("mlp_I", _i64)]
 
 
 class DecodeModel(ctypes.Structure):
@@ -107,8 +119,9 @@ class RouteBuffers(ctypes.Structure):
     _fields_ = [("hidden", _ptr), ("ids", _ptr), ("weights", _ptr)]
 
 
-STRUCTS = (DecodeLayer, DecodeModel, RouteBuffers)
-ENUMS = {"Routing.DENSE": DENSE, "Routing.ROUTE_TOPK": ROUTE_TOPK, "Routing.ROUTE_CALLBACK": ROUTE_CALLBACK,
+STRUCTS = (Matrix, DecodeLayer, DecodeModel, RouteBuffers)
+ENUMS = {"Precision.BF16": BF16, "Precision.INT8": INT8, "Precision.INT4": INT4,
+         "Routing.DENSE": DENSE, "Routing.ROUTE_TOPK": ROUTE_TOPK, "Routing.ROUTE_CALLBACK": ROUTE_CALLBACK,
          "Status.OK": 0, "Status.ROUTE_FAILED": ROUTE_FAILED, "Status.COPY_OUT_OF_RANGE": COPY_OUT_OF_RANGE}
 
 
@@ -156,9 +169,10 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
-def _build(cache_dir: Path) -> Path:
+def _build(cache_dir: Path, isa: str = "native") -> Path:
+    flags = FLAGS + ISA_FLAGS[isa]
     source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(flags).encode() + cpu_flags().encode()).hexdigest()[:16]
     lib = cache_dir / f"tinymoe_cpu-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,7 @@ def _build(cache_dir: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
             cxx = os.environ.get("CXX", "g++")
-            subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(out)], check=True, capture_output=True,
+            subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", str(out)], check=True, capture_output=True,
                            text=True)
             os.replace(out, lib)
     return lib
@@ -176,14 +190,14 @@ def native():
     """The loaded library, or None (torch paths): the installed settings turn it off, or it
     cannot be built (one warning saying why)."""
     config = settings.current()
-    return _load(config.cache_dir) if config.native else None
+    return _load(config.cache_dir, config.native_isa) if config.native else None
 
 
 @functools.cache
-def _load(cache_dir: Path):
+def _load(cache_dir: Path, isa: str = "native"):
     bindings = prototypes(HEADER.read_text())  # before the build: a header it cannot bind is a bug
     try:
-        lib = ctypes.CDLL(str(_build(cache_dir)))
+        lib = ctypes.CDLL(str(_build(cache_dir, isa)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"tinymoe: native CPU kernels unavailable, using torch ops ({detail.strip()[:200]})")

@@ -4,8 +4,9 @@
 it saves is the Python and torch glue between them, a quarter of a batch-1 step (docs/DESIGN.md,
 "One-call decode").
 
-Covered: bf16 weights on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE)
-whose expert copies are all full precision. A layer with a linear gate, the `topk` router, the
+Covered: bf16 models on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE), their
+projections bf16 or quantised (`Linear.kernel_weight()` a QWeight) and their expert copies in any
+precision (any plan; the gate stays bf16). A layer with a linear gate, the `topk` router, the
 default plan and no recorder routes natively; any other router, gate, plan or a recorder is
 called back from the native step (`_PythonRouting`), so routers stay Python plugs.
 `Settings.native_step` False (`TINYMOE_NATIVE_STEP=0`) turns the step off (for A/B runs)."""
@@ -17,13 +18,13 @@ import torch
 from .. import settings
 from ..kernels import cpu_linear
 from ..kernels.attention import native_head_dim
+from ..kernels.moe_cpu import copy_matrices
 # the decode step's structs and enums: cpu_kernels.h's, mirrored and checked at load in native.py
 from ..kernels.native import (COPY_OUT_OF_RANGE, DENSE, ROUTE_CALLBACK, ROUTE_FAILED, ROUTE_FN, ROUTE_TOPK,
-                              DecodeLayer, DecodeModel, RouteBuffers, native)
+                              DecodeLayer, DecodeModel, Matrix, RouteBuffers, native)
+from ..kernels.quant import QWeight
 from ..routing.topk import TopK
 from .transformer import DenseMLP, Linear, MoEBlock, Transformer
-
-_ptr = ctypes.c_void_p
 
 
 def _routing(block: MoEBlock) -> int:
@@ -67,31 +68,37 @@ class _PythonRouting:
             return 1
 
 
-def _weights(model: Transformer) -> list[torch.Tensor]:
-    """Every tensor the step reads, in a fixed order (their pointers key the cached description)."""
-    out = [model.model.norm.weight]
+def _linears(model: Transformer) -> list[Linear]:
+    """Every projection the step reads (the LM head is not in the step)."""
+    out = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        out += [layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                attn.o_proj.weight, layer.post_attention_layernorm.weight]
-        if attn.qk_norm:
-            out += [attn.q_norm.weight, attn.k_norm.weight]
+        out += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         if isinstance(mlp, MoEBlock):
-            out += [mlp.experts.w_gate, mlp.experts.w_up, mlp.experts.w_down]
             if type(mlp.gate) is Linear:
-                out.append(mlp.gate.weight)
+                out.append(mlp.gate)
             mlp = mlp.shared_experts
         if mlp is not None:
-            out += [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+            out += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return out
+
+
+def _norms(model: Transformer) -> list[torch.Tensor]:
+    out = [model.model.norm.weight]
+    for layer in model.model.layers:
+        out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if layer.self_attn.qk_norm:
+            out += [layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight]
     return out
 
 
 class _Parts:
-    """The model's MoE blocks and the tensors the step reads: the modules are fixed after
-    construction (their parameters may be replaced), so these lists are built once per model."""
+    """The model's MoE blocks, norm weights and projections: the modules are fixed after
+    construction (their parameters and buffers may be replaced), so these lists are built once
+    per model."""
 
     def __init__(self, model: Transformer):
-        self.blocks, self.weights = model.moe_blocks(), _weights(model)
+        self.blocks, self.norms, self.linears = model.moe_blocks(), _norms(model), _linears(model)
 
 
 _parts = weakref.WeakKeyDictionary()
@@ -111,8 +118,7 @@ def covers(model: Transformer, k_cache: torch.Tensor) -> bool:
     if k_cache.dtype != torch.bfloat16 or not k_cache.is_contiguous() or not native_head_dim(cfg.head_dim):
         return False
     # an observer needs each layer's expert activations, which only the per-op path reports
-    return all(block.experts.full_copy_rows is not None and block.observer is None
-               for block in _parts_of(model).blocks)
+    return all(block.observer is None for block in _parts_of(model).blocks)
 
 
 class _NotCovered(Exception):
@@ -126,43 +132,56 @@ def _at(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _matrix(w: torch.Tensor | QWeight) -> Matrix:
+    """The native Matrix of a projection's weight (bf16 Tensor or QWeight) read in place."""
+    if isinstance(w, torch.Tensor):
+        _at(w)
+    elif w.q.device.type != "cpu" or not (w.q.is_contiguous() and w.scales.is_contiguous()):
+        raise _NotCovered
+    return cpu_linear.matrix(w)
+
+
+def _weight_key(w: torch.Tensor | QWeight) -> tuple:
+    if isinstance(w, torch.Tensor):
+        return w.data_ptr(), w.dtype
+    return w.precision, w.q.data_ptr(), w.scales.data_ptr(), w.group
+
+
 def _dense(mlp: DenseMLP | None) -> dict:
     if mlp is None:
         return {}
-    return {"mlp_gate": _at(mlp.gate_proj.weight), "mlp_up": _at(mlp.up_proj.weight),
-            "mlp_down": _at(mlp.down_proj.weight), "mlp_I": mlp.gate_proj.weight.shape[0]}
-
-
-def _per_copy(stacked: torch.Tensor, rows: list[int]):
-    base, step = _at(stacked), stacked[0].numel() * stacked.element_size()
-    return (_ptr * len(rows))(*[base + r * step for r in rows])
+    return {"mlp_gate": _matrix(mlp.gate_proj.kernel_weight()), "mlp_up": _matrix(mlp.up_proj.kernel_weight()),
+            "mlp_down": _matrix(mlp.down_proj.kernel_weight()), "mlp_I": mlp.gate_proj.out_features}
 
 
 def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
     """The DecodeModel struct, the Python routing it calls back, and what the struct points into
-    (to be kept alive with it); raises _NotCovered when a tensor is not in the layout the native
-    step reads."""
+    (to be kept alive with it); raises _NotCovered when a weight is not in a layout the native
+    step reads. The weights themselves are not held: the cache key (their addresses, and each
+    layer's ExpertCopies, weakly) changes before any of them can go."""
     cfg, keep, routed = model.config, [], {}
     layers = (DecodeLayer * cfg.num_layers)()
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        fields = {"attn_norm": _at(layer.input_layernorm.weight), "qkv": _at(attn.qkv_weight()),
-                  "o": _at(attn.o_proj.weight), "mlp_norm": _at(layer.post_attention_layernorm.weight),
+        fields = {"attn_norm": _at(layer.input_layernorm.weight), "qkv": _matrix(attn.qkv_weight()),
+                  "o": _matrix(attn.o_proj.kernel_weight()), "mlp_norm": _at(layer.post_attention_layernorm.weight),
                   "k_cache": _at(k_cache[i]), "v_cache": _at(v_cache[i])}
         if attn.qk_norm:
             fields.update(q_norm=_at(attn.q_norm.weight), k_norm=_at(attn.k_norm.weight))
         block = layer.mlp
         if isinstance(block, MoEBlock):
-            pool, rows = block.experts.full_pool(), block.experts.full_copy_rows
-            w13, w2 = _per_copy(pool.w13, rows), _per_copy(pool.w2, rows)
-            keep += [w13, w2]
+            copies = block.experts.copies()
+            matrices = copy_matrices(copies)
+            if matrices is None:
+                raise _NotCovered
+            keep += [matrices.w13, matrices.w2]
             routing = _routing(block)
             if routing == ROUTE_TOPK:
                 fields["gate"] = _at(block.gate.weight)
             else:
                 routed[i] = block
-            fields.update(routing=routing, w13=ctypes.addressof(w13), w2=ctypes.addressof(w2), copies=len(rows),
-                          **_dense(block.shared_experts))
+            fields.update(routing=routing, w13=ctypes.addressof(matrices.w13), w2=ctypes.addressof(matrices.w2),
+                          copies=copies.num_copies, **_dense(block.shared_experts))
         else:
             fields.update(routing=DENSE, **_dense(block))
         layers[i] = DecodeLayer(**fields)
@@ -173,17 +192,19 @@ def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return desc, routing, keep + [layers]
 
 
-# model -> (key, description or None, its routing, what it points into). Replaced parameters
-# (loading, .to()), installed routers, applied plans and attached recorders change the key (the
-# parameters' addresses and dtypes, each layer's routing mode and copy rows) and rebuild it.
+# model -> (key, description or None, its routing, what it points into). Replaced parameters or
+# quantised buffers (loading, .to()), installed routers, applied plans and attached recorders
+# change the key (the weights' addresses and formats, each layer's routing mode and its
+# ExpertCopies, which the experts rebuild when their plan or storage changes) and rebuild it.
 _described = weakref.WeakKeyDictionary()
 
 
 def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
     parts = _parts_of(model)
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype) for w in parts.weights],
-           *[(_routing(b), tuple(b.experts.full_copy_rows)) for b in parts.blocks])
+           *[(w.data_ptr(), w.dtype) for w in parts.norms],
+           *[_weight_key(lin.kernel_weight()) for lin in parts.linears],
+           *[(_routing(b), weakref.ref(b.experts.copies())) for b in parts.blocks])
     cached = _described.get(model)
     if cached is None or cached[0] != key:
         try:

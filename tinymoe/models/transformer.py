@@ -9,6 +9,7 @@ from torch import nn
 from .. import kernels
 from ..config import ModelConfig
 from ..experts import Experts, ExpertPlan
+from ..kernels.quant import QWeight
 from ..kernels.rotary import rope_frequencies
 from ..routing import GateRule, RouteContext
 from ..routing.topk import TopK
@@ -16,13 +17,48 @@ from .prototype_gate import PrototypeGate
 
 
 class Linear(nn.Linear):
-    """A bias-free projection whose matmul is `kernels.linear` (a native kernel on CPU)."""
+    """A bias-free projection whose matmul is `kernels.linear` (a native kernel on CPU). It holds
+    either `weight` (a Parameter in the model's dtype) or, once `hold` is called, a quantised
+    matrix: `qweight` (codes) and `scales` as buffers, so `.to(device)` moves them. The scales
+    are kept as int16 bit patterns: `.to(dtype)` converts floating buffers, and these must stay
+    bf16 whatever the model's dtype."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.precision, self.group = "full", 0
+        self._qweight: QWeight | None = None  # the QWeight view of the buffers, built on first use
+
+    @property
+    def quantised(self) -> bool:
+        return self.precision != "full"
+
+    def hold(self, qw: QWeight) -> None:
+        """Replace the weight by the quantised matrix qw (its tensors are kept, not copied)."""
+        if qw.shape != (self.out_features, self.in_features):
+            raise ValueError(f"a {list(qw.shape)} quantised matrix cannot replace a "
+                             f"[{self.out_features}, {self.in_features}] weight")
+        if "weight" in self._parameters:
+            del self.weight
+        self.precision, self.group = qw.precision, qw.group
+        self.register_buffer("qweight", qw.q)
+        self.register_buffer("scales", qw.scales.view(torch.int16))
+        self._qweight = None
+
+    def kernel_weight(self):
+        """What `kernels.linear` multiplies by: the weight Tensor, or the QWeight."""
+        if self.precision == "full":
+            return self.weight
+        if self._qweight is None:
+            self._qweight = QWeight(self.precision, self.qweight, self.scales.view(torch.bfloat16), self.group,
+                                    self.in_features)
+        return self._qweight
+
+    def _apply(self, fn, *args, **kwargs):
+        self._qweight = None  # the buffers are replaced
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
-        return kernels.linear(x, self.weight)
+        return kernels.linear(x, self.kernel_weight())
 
 
 def _adjacent(*tensors: torch.Tensor) -> bool:
@@ -82,10 +118,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
         self.qk_norm = cfg.qk_norm
 
-    def qkv_weight(self) -> torch.Tensor:
+    def qkv_weight(self) -> torch.Tensor | QWeight:
         """q, k and v stacked as one [(H + 2 KV) hd, D] matrix: one matmul instead of three. The
         three parameters are views of it (nothing is stored twice); when they are not adjacent
-        in memory (replaced by .to(), say), they are stacked again first."""
+        in memory (replaced by .to(), say), they are stacked again first. Quantised (the three
+        share the "attn" precision), the same holds for their codes and scales, and the fused
+        matrix is a QWeight: rows are quantised independently, so it is the three stacked."""
+        if self.q_proj.quantised:
+            return self._fused_qweight()
         q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
         if not _adjacent(q, k, v):
             self._view_into(torch.cat((q.data, k.data, v.data)))
@@ -94,12 +134,36 @@ class Attention(nn.Module):
     def fuse_storage(self) -> None:
         """Before loading: q, k and v become views of one fresh matrix (contents discarded), so
         the loader writes them straight into the fused layout."""
+        if self.q_proj.quantised:
+            lin = self.q_proj, self.k_proj, self.v_proj
+            self._qviews_into(torch.empty(sum(len(p.qweight) for p in lin), *lin[0].qweight.shape[1:],
+                                          dtype=lin[0].qweight.dtype, device=lin[0].qweight.device),
+                              torch.empty(sum(len(p.scales) for p in lin), *lin[0].scales.shape[1:],
+                                          dtype=torch.int16, device=lin[0].scales.device))
+            return
         q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
         self._view_into(torch.empty(len(q) + len(k) + len(v), q.shape[1], dtype=q.dtype, device=q.device))
 
     def _view_into(self, w: torch.Tensor) -> None:
         q, k, v = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
         q.data, k.data, v.data = w.split((len(q), len(k), len(v)))
+
+    def _qviews_into(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        lin = self.q_proj, self.k_proj, self.v_proj
+        sizes = [len(p.qweight) for p in lin]
+        for p, c, s in zip(lin, codes.split(sizes), scales.split(sizes)):
+            p.qweight, p.scales, p._qweight = c, s, None
+
+    def _fused_qweight(self) -> QWeight:
+        lin = self.q_proj, self.k_proj, self.v_proj
+        codes, scales = [p.qweight for p in lin], [p.scales for p in lin]
+        if not (_adjacent(*codes) and _adjacent(*scales)):
+            self._qviews_into(torch.cat(codes), torch.cat(scales))
+            codes, scales = [p.qweight for p in lin], [p.scales for p in lin]
+        rows = sum(len(c) for c in codes)
+        first = lin[0].kernel_weight()
+        return first._replace(q=codes[0].as_strided((rows, *codes[0].shape[1:]), codes[0].stride()),
+                              scales=first.scales.as_strided((rows, *scales[0].shape[1:]), scales[0].stride()))
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -223,13 +287,14 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
 
-    def fuse_storage(self) -> None:
-        """Before loading (contents discarded): fused q/k/v and gate/up layouts, so no weight is
-        copied into them later."""
+    def fuse_storage(self, experts: bool = True) -> None:
+        """Before loading (contents discarded): fused q/k/v and (with `experts`; quantised experts
+        fill their own storage) gate/up layouts, so no weight is copied into them later."""
         for layer in self.model.layers:
             layer.self_attn.fuse_storage()
-        for block in self.moe_blocks():
-            block.experts.fuse_storage()
+        if experts:
+            for block in self.moe_blocks():
+                block.experts.fuse_storage()
 
     def moe_blocks(self):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]

@@ -120,8 +120,8 @@ class _Collect:
         ex = block.experts
         self.mass, self.kept = [], []
         self.load = torch.zeros(E, dtype=torch.float64)
-        self.sq_in = torch.zeros(E, ex.w_gate.shape[2], dtype=torch.float64)
-        self.sq_mid = torch.zeros(E, ex.w_gate.shape[1], dtype=torch.float64)
+        self.sq_in = torch.zeros(E, ex.hidden, dtype=torch.float64)
+        self.sq_mid = torch.zeros(E, ex.inter, dtype=torch.float64)
 
     def routed(self, block, hidden, logits, ids):
         rule = block.ctx.rule
@@ -138,8 +138,13 @@ class _Collect:
         """sum over w1, w3, w2 of sum_ij |W_ij| * ||X_j||_2 (X: inputs routed to the expert)."""
         ex = self.block.experts
         x_norm, h_norm = self.sq_in.sqrt().float(), self.sq_mid.sqrt().float()
-        w_in = ex.w_gate.detach().float().abs().sum(1) + ex.w_up.detach().float().abs().sum(1)  # [E, D]
-        w_mid = ex.w_down.detach().float().abs().sum(1)  # [E, I]
+        if ex.base_precision == "full":
+            w_in = ex.w_gate.detach().float().abs().sum(1) + ex.w_up.detach().float().abs().sum(1)  # [E, D]
+            w_mid = ex.w_down.detach().float().abs().sum(1)  # [E, I]
+        else:  # quantised experts (--quant): the weights they compute with, one expert at a time
+            ws = [ex.expert_weights(e) for e in range(ex.num_experts)]
+            w_in = torch.stack([g.abs().sum(0) + u.abs().sum(0) for g, u, _ in ws])
+            w_mid = torch.stack([d.abs().sum(0) for _, _, d in ws])
         return (w_in * x_norm).sum(-1) + (w_mid * h_norm).sum(-1)
 
 

@@ -1,12 +1,12 @@
 """Replicate-and-Quantize (docs/routing.md, section 5): replicate heavy-hitter experts in a lower
 precision and pay for the replicas by quantising unimportant experts, within the layer's
-original weight bytes, counted as the expert pools store them (`experts.quant.expert_bytes`).
+original weight bytes, counted as the expert pools store them (`Experts.copy_bytes`, which is
+`experts.quant.expert_bytes` in the experts' base precision and int4 group).
 The router's choice is the base router's; the plan (an `ExpertPlan` that `attach` returns and
 the model applies) changes only which physical copy serves each assignment."""
 import torch
 
 from ..experts.plan import PRECISIONS, Copy, ExpertPlan
-from ..experts.quant import expert_bytes  # the pools' own byte count: the budget is what they store
 from .base import Option, Router, register
 
 
@@ -76,9 +76,9 @@ class ReplicateQuantize(Router):
                              "(run `tinymoe calibrate MODEL --data FILE --out calib.safetensors`, "
                              "then pass --calib calib.safetensors)")
         self.base.attach(block, calib)
-        weights = block.experts.w_gate  # [E, I, D]: only its shape and dtype are read
-        E, inter, hidden = weights.shape
-        bytes_of = {p: expert_bytes(hidden, inter, p, weights.element_size()) for p in PRECISIONS}
+        experts = block.experts  # only its sizes are read: a copy's bytes as stored ("full": the base)
+        E = experts.num_experts
+        bytes_of = {p: experts.copy_bytes(p) for p in PRECISIONS}
         plan = rnq_plan(calib["load"], calib["importance"], bytes_of, self.replica, self.quant,
                         self.replicas)
         block.ctx.state.update(plan=plan, plan_bytes=plan_bytes(plan, bytes_of),

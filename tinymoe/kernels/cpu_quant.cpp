@@ -1,0 +1,397 @@
+// INT8 and INT4 matrices (cpu_kernels.h's Matrix, kernels/quant.py's formats) times activations
+// quantised on the fly: each row of x, per block of 32 inputs, to int8 with an fp32 scale
+// d = max|x| / 127 (q = x / d rounded to nearest even), so a row's codes depend on that row
+// alone. Products are integer dot products of 4 byte pairs per 32-bit lane (AVX512-VNNI or
+// AVX-VNNI vpdpbusd; on AVX2 maddubs + madd), converted to fp32 and multiplied by the block's
+// d once per block; INT8's channel scale multiplies the row's sum, INT4's per-group scale the
+// block's, and INT4's zero term is the group's activation sum (the blocks' d * sum(q)) times
+// zero - 8 scale, added once per row. So y = x_q . w exactly up to fp32 rounding, x_q the
+// dequantised activations.
+//
+// vpdpbusd and maddubs multiply unsigned by signed bytes. INT4 codes (0..15) are the unsigned
+// side as they are. INT8 weights are signed: with VNNI the activations are stored + 128 (as
+// unsigned) and each lane starts from -128 * sum(w) of its bytes, computed once per weight vector
+// and shared by every activation row; on AVX2, where maddubs saturates its 16-bit pair sums, |w|
+// times x with w's sign keeps every pair within 2 * 127 * 127.
+//
+// INT4 bytes hold inputs 2j (low nibble) and 2j + 1 (high): a vector of packed bytes splits into
+// its low and high nibbles with two ands and a shift, so the activations are stored permuted to
+// match (per chunk of 2 QB inputs: the even ones, then the odd ones) instead of the weights
+// being interleaved back. Either way 32-bit lane l of a dot product covers inputs of one block,
+// and the block scales are stored spread to the lanes (8 a block for INT8, 4 for INT4).
+//
+// The tiles and the streaming are the bf16 kernel's (cpu_linear.cpp): few activation rows
+// share one weight row at a time, prefetched PREFETCH bytes ahead; four or more take tiles of RT
+// weight rows x 4 activation rows, the unit's weight rows staying in L1 for the further rows.
+// Every (weight row, activation row) pair accumulates in the same order in every tile shape, so
+// a row's result does not depend on M.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "cpu_simd.h"
+
+#ifndef PREFETCH
+#define PREFETCH 8192
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QUANT_ISA "avx512-vnni"
+constexpr int QB = 64;  // bytes per integer vector
+constexpr int RT = 3;   // weight rows per tile of 4 activation rows (32 registers)
+typedef __m512i vi;
+typedef __m512 vq;
+static inline vi load_i(const void* p) { return _mm512_loadu_si512(p); }
+static inline vi zero_i() { return _mm512_setzero_si512(); }
+static inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+static inline vi high_nibbles(vi v) { return low_nibbles(_mm512_srli_epi16(v, 4)); }
+static inline vi dpbusd(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+static inline vi neg128_sum(vi w) {
+    return _mm512_sub_epi32(zero_i(), dpbusd(zero_i(), _mm512_set1_epi8(char(0x80)), w));
+}
+static inline vq to_f(vi v) { return _mm512_cvtepi32_ps(v); }
+static inline vq load_q(const float* p) { return _mm512_loadu_ps(p); }
+static inline vq zero_q() { return _mm512_setzero_ps(); }
+static inline vq mul_q(vq a, vq b) { return _mm512_mul_ps(a, b); }
+static inline vq fma_q(vq a, vq b, vq c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vq fnma_q(vq a, vq b, vq c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+static inline vq set1_q(float f) { return _mm512_set1_ps(f); }
+static inline float sum_q(vq v) { return _mm512_reduce_add_ps(v); }
+static inline vi load_words(const void* p, int64_t n) {  // 32-bit words [0, n), 0 beyond; never reads past n
+    return _mm512_maskz_loadu_epi32(__mmask16(n >= 16 ? 0xffff : (1u << n) - 1), p);
+}
+static inline vi spread(vi words, vi idx) { return _mm512_permutexvar_epi32(idx, words); }
+static inline vq bf16_low(vi w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+static inline vq bf16_high(vi w) {
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+}
+#elif defined(__AVX2__)
+constexpr int QB = 32;
+constexpr int RT = 2;  // 16 registers
+typedef __m256i vi;
+typedef __m256 vq;
+static inline vi load_i(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline vi zero_i() { return _mm256_setzero_si256(); }
+static inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+static inline vi high_nibbles(vi v) { return low_nibbles(_mm256_srli_epi16(v, 4)); }
+static inline vq to_f(vi v) { return _mm256_cvtepi32_ps(v); }
+static inline vq load_q(const float* p) { return _mm256_loadu_ps(p); }
+static inline vq zero_q() { return _mm256_setzero_ps(); }
+static inline vq mul_q(vq a, vq b) { return _mm256_mul_ps(a, b); }
+static inline vq fma_q(vq a, vq b, vq c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vq fnma_q(vq a, vq b, vq c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vq set1_q(float f) { return _mm256_set1_ps(f); }
+static inline float sum_q(vq v) { return hsum8(v); }
+static inline vi load_words(const void* p, int64_t n) {
+    const vi lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const vi count = _mm256_set1_epi32(int(std::min<int64_t>(n, 8)));
+    return _mm256_maskload_epi32((const int*)p, _mm256_cmpgt_epi32(count, lane));
+}
+static inline vi spread(vi words, vi idx) { return _mm256_permutevar8x32_epi32(words, idx); }
+static inline vq bf16_low(vi w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+static inline vq bf16_high(vi w) {
+    return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
+}
+#if defined(__AVXVNNI__)
+#define QUANT_ISA "avx-vnni"
+static inline vi dpbusd(vi acc, vi u, vi s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+static inline vi neg128_sum(vi w) {
+    return _mm256_sub_epi32(zero_i(), dpbusd(zero_i(), _mm256_set1_epi8(char(0x80)), w));
+}
+#else
+#define QUANT_ISA "avx2"
+#define NO_VNNI 1
+#endif
+#else
+#error "the native CPU kernel needs AVX2 or AVX-512 (tinymoe then uses torch matmuls)"
+#endif
+constexpr int VF = QB / 4;  // 32-bit lanes of a dot product = fp32 lanes of its scales
+
+#ifdef NO_VNNI
+constexpr bool OFFSET = false;  // INT8 activations stored as they are
+static inline vi int8_aux(vi w) { return _mm256_abs_epi8(w); }
+static inline vi int8_dot(vi x, vi w, vi abs_w) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+// two halves' pair sums (at most 2 * 15 * 127 each) add in 16 bits without saturating
+static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) {
+    const vi pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_even), _mm256_maddubs_epi16(hi, x_odd));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+#else
+constexpr bool OFFSET = true;  // INT8 activations stored + 128, as unsigned bytes
+static inline vi int8_aux(vi w) { return neg128_sum(w); }
+static inline vi int8_dot(vi x_plus_128, vi w, vi neg) { return dpbusd(neg, x_plus_128, w); }
+static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) { return dpbusd(dpbusd(zero_i(), lo, x_even), hi, x_odd); }
+#endif
+
+constexpr int MCHUNK = 64;  // activation rows per pass over a unit's weight rows
+
+// Sizes of one matrix's rows and of their prepared activations.
+struct Layout {
+    bool int4;
+    int64_t K, KP;   // inputs, and as the weights store them (INT4: padded to the group)
+    int64_t chunk;   // inputs per weight vector: QB (INT8) or 2 QB (INT4)
+    int64_t Q, S;    // prepared codes and spread scales per activation row
+    int64_t G, groups, GP;  // INT4: group, groups per row, group sums per activation row (whole vectors)
+    int64_t row_bytes;      // of the weights' codes
+    alignas(64) int32_t idx[VF];  // INT4: lane -> scale word of its group within a chunk
+};
+
+static Layout layout(const Matrix& w, int64_t K) {
+    Layout L;
+    L.int4 = w.precision == INT4;
+    L.K = K;
+    L.G = L.int4 ? w.group : 0;
+    L.KP = L.int4 ? (K + L.G - 1) / L.G * L.G : K;
+    L.chunk = L.int4 ? 2 * QB : QB;
+    L.Q = (L.KP + L.chunk - 1) / L.chunk * L.chunk;
+    L.S = L.Q / 32 * (L.int4 ? 4 : 8);
+    L.groups = L.int4 ? L.KP / L.G : 0;
+    L.GP = (L.groups + VF - 1) / VF * VF;
+    L.row_bytes = L.int4 ? L.KP / 2 : K;
+    for (int l = 0; l < VF; l++) L.idx[l] = L.int4 ? int(l / 4 * 32 / L.G) : 0;
+    return L;
+}
+
+// One block of 32 values -> int8 codes, their sum and the scale d (0 for an all-zero block).
+static inline float quantise_block(const float* v, int32_t* q, int32_t& total) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(v));
+    for (int i = 8; i < 32; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, a);
+    float amax = 0.f;
+    for (const float l : lanes) amax = std::max(amax, l);
+    const float d = amax / 127.f;
+    total = 0;
+    if (!(d > 0.f)) {
+        std::memset(q, 0, 32 * sizeof(int32_t));
+        return 0.f;
+    }
+    for (int i = 0; i < 32; i += 8)  // round to nearest even (the default rounding mode)
+        _mm256_storeu_si256((__m256i*)(q + i),
+                            _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(d))));
+    for (int i = 0; i < 32; i++) total += q[i];
+    return d;
+}
+
+void prepare_quant(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out) {
+    const Layout L = layout(w, K);
+    const int per = L.int4 ? 4 : 8;
+    out.precision = w.precision;
+    out.M = M;
+    out.K = K;
+    out.f.clear();
+    out.q.assign(M * L.Q, int8_t(OFFSET && !L.int4 ? 0x80 : 0));
+    out.scale.assign(M * L.S, 0.f);
+    out.sum.assign(L.int4 ? M * L.GP : 0, 0.f);
+    float v[32];
+    int32_t q[32];
+    for (int64_t m = 0; m < M; m++) {
+        int8_t* qm = &out.q[m * L.Q];
+        for (int64_t b = 0; b * 32 < L.KP; b++) {
+            for (int64_t i = 0; i < 32; i++) {
+                const int64_t k = b * 32 + i;
+                v[i] = k >= K ? 0.f
+                     : x_bf16 ? bf(static_cast<const uint16_t*>(x)[m * K + k])
+                              : static_cast<const float*>(x)[m * K + k];
+            }
+            int32_t total;
+            const float d = quantise_block(v, q, total);
+            for (int j = 0; j < per; j++) out.scale[m * L.S + b * per + j] = d;
+            if (L.int4) {
+                for (int64_t i = 0; i < 32; i++) {
+                    const int64_t k = b * 32 + i, c = k / L.chunk * L.chunk, p = k - c;
+                    qm[c + (p % 2) * QB + p / 2] = int8_t(q[i]);
+                }
+                out.sum[m * L.GP + b * 32 / L.G] += d * float(total);
+            } else {
+                for (int64_t i = 0; i < 32; i++) qm[b * 32 + i] = int8_t(OFFSET ? q[i] + 128 : q[i]);
+            }
+        }
+    }
+}
+
+int64_t quant_unit_rows(int64_t M) { return M >= 4 ? RT : 1; }
+
+int64_t quant_units_per_chunk(const Matrix& w, int64_t M, int64_t K) {
+    const Layout L = layout(w, K);
+    const int64_t bytes = L.row_bytes + (L.int4 ? L.groups * 4 : 2);
+    return std::max<int64_t>(1, (256 << 10) / (quant_unit_rows(M) * bytes));
+}
+
+// R weight rows from n0 against activation rows [m, m + MB): out[r * MB + j] = their dot products
+// (INT8 before the channel scale).
+template <bool INT4_W, int R, int MB>
+static void tile(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0, int64_t m, float* out) {
+    vq acc[R][MB];
+    for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r][j] = zero_q();
+    const uint8_t* rows = static_cast<const uint8_t*>(w.data) + n0 * L.row_bytes;
+    const uint32_t* words = INT4_W ? reinterpret_cast<const uint32_t*>(w.scales) + n0 * L.groups : nullptr;
+    const int8_t* xq = &x.q[m * L.Q];
+    const float* xd = &x.scale[m * L.S];
+    const vi idx = load_i(L.idx);
+    const int64_t per = std::max<int64_t>(1, L.chunk / std::max<int64_t>(L.G, 1));  // INT4 scale words a chunk
+    // one chunk: wp[r] its weight bytes, c its index
+    auto step = [&](const uint8_t* const* wp, int64_t c) {
+        if constexpr (INT4_W) {
+            vi lo[R], hi[R];
+            vq s[R];
+            const int64_t g0 = c * L.chunk / L.G;
+            for (int r = 0; r < R; r++) {
+                const vi packed = load_i(wp[r]);
+                lo[r] = low_nibbles(packed);
+                hi[r] = high_nibbles(packed);
+                s[r] = bf16_low(spread(load_words(words + r * L.groups + g0, std::min(per, L.groups - g0)), idx));
+            }
+            for (int j = 0; j < MB; j++) {
+                const vi xe = load_i(xq + j * L.Q + c * L.chunk), xo = load_i(xq + j * L.Q + c * L.chunk + QB);
+                const vq d = load_q(xd + j * L.S + c * VF);
+                for (int r = 0; r < R; r++)
+                    acc[r][j] = fma_q(to_f(int4_dot(lo[r], xe, hi[r], xo)), mul_q(d, s[r]), acc[r][j]);
+            }
+        } else {
+            vi wv[R], aux[R];
+            for (int r = 0; r < R; r++) {
+                wv[r] = load_i(wp[r]);
+                aux[r] = int8_aux(wv[r]);
+            }
+            for (int j = 0; j < MB; j++) {
+                const vi xv = load_i(xq + j * L.Q + c * L.chunk);
+                const vq d = load_q(xd + j * L.S + c * VF);
+                for (int r = 0; r < R; r++) acc[r][j] = fma_q(to_f(int8_dot(xv, wv[r], aux[r])), d, acc[r][j]);
+            }
+        }
+    };
+    const int64_t full = L.row_bytes / QB, rest = L.row_bytes % QB;
+    const uint8_t* wp[R];
+    for (int64_t c = 0; c < full; c++) {
+        for (int r = 0; r < R; r++) {
+            wp[r] = rows + r * L.row_bytes + c * QB;
+            _mm_prefetch((const char*)wp[r] + PREFETCH, _MM_HINT_T0);
+        }
+        step(wp, c);
+    }
+    if (rest) {  // the row's last bytes, zero-padded to a whole vector (the activations are too)
+        alignas(64) uint8_t tail[R][QB] = {};
+        for (int r = 0; r < R; r++) {
+            std::memcpy(tail[r], rows + r * L.row_bytes + full * QB, rest);
+            wp[r] = tail[r];
+        }
+        step(wp, full);
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < MB; j++) {
+            float total = sum_q(acc[r][j]);
+            if constexpr (INT4_W) {  // + sum over groups of (zero - 8 scale) * the group's activation sum
+                vq z = zero_q();
+                const vq eight = set1_q(8.f);
+                for (int64_t g = 0; g < L.groups; g += VF) {
+                    const vi sz = load_words(words + r * L.groups + g, L.groups - g);
+                    const vq zz = fnma_q(bf16_low(sz), eight, bf16_high(sz));
+                    z = fma_q(zz, load_q(&x.sum[(m + j) * L.GP + g]), z);
+                }
+                total += sum_q(z);
+            }
+            out[r * MB + j] = total;
+        }
+}
+
+// acc[r * mc + j] for weight rows n0 .. n0 + R and activation rows m0 .. m0 + mc
+template <bool INT4_W, int R>
+static void rows(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0, int64_t m0, int64_t mc, float* acc) {
+    float part[R * 4];
+    int64_t j = 0;
+    if (mc < 4) {  // 1-3 rows: one weight row at a time (R is 1)
+        if (mc == 1) tile<INT4_W, R, 1>(x, w, L, n0, m0, part);
+        else if (mc == 2) tile<INT4_W, R, 2>(x, w, L, n0, m0, part);
+        else tile<INT4_W, R, 3>(x, w, L, n0, m0, part);
+        for (int r = 0; r < R; r++) for (int64_t i = 0; i < mc; i++) acc[r * mc + i] = part[r * mc + i];
+        return;
+    }
+    for (; j + 4 <= mc; j += 4) {
+        tile<INT4_W, R, 4>(x, w, L, n0, m0 + j, part);
+        for (int r = 0; r < R; r++) for (int i = 0; i < 4; i++) acc[r * mc + j + i] = part[r * 4 + i];
+    }
+    const int rest = int(mc - j);
+    if (rest == 1) tile<INT4_W, R, 1>(x, w, L, n0, m0 + j, part);
+    else if (rest == 2) tile<INT4_W, R, 2>(x, w, L, n0, m0 + j, part);
+    else if (rest == 3) tile<INT4_W, R, 3>(x, w, L, n0, m0 + j, part);
+    for (int r = 0; r < R; r++) for (int i = 0; i < rest; i++) acc[r * mc + j + i] = part[r * rest + i];
+}
+
+template <bool INT4_W>
+static void unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u) {
+    const Layout L = layout(w, x.K);
+    const int64_t R = quant_unit_rows(x.M), n0 = u * R;
+    float acc[RT * MCHUNK];
+    for (int64_t m0 = 0; m0 < x.M; m0 += MCHUNK) {
+        const int64_t mc = std::min<int64_t>(x.M - m0, MCHUNK);
+        if (R == 1) rows<INT4_W, 1>(x, w, L, n0, m0, mc, acc);
+        else if (n0 + RT <= N) rows<INT4_W, RT>(x, w, L, n0, m0, mc, acc);
+        else for (int64_t n = n0; n < N; n++) rows<INT4_W, 1>(x, w, L, n, m0, mc, acc + (n - n0) * mc);
+        for (int64_t n = n0; n < N && n < n0 + R; n++) {
+            const float s = INT4_W ? 1.f : bf(w.scales[n]);
+            for (int64_t j = 0; j < mc; j++) {
+                const float v = INT4_W ? acc[(n - n0) * mc + j] : acc[(n - n0) * mc + j] * s;
+                const int64_t at = (m0 + j) * N + n;
+                if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
+                else static_cast<float*>(y)[at] = v;
+            }
+        }
+    }
+}
+
+void quant_unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u) {
+    if (w.precision == INT4) unit<true>(x, w, N, y, out_bf16, u);
+    else unit<false>(x, w, N, y, out_bf16, u);
+}
+
+extern "C" {
+const char* quant_isa(void) { return QUANT_ISA; }
+}
+
+// w [N, K] as bf16, rounded as kernels/quant.py's dequantize(w, torch.bfloat16) rounds: the
+// value in fp32 (INT4: (q - 8) * scale, then + zero, two roundings), then to bf16.
+static void dequantize_row(const Matrix& w, int64_t K, int64_t n, uint16_t* out) {
+    int64_t k = 0;
+    if (w.precision == INT8) {
+        const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
+        const float s = bf(w.scales[n]);
+        for (; k + 8 <= K; k += 8) {
+            const __m256i codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k)));
+            store8(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(codes), _mm256_set1_ps(s)));
+        }
+        for (; k < K; k++) out[k] = to_bf(float(q[k]) * s);
+        return;
+    }
+    const int64_t G = w.group, KP = (K + G - 1) / G * G;
+    const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * KP / 2;
+    const uint16_t* sz = w.scales + n * (KP / G) * 2;
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    for (; k + 8 <= K; k += 8) {  // 8 inputs = 4 bytes = nibbles 0..7 of one word, one group
+        int32_t word;
+        std::memcpy(&word, q + k / 2, 4);
+        const __m256i codes =
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_sub_epi32(codes, _mm256_set1_epi32(8)));
+        const __m256 scaled = _mm256_mul_ps(c, _mm256_set1_ps(bf(sz[k / G * 2])));
+        store8(out + k, _mm256_add_ps(scaled, _mm256_set1_ps(bf(sz[k / G * 2 + 1]))));
+    }
+    for (; k < K; k++) {
+        const int code = k % 2 ? q[k / 2] >> 4 : q[k / 2] & 15;
+        const float scaled = float(code - 8) * bf(sz[k / G * 2]);
+        out[k] = to_bf(scaled + bf(sz[k / G * 2 + 1]));
+    }
+}
+
+extern "C" {
+void dequantize_matrix(const Matrix* w, int64_t N, int64_t K, uint16_t* out, int threads) {
+    if (N * K < SERIAL_BELOW) threads = 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) dequantize_row(*w, K, n, out + n * K);
+}
+}
