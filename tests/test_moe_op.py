@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tinymoe import kernels
 from tinymoe.experts import Copy, ExpertPlan, Experts
 from tinymoe.experts.pools import FullPool
-from tinymoe.kernels import ExpertCopies, MoEWeights, backend, cpu_linear, moe_experts, moe_op, quant
+from tinymoe.kernels import ExpertCopies, MoEWeights, backend, cpu_linear, moe_experts, quant
 
 needs_native = pytest.mark.skipif(cpu_linear.native() is None, reason="no C++ compiler or no AVX2 here")
 
@@ -105,30 +105,6 @@ def test_native_bf16_within_bf16_roundings_of_the_twin(plan, T, bf16_cpu):
     assert native is not NotImplemented and native.dtype == torch.bfloat16
     # the CPU kernels round the intermediate, each copy's output and each partial sum to bf16
     assert rel_err(native, moe_experts.torch(x, copy_ids, w, ex.copies())) < 2e-2
-
-
-@needs_native
-@pytest.mark.parametrize("plan", ["full", "replicas"])
-@pytest.mark.parametrize("T,threads", [(1, 1), (7, 2), (20, 1), (80, 2)])
-def test_native_one_call_equals_its_per_copy_loop(plan, T, threads, monkeypatch):
-    """Every copy full precision: the one native call (`moe_tokens_bf16`, which the one-call
-    decode step runs too) rounds where the per-copy native matmuls round (no bf16 instructions,
-    so those stay native at any size)."""
-    ex = layer(plan, I=256, D=64)
-    x, copy_ids, w = routed(ex, T, dtype=torch.bfloat16)
-    w = w.float().softmax(-1)  # rounded to bf16 by the op
-    calls, one_call = [], moe_op.moe
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with cpu_linear.bf16_instructions(False):
-            monkeypatch.setattr(moe_op, "moe", lambda *a: calls.append(1) or one_call(*a))
-            fused = moe_experts.native(x, copy_ids, w, ex.copies())
-            monkeypatch.setattr(moe_op, "moe", lambda *a: None)
-            per_copy = moe_experts.native(x, copy_ids, w, ex.copies())
-    finally:
-        torch.set_num_threads(before)
-    assert calls == [1] and torch.equal(fused, per_copy)
 
 
 @pytest.mark.parametrize("plan", list(PLANS))

@@ -95,9 +95,11 @@ def _check_quant(_ctx, param, value):
     return value
 
 
-QUANT_HELP = ("quantise weights while loading: int8, int4, int4:g32 (group 32, 64 or 128), or per part "
-              "experts=int4,shared=int8,dense=int8,attn=int8,head=int8 (unnamed parts stay full; gates "
-              "and embeddings always do); a checkpoint from `tinymoe quantize` loads as written")
+QUANT_SPECS = ("int8, int4, int4:g32 (group 32, 64 or 128), or per part "
+               "experts=int4,shared=int8,dense=int8,attn=int8,head=int8 (unnamed parts stay full; gates "
+               "and embeddings always do)")
+QUANT_HELP = ("quantise weights while loading: " + QUANT_SPECS +
+              "; a checkpoint from `tinymoe quantize` loads as written")
 
 
 def quant_option(f):
@@ -500,7 +502,7 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
 
 @cli.command()
 @click.argument("model")
-@click.option("--quant", required=True, metavar="SPEC", callback=_check_quant, help="what to quantise: " + QUANT_HELP)
+@click.option("--quant", required=True, metavar="SPEC", callback=_check_quant, help="what to quantise: " + QUANT_SPECS)
 @click.option("--out", required=True, type=click.Path(), help="a new (or empty) directory to write")
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
 def quantize(model, quant, out, debug):
