@@ -1,11 +1,14 @@
 """Peak resident memory while loading a checkpoint, against the checkpoint's size (target <= 1.3x).
 
-    python bench/load_memory.py [--model DIR] [--layers 2] [--shard-mb 0]
+    python bench/load_memory.py [--model DIR] [--layers 2] [--shard-mb 0] [--quant experts=int8]
 
 Without --model it writes a Mixtral-shaped random bf16 checkpoint (hidden 1024, intermediate
 3584, 8 experts, vocab 32000) to a temp dir. Each load runs in a fresh process; the figure is
 the peak RSS of that process minus its RSS just before loading (modules already imported).
-safetensors' own `load_file` is measured in the same run as the baseline."""
+safetensors' own `load_file` is measured in the same run as the baseline. For each tinymoe load
+it then applies an R&Q plan to every MoE layer and prints the routed experts' resident bytes
+before and after, beside the plan's accounted bytes. Experts loaded through their parameters
+(no `Experts.fill` reader) keep them, so only filled experts free what the plan does not use."""
 import argparse
 import json
 import subprocess
@@ -21,10 +24,24 @@ def rss_mb():
         return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
 before = rss_mb()
 path, how, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
+experts = {}
 if how == 'tinymoe':
     import tinymoe
-    m = tinymoe.load_model(path, dtype=dtype)
-    held = sum(p.numel() * p.element_size() for p in m.parameters())
+    from tinymoe.routing.rnq import rnq_plan
+    m = tinymoe.load_model(path, dtype=dtype, quant=sys.argv[4] or None)
+    held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in
+                                                      (*m.parameters(), *m.buffers())}.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading's, before any plan
+    blocks = m.moe_blocks()
+    experts['before'] = sum(b.experts.resident_bytes() for b in blocks)
+    for b in blocks:  # an R&Q plan from a synthetic calibration: expert 0 hot, importance rising with e
+        ex = b.experts
+        E = ex.num_experts
+        ex.apply_plan(rnq_plan([10.0 if e == 0 else 1.0 for e in range(E)], list(range(E)),
+                               {p: ex.copy_bytes(p) for p in ('full', 'int8', 'int4')}))
+    experts['after'] = sum(b.experts.resident_bytes() for b in blocks)
+    experts['accounted'] = sum(b.experts.weight_bytes() for b in blocks)
+    experts['rss_after_mb'] = rss_mb()
 else:
     from safetensors.torch import load_file
     import glob
@@ -33,8 +50,10 @@ else:
         sd.update(load_file(f))
     torch.stack([t.float().sum() for t in sd.values()])  # touch every page, as a model would
     held = sum(t.numel() * t.element_size() for t in sd.values())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({'before_mb': before, 'peak_mb': peak, 'held_mb': held / 2**20}))
+if how != 'tinymoe':
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({'before_mb': before, 'peak_mb': peak, 'held_mb': held / 2**20,
+                  'experts': {k: v / 2**20 if k != 'rss_after_mb' else v for k, v in experts.items()}}))
 """
 
 
@@ -82,8 +101,8 @@ def write_checkpoint(path: Path, layers: int, shard_mb: int):
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-def measure(path: Path, how: str, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), how, dtype], capture_output=True, text=True)
+def measure(path: Path, how: str, dtype: str, quant: str = "") -> dict:
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), how, dtype, quant], capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{how} load failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,6 +113,7 @@ def main():
     ap.add_argument("--model", help="an existing checkpoint directory")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--shard-mb", type=int, default=0, help="write the random checkpoint in shards of this size")
+    ap.add_argument("--quant", default="experts=int8", help="comma-separated --quant specs to load with as well")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else Path(tmp) / "ckpt"
@@ -102,13 +122,25 @@ def main():
                            check=True)
         size_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
         print(f"checkpoint: {path} ({size_mb:.0f} MiB)\n")
-        print("| loader | dtype | weights held MiB | peak RSS growth MiB | x checkpoint | x weights held |")
-        print("|---|---|---|---|---|---|")
-        for how, dtype in [("tinymoe", "auto"), ("tinymoe", "float32"), ("safetensors.load_file", "auto")]:
-            r = measure(path, "tinymoe" if how == "tinymoe" else "safetensors", dtype)
+        print("| loader | dtype | quant | weights held MiB | peak RSS growth MiB | x checkpoint | x weights held |")
+        print("|---|---|---|---|---|---|---|")
+        rows = [("tinymoe", "auto", ""), ("tinymoe", "float32", "")] + \
+            [("tinymoe", "auto", q) for q in args.quant.split(",") if q] + [("safetensors.load_file", "auto", "")]
+        experts = []
+        for how, dtype, quant in rows:
+            r = measure(path, "tinymoe" if how == "tinymoe" else "safetensors", dtype, quant)
             grow = r["peak_mb"] - r["before_mb"]
-            print(f"| {how} | {dtype} | {r['held_mb']:.0f} | {grow:.0f} | {grow / size_mb:.2f} | "
+            print(f"| {how} | {dtype} | {quant or '-'} | {r['held_mb']:.0f} | {grow:.0f} | {grow / size_mb:.2f} | "
                   f"{grow / r['held_mb']:.2f} |")
+            if r["experts"]:
+                experts.append((dtype, quant, r["experts"], r["peak_mb"]))
+        print("\nRouted experts' resident bytes (`Experts.resident_bytes`) before and after an R&Q plan "
+              "(synthetic calibration), against the plan's accounted bytes (`weight_bytes`):\n")
+        print("| dtype | quant | experts resident MiB | after R&Q plan MiB | plan's accounted MiB | RSS after plan MiB |")
+        print("|---|---|---|---|---|---|")
+        for dtype, quant, e, peak in experts:
+            print(f"| {dtype} | {quant or '-'} | {e['before']:.1f} | {e['after']:.1f} | {e['accounted']:.1f} | "
+                  f"{e['rss_after_mb']:.0f} |")
 
 
 if __name__ == "__main__":
