@@ -83,7 +83,7 @@ class Experts(nn.Module):
         """Store the layer's experts in `precision`, the base precision from now on, one expert at
         a time: `read(e) -> (gate [I, D], up [I, D], down [D, I])`, Tensors or QWeights (a quantised
         checkpoint's; gate and up of one expert in one precision and group). Whatever was stored
-        before is dropped first. "full" fills the parameters; "int8" / "int4" a pool, the
+        before is dropped first (so a read that fails leaves no weights). "full" fills the parameters; "int8" / "int4" a pool, the
         parameters left empty. `read` is kept: later plans read freed weights through it. The
         plan in force stays (and frees what it does not use). Stored on the parameters' device
         (the CPU if they are on meta)."""
