@@ -2,8 +2,9 @@
 QWeight) against float64: a reference that quantises the activations as the kernel does (int8 per
 block of 32 inputs, d = max|x| / 127 in fp32, round to nearest even), held to a bound from fp32
 summation, and plain dequantize(), held to the bound the activation rounding allows. Also the
-Python routes (bf16 instructions: over 16 rows torch's bf16 GEMM), bad inputs, and the same file
-again in a subprocess on the AVX2 build (TINYMOE_NATIVE_ISA=avx2)."""
+Python routes (the native kernel, or dequantised to bf16 and torch's GEMM: each forced, and the
+rule `cpu_linear.quant_native` that picks one), bad inputs, and the same file again in a
+subprocess on the AVX2 build (TINYMOE_NATIVE_ISA=avx2)."""
 import ctypes
 import os
 import shutil
@@ -78,13 +79,19 @@ def inputs(M, N, K, seed):
     return x, torch.randn(N, K) / 8
 
 
+@pytest.fixture(params=[True, False], ids=["native", "dequantise-gemm"])
+def native_route(request, monkeypatch):
+    """Each route of a QWeight matmul, forced whatever the rows and the CPU."""
+    monkeypatch.setattr(cpu_linear, "quant_native", lambda rows, precision: request.param)
+    return request.param
+
+
 @needs_native
 @pytest.mark.parametrize("precision,group", FORMATS, ids=[f"{p}-g{g}" for p, g in FORMATS])
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_matches_float64_references(M, N, K, precision, group, bf16_cpu):
+def test_matches_float64_references(M, N, K, precision, group, native_route):
     x, w = inputs(M, N, K, M * N + K + group)
     qw = quantize(w, precision, group)
-    native_route = not bf16_cpu or M <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16
     assert cpu_linear.supports(x, qw) == native_route
     for x_dtype, out_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
@@ -179,6 +186,22 @@ def test_fallback_without_the_library(monkeypatch):
         with cpu_linear.bf16_instructions(forced):
             assert not cpu_linear.supports(x, qw)
             assert torch.equal(linear(x, qw), F.linear(x, dequantize(qw)))
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512-bf16", "amx"])
+def test_the_rule_picks_the_route_by_rows_precision_and_cpu(amx, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_detected_amx", lambda: amx)
+    limits = cpu_linear.QUANT_NATIVE_MAX_ROWS["amx" if amx else "avx512_bf16"]
+    weights = {p: quantize(torch.randn(8, 64), p) for p in ("int8", "int4")}
+    with cpu_linear.bf16_instructions(False):  # no bf16 matmul instructions: the native kernel, always
+        assert all(cpu_linear.quant_native(4096, p) for p in weights)
+    with cpu_linear.bf16_instructions(True):
+        for p, w in weights.items():
+            n = limits[p]
+            assert cpu_linear.quant_native(n, p) and not cpu_linear.quant_native(n + 1, p)
+            if cpu_linear.native() is not None:  # supports() asks the rule, counting leading dimensions as rows
+                assert cpu_linear.supports(torch.randn(1, n, 64), w)
+                assert not cpu_linear.supports(torch.randn(n + 1, 64), w)
 
 
 def _int4(N=4, K=100, group=64):

@@ -114,18 +114,46 @@ def isa() -> str | None:
     return None if lib is None else ctypes.string_at(lib.quant_isa()).decode()
 
 
-def _rows_ok(x: torch.Tensor) -> bool:
-    return not native_bf16() or x.numel() <= NATIVE_MAX_ROWS_WITH_BF16 * x.shape[-1]
+@functools.cache
+def _detected_amx() -> bool:
+    return "amx_bf16" in cpu_flags().split()
+
+
+# With bf16 instructions, the most rows a QWeight matmul takes natively; beyond them it is
+# dequantised to bf16 for torch's GEMM. AVX512-BF16: bench/linear.py --routes on mixtral-mini's
+# shapes (AMD EPYC Zen 4, 2 threads): the native kernel 1.2-1.4x faster at 24 rows, the GEMM
+# route from 40 (int4) or 48 (int8) rows on the large matrices (sooner on the small), 2x at 512.
+# AMX: torch's GEMM is ~4x AVX512-BF16's there, so more than 16 rows keep the dequantising route:
+# a guess, unmeasured (no AMX machine here).
+QUANT_NATIVE_MAX_ROWS = {"avx512_bf16": {"int8": 40, "int4": 32}, "amx": {"int8": 16, "int4": 16}}
+
+
+def quant_native(rows: int, precision: str) -> bool:
+    """Does a QWeight matmul of `rows` activation rows run in the native kernel (else: the weight
+    dequantised to bf16, torch's GEMM)? Native without bf16 instructions; with them, up to
+    QUANT_NATIVE_MAX_ROWS of the CPU's kind and the precision. The one rule: tests and
+    bench/linear.py --routes replace it to force either route."""
+    if not native_bf16():
+        return True
+    return rows <= QUANT_NATIVE_MAX_ROWS["amx" if _detected_amx() else "avx512_bf16"][precision]
+
+
+def _rows_ok(x: torch.Tensor, w: torch.Tensor | QWeight) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if isinstance(w, QWeight):
+        return quant_native(rows, w.precision)
+    return not native_bf16() or rows <= NATIVE_MAX_ROWS_WITH_BF16
 
 
 def supports(x: torch.Tensor, w: torch.Tensor | QWeight) -> bool:
     """Does `linear` run this matmul in the native kernel? CPU; bf16 weights (row-major) or a
-    2-D QWeight; and, with bf16 instructions, at most NATIVE_MAX_ROWS_WITH_BF16 rows."""
+    2-D QWeight; and the rows: bf16 weights with bf16 instructions at most
+    NATIVE_MAX_ROWS_WITH_BF16, a QWeight as `quant_native` decides."""
     if isinstance(w, QWeight):
         kind_ok = w.q.dim() == 2 and w.q.device.type == "cpu"
     else:
         kind_ok = w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous()
-    return x.device.type == "cpu" and kind_ok and _rows_ok(x) and native() is not None
+    return x.device.type == "cpu" and kind_ok and _rows_ok(x, w) and native() is not None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QWeight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -140,7 +168,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QWeight, out_dtype: torch.dtype | 
             raise ValueError(f"linear: x has {x.shape[-1]} features, weight {tuple(w.shape)}")
     if not supports(x, w):
         if quantised:
-            if x.device.type == "cpu" and native() is not None and not _rows_ok(x):  # torch's bf16 GEMM
+            if x.device.type == "cpu" and native() is not None and not _rows_ok(x, w):  # torch's bf16 GEMM
                 return F.linear(x.to(torch.bfloat16), dequantize_bf16(w)).to(out_dtype)
             return F.linear(x, dequantize(w, x.dtype)).to(out_dtype)
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and w.dtype == x.dtype:

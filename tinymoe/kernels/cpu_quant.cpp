@@ -9,10 +9,14 @@
 // dequantised activations.
 //
 // vpdpbusd and maddubs multiply unsigned by signed bytes. INT4 codes (0..15) are the unsigned
-// side as they are. INT8 weights are signed: with VNNI the activations are stored + 128 (as
-// unsigned) and each lane starts from -128 * sum(w) of its bytes, computed once per weight vector
-// and shared by every activation row; on AVX2, where maddubs saturates its 16-bit pair sums, |w|
-// times x with w's sign keeps every pair within 2 * 127 * 127.
+// side as they are. INT8 weights are signed. With VNNI and 1-3 activation rows, w + 128 (one xor)
+// is the unsigned side and each lane starts from -128 times the sum of its 4 activation codes,
+// which prepare_quant stores beside the codes once per call: two instructions per weight vector
+// fewer than correcting by the weights' sums. With 4 or more (tiles: a weight vector's correction
+// is shared by 4 activation rows, and the lane sums cost registers), the activations are stored
+// + 128 and each lane starts from -128 times the sum of its weights. Both give the same int32.
+// On AVX2, where maddubs saturates its 16-bit pair sums, |w| times x with w's sign keeps every
+// pair within 2 * 127 * 127.
 //
 // INT4 bytes hold inputs 2j (low nibble) and 2j + 1 (high): a vector of packed bytes splits into
 // its low and high nibbles with two ands and a shift, so the activations are stored permuted to
@@ -20,9 +24,11 @@
 // being interleaved back. Either way 32-bit lane l of a dot product covers inputs of one block,
 // and the block scales are stored spread to the lanes (8 a block for INT8, 4 for INT4).
 //
-// The tiles and the streaming are the bf16 kernel's (cpu_linear.cpp): few activation rows
-// share one weight row at a time, prefetched PREFETCH bytes ahead; four or more take tiles of RT
-// weight rows x 4 activation rows, the unit's weight rows staying in L1 for the further rows.
+// The tiles and the streaming follow the bf16 kernel's (cpu_linear.cpp): 1-3 activation rows
+// take FR weight rows at a time (sharing the activations' loads), prefetched PREFETCH bytes
+// ahead, FEW weight rows a unit (a unit's set-up cost about two thirds of streaming a 1 KB int8
+// row); four or more take tiles of RT weight rows x 4 activation rows, the unit's weight rows
+// staying in L1 for the further rows.
 // Every (weight row, activation row) pair accumulates in the same order in every tile shape, so
 // a row's result does not depend on M.
 #include <algorithm>
@@ -36,11 +42,18 @@
 #ifndef PREFETCH
 #define PREFETCH 8192
 #endif
+// Into L2 (T1), not L1: an L1 prefetch holds one of the core's few L1 miss buffers until its line
+// arrives, which capped one thread's 1-row INT8 stream at ~10 GB/s here; T1 reached ~18 (7168 x
+// 1024, AMD EPYC Zen 4 VM).
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T1
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define QUANT_ISA "avx512-vnni"
 constexpr int QB = 64;  // bytes per integer vector
 constexpr int RT = 3;   // weight rows per tile of 4 activation rows (32 registers)
+constexpr int FR = 4;   // weight rows per tile of 1-3 activation rows
 typedef __m512i vi;
 typedef __m512 vq;
 static inline vi load_i(const void* p) { return _mm512_loadu_si512(p); }
@@ -48,6 +61,7 @@ static inline vi zero_i() { return _mm512_setzero_si512(); }
 static inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
 static inline vi high_nibbles(vi v) { return low_nibbles(_mm512_srli_epi16(v, 4)); }
 static inline vi dpbusd(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+static inline vi plus_128(vi w) { return _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80))); }
 static inline vi neg128_sum(vi w) {
     return _mm512_sub_epi32(zero_i(), dpbusd(zero_i(), _mm512_set1_epi8(char(0x80)), w));
 }
@@ -70,6 +84,7 @@ static inline vq bf16_high(vi w) {
 #elif defined(__AVX2__)
 constexpr int QB = 32;
 constexpr int RT = 2;  // 16 registers
+constexpr int FR = 2;
 typedef __m256i vi;
 typedef __m256 vq;
 static inline vi load_i(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
@@ -97,6 +112,7 @@ static inline vq bf16_high(vi w) {
 #if defined(__AVXVNNI__)
 #define QUANT_ISA "avx-vnni"
 static inline vi dpbusd(vi acc, vi u, vi s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+static inline vi plus_128(vi w) { return _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80))); }
 static inline vi neg128_sum(vi w) {
     return _mm256_sub_epi32(zero_i(), dpbusd(zero_i(), _mm256_set1_epi8(char(0x80)), w));
 }
@@ -110,9 +126,9 @@ static inline vi neg128_sum(vi w) {
 constexpr int VF = QB / 4;  // 32-bit lanes of a dot product = fp32 lanes of its scales
 
 #ifdef NO_VNNI
-constexpr bool OFFSET = false;  // INT8 activations stored as they are
-static inline vi int8_aux(vi w) { return _mm256_abs_epi8(w); }
-static inline vi int8_dot(vi x, vi w, vi abs_w) {
+constexpr bool VNNI = false;
+template <bool SUMS> static inline vi int8_aux(vi w) { return _mm256_abs_epi8(w); }
+template <bool SUMS> static inline vi int8_dot(vi x, vi w, vi abs_w, vi) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
 }
 // two halves' pair sums (at most 2 * 15 * 127 each) add in 16 bits without saturating
@@ -121,9 +137,14 @@ static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 #else
-constexpr bool OFFSET = true;  // INT8 activations stored + 128, as unsigned bytes
-static inline vi int8_aux(vi w) { return neg128_sum(w); }
-static inline vi int8_dot(vi x_plus_128, vi w, vi neg) { return dpbusd(neg, x_plus_128, w); }
+constexpr bool VNNI = true;
+// SUMS (1-3 activation rows): the lane's sum of (w + 128) x, started from -128 sum(x); else (the
+// tiles, where a weight vector meets 4 activation rows) of (x + 128) w, started from -128 sum(w).
+// Either way sum(w x) exactly.
+template <bool SUMS> static inline vi int8_aux(vi w) { return SUMS ? plus_128(w) : neg128_sum(w); }
+template <bool SUMS> static inline vi int8_dot(vi x, vi w, vi aux, vi neg128_sum_x) {
+    return SUMS ? dpbusd(neg128_sum_x, aux, x) : dpbusd(aux, x, w);
+}
 static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) { return dpbusd(dpbusd(zero_i(), lo, x_even), hi, x_odd); }
 #endif
 
@@ -136,6 +157,7 @@ struct Layout {
     int64_t chunk;   // inputs per weight vector: QB (INT8) or 2 QB (INT4)
     int64_t Q, S;    // prepared codes and spread scales per activation row
     int64_t G, groups, GP;  // INT4: group, groups per row, group sums per activation row (whole vectors)
+    int64_t log_G, per;     // INT4: log2 G (no division in the inner loop), scale words a chunk
     int64_t row_bytes;      // of the weights' codes
     alignas(64) int32_t idx[VF];  // INT4: lane -> scale word of its group within a chunk
 };
@@ -153,6 +175,8 @@ static Layout layout(const Matrix& w, int64_t K) {
     L.GP = (L.groups + VF - 1) / VF * VF;
     L.row_bytes = L.int4 ? L.KP / 2 : K;
     for (int l = 0; l < VF; l++) L.idx[l] = L.int4 ? int(l / 4 * 32 / L.G) : 0;
+    for (L.log_G = 0; L.int4 && (int64_t(1) << L.log_G) < L.G;) L.log_G++;
+    L.per = L.int4 ? std::max<int64_t>(1, L.chunk / L.G) : 0;
     return L;
 }
 
@@ -181,11 +205,13 @@ static inline float quantise_block(const float* v, int32_t* q, int32_t& total) {
 void prepare_quant(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out) {
     const Layout L = layout(w, K);
     const int per = L.int4 ? 4 : 8;
+    const bool lane_sums = VNNI && !L.int4 && M < 4, offset = VNNI && !L.int4 && M >= 4;
     out.precision = w.precision;
     out.M = M;
     out.K = K;
     out.f.clear();
-    out.q.assign(M * L.Q, int8_t(OFFSET && !L.int4 ? 0x80 : 0));
+    // codes (offset: + 128, as unsigned bytes); then (lane_sums) per row its Q / 4 lanes' int32 sums
+    out.q.assign(M * L.Q * (lane_sums ? 2 : 1), int8_t(offset ? 0x80 : 0));
     out.scale.assign(M * L.S, 0.f);
     out.sum.assign(L.int4 ? M * L.GP : 0, 0.f);
     float v[32];
@@ -193,29 +219,36 @@ void prepare_quant(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix
     for (int64_t m = 0; m < M; m++) {
         int8_t* qm = &out.q[m * L.Q];
         for (int64_t b = 0; b * 32 < L.KP; b++) {
-            for (int64_t i = 0; i < 32; i++) {
-                const int64_t k = b * 32 + i;
-                v[i] = k >= K ? 0.f
-                     : x_bf16 ? bf(static_cast<const uint16_t*>(x)[m * K + k])
-                              : static_cast<const float*>(x)[m * K + k];
-            }
+            const int64_t k0 = b * 32, n = std::min<int64_t>(32, std::max<int64_t>(0, K - k0));
+            for (int64_t i = 0; i < n; i++)
+                v[i] = x_bf16 ? bf(static_cast<const uint16_t*>(x)[m * K + k0 + i])
+                              : static_cast<const float*>(x)[m * K + k0 + i];
+            for (int64_t i = n; i < 32; i++) v[i] = 0.f;
             int32_t total;
             const float d = quantise_block(v, q, total);
             for (int j = 0; j < per; j++) out.scale[m * L.S + b * per + j] = d;
-            if (L.int4) {
-                for (int64_t i = 0; i < 32; i++) {
-                    const int64_t k = b * 32 + i, c = k / L.chunk * L.chunk, p = k - c;
-                    qm[c + (p % 2) * QB + p / 2] = int8_t(q[i]);
+            if (L.int4) {  // a chunk of 2 QB inputs holds its even inputs, then its odd ones
+                int8_t* chunk = qm + k0 / (2 * QB) * (2 * QB) + k0 % (2 * QB) / 2;
+                for (int i = 0; i < 32; i += 2) {
+                    chunk[i / 2] = int8_t(q[i]);
+                    chunk[QB + i / 2] = int8_t(q[i + 1]);
                 }
-                out.sum[m * L.GP + b * 32 / L.G] += d * float(total);
+                out.sum[m * L.GP + k0 / L.G] += d * float(total);
             } else {
-                for (int64_t i = 0; i < 32; i++) qm[b * 32 + i] = int8_t(OFFSET ? q[i] + 128 : q[i]);
+                for (int i = 0; i < 32; i++) qm[k0 + i] = int8_t(offset ? q[i] + 128 : q[i]);
             }
         }
+        if (lane_sums)
+            for (int64_t i = 0; i < L.Q; i += 4) {
+                const int32_t neg = -128 * (qm[i] + qm[i + 1] + qm[i + 2] + qm[i + 3]);
+                std::memcpy(&out.q[(M + m) * L.Q + i], &neg, 4);
+            }
     }
 }
 
-int64_t quant_unit_rows(int64_t M) { return M >= 4 ? RT : 1; }
+constexpr int FEW = 16;  // weight rows a unit for 1-3 activation rows
+
+int64_t quant_unit_rows(int64_t M) { return M >= 4 ? RT : FEW; }
 
 int64_t quant_units_per_chunk(const Matrix& w, int64_t M, int64_t K) {
     const Layout L = layout(w, K);
@@ -223,65 +256,73 @@ int64_t quant_units_per_chunk(const Matrix& w, int64_t M, int64_t K) {
     return std::max<int64_t>(1, (256 << 10) / (quant_unit_rows(M) * bytes));
 }
 
+// Chunks [c0, c1) of R weight rows into acc: weight row r's chunk c at w + r * stride + (c - c0)
+// QB, its INT4 scale words at words + r * groups. `whole`: every chunk's groups lie in the row
+// (all but a row's zero-padded tail). Always inlined: acc stays in registers.
+template <bool INT4_W, int R, int MB, bool SUMS>
+__attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const uint8_t* w, int64_t stride,
+                                                         const uint32_t* words, int64_t c0, int64_t c1, bool whole,
+                                                         const int8_t* xq, const int8_t* xs, const float* xd,
+                                                         const Layout& L) {
+    constexpr int64_t CH = INT4_W ? 2 * QB : QB;  // L.chunk, known to the compiler
+    const int64_t Q = L.Q, S = L.S;
+    const vi idx = load_i(L.idx);
+    vq a[R][MB];  // a local copy: GCC otherwise stores acc back every chunk
+    for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) a[r][j] = acc[r][j];
+    for (int64_t c = c0; c < c1; c++, w += QB) {
+        if (whole)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char*)w + r * stride + PREFETCH, PREFETCH_HINT);
+        if constexpr (INT4_W) {
+            vi lo[R], hi[R];
+            vq s[R];
+            const int64_t g0 = (c * CH) >> L.log_G, n = whole ? L.per : std::min(L.per, L.groups - g0);
+            for (int r = 0; r < R; r++) {
+                const vi packed = load_i(w + r * stride);
+                lo[r] = low_nibbles(packed);
+                hi[r] = high_nibbles(packed);
+                s[r] = bf16_low(spread(load_words(words + r * L.groups + g0, n), idx));
+            }
+            for (int j = 0; j < MB; j++) {
+                const vi xe = load_i(xq + j * Q + c * CH), xo = load_i(xq + j * Q + c * CH + QB);
+                const vq d = load_q(xd + j * S + c * VF);
+                for (int r = 0; r < R; r++)
+                    a[r][j] = fma_q(to_f(int4_dot(lo[r], xe, hi[r], xo)), mul_q(d, s[r]), a[r][j]);
+            }
+        } else {
+            vi wv[R], aux[R];
+            for (int r = 0; r < R; r++) {
+                wv[r] = load_i(w + r * stride);
+                aux[r] = int8_aux<SUMS>(wv[r]);
+            }
+            for (int j = 0; j < MB; j++) {
+                const vi xv = load_i(xq + j * Q + c * CH);
+                const vi sums = SUMS ? load_i(xs + j * Q + c * CH) : xv;
+                const vq d = load_q(xd + j * S + c * VF);
+                for (int r = 0; r < R; r++)
+                    a[r][j] = fma_q(to_f(int8_dot<SUMS>(xv, wv[r], aux[r], sums)), d, a[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r][j] = a[r][j];
+}
+
 // R weight rows from n0 against activation rows [m, m + MB): out[r * MB + j] = their dot products
-// (INT8 before the channel scale).
-template <bool INT4_W, int R, int MB>
+// (INT8 before the channel scale). SUMS: INT8 activations with their lanes' sums (VNNI, M < 4).
+template <bool INT4_W, int R, int MB, bool SUMS = false>
 static void tile(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0, int64_t m, float* out) {
     vq acc[R][MB];
     for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r][j] = zero_q();
     const uint8_t* rows = static_cast<const uint8_t*>(w.data) + n0 * L.row_bytes;
     const uint32_t* words = INT4_W ? reinterpret_cast<const uint32_t*>(w.scales) + n0 * L.groups : nullptr;
     const int8_t* xq = &x.q[m * L.Q];
+    const int8_t* xs = SUMS && !INT4_W ? &x.q[(x.M + m) * L.Q] : nullptr;  // the lanes' -128 sums
     const float* xd = &x.scale[m * L.S];
-    const vi idx = load_i(L.idx);
-    const int64_t per = std::max<int64_t>(1, L.chunk / std::max<int64_t>(L.G, 1));  // INT4 scale words a chunk
-    // one chunk: wp[r] its weight bytes, c its index
-    auto step = [&](const uint8_t* const* wp, int64_t c) {
-        if constexpr (INT4_W) {
-            vi lo[R], hi[R];
-            vq s[R];
-            const int64_t g0 = c * L.chunk / L.G;
-            for (int r = 0; r < R; r++) {
-                const vi packed = load_i(wp[r]);
-                lo[r] = low_nibbles(packed);
-                hi[r] = high_nibbles(packed);
-                s[r] = bf16_low(spread(load_words(words + r * L.groups + g0, std::min(per, L.groups - g0)), idx));
-            }
-            for (int j = 0; j < MB; j++) {
-                const vi xe = load_i(xq + j * L.Q + c * L.chunk), xo = load_i(xq + j * L.Q + c * L.chunk + QB);
-                const vq d = load_q(xd + j * L.S + c * VF);
-                for (int r = 0; r < R; r++)
-                    acc[r][j] = fma_q(to_f(int4_dot(lo[r], xe, hi[r], xo)), mul_q(d, s[r]), acc[r][j]);
-            }
-        } else {
-            vi wv[R], aux[R];
-            for (int r = 0; r < R; r++) {
-                wv[r] = load_i(wp[r]);
-                aux[r] = int8_aux(wv[r]);
-            }
-            for (int j = 0; j < MB; j++) {
-                const vi xv = load_i(xq + j * L.Q + c * L.chunk);
-                const vq d = load_q(xd + j * L.S + c * VF);
-                for (int r = 0; r < R; r++) acc[r][j] = fma_q(to_f(int8_dot(xv, wv[r], aux[r])), d, acc[r][j]);
-            }
-        }
-    };
     const int64_t full = L.row_bytes / QB, rest = L.row_bytes % QB;
-    const uint8_t* wp[R];
-    for (int64_t c = 0; c < full; c++) {
-        for (int r = 0; r < R; r++) {
-            wp[r] = rows + r * L.row_bytes + c * QB;
-            _mm_prefetch((const char*)wp[r] + PREFETCH, _MM_HINT_T0);
-        }
-        step(wp, c);
-    }
+    chunks<INT4_W, R, MB, SUMS>(acc, rows, L.row_bytes, words, 0, full, true, xq, xs, xd, L);
     if (rest) {  // the row's last bytes, zero-padded to a whole vector (the activations are too)
         alignas(64) uint8_t tail[R][QB] = {};
-        for (int r = 0; r < R; r++) {
-            std::memcpy(tail[r], rows + r * L.row_bytes + full * QB, rest);
-            wp[r] = tail[r];
-        }
-        step(wp, full);
+        for (int r = 0; r < R; r++) std::memcpy(tail[r], rows + r * L.row_bytes + full * QB, rest);
+        chunks<INT4_W, R, MB, SUMS>(acc, tail[0], QB, words, full, full + 1, false, xq, xs, xd, L);
     }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < MB; j++) {
@@ -300,18 +341,11 @@ static void tile(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0
         }
 }
 
-// acc[r * mc + j] for weight rows n0 .. n0 + R and activation rows m0 .. m0 + mc
+// acc[r * mc + j] for weight rows n0 .. n0 + R and activation rows m0 .. m0 + mc (tiles of 4, then the rest)
 template <bool INT4_W, int R>
 static void rows(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0, int64_t m0, int64_t mc, float* acc) {
     float part[R * 4];
     int64_t j = 0;
-    if (mc < 4) {  // 1-3 rows: one weight row at a time (R is 1)
-        if (mc == 1) tile<INT4_W, R, 1>(x, w, L, n0, m0, part);
-        else if (mc == 2) tile<INT4_W, R, 2>(x, w, L, n0, m0, part);
-        else tile<INT4_W, R, 3>(x, w, L, n0, m0, part);
-        for (int r = 0; r < R; r++) for (int64_t i = 0; i < mc; i++) acc[r * mc + i] = part[r * mc + i];
-        return;
-    }
     for (; j + 4 <= mc; j += 4) {
         tile<INT4_W, R, 4>(x, w, L, n0, m0 + j, part);
         for (int r = 0; r < R; r++) for (int i = 0; i < 4; i++) acc[r * mc + j + i] = part[r * 4 + i];
@@ -323,25 +357,50 @@ static void rows(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0
     for (int r = 0; r < R; r++) for (int i = 0; i < rest; i++) acc[r * mc + j + i] = part[r * rest + i];
 }
 
+// y[m0 + j, n] for n in [n0, n1), j < mc from acc[(n - n0) mc + j] (INT8: times the channel
+// scale), a row of y at a time: y's rows are often 4 KB apart, the same L1 set.
+template <bool INT4_W>
+static void put(const Matrix& w, int64_t N, void* y, int out_bf16, int64_t n0, int64_t n1, int64_t m0, int64_t mc,
+                const float* acc) {
+    for (int64_t j = 0; j < mc; j++)
+        for (int64_t n = n0; n < n1; n++) {
+            const float v = INT4_W ? acc[(n - n0) * mc + j] : acc[(n - n0) * mc + j] * bf(w.scales[n]);
+            const int64_t at = (m0 + j) * N + n;
+            if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
+            else static_cast<float*>(y)[at] = v;
+        }
+}
+
+// Weight rows [n0, n0 + FEW) against all 1-3 activation rows, FR weight rows at a time: the
+// activations' loads (codes, scales, lane sums) are shared by FR weight vectors.
+template <bool INT4_W, int MB>
+static void few(const Prepared& x, const Matrix& w, const Layout& L, int64_t N, void* y, int out_bf16, int64_t n0) {
+    float acc[FR * MB];
+    const int64_t n1 = std::min(N, n0 + FEW);
+    int64_t n = n0;
+    for (; n + FR <= n1; n += FR) {
+        tile<INT4_W, FR, MB, VNNI>(x, w, L, n, 0, acc);
+        put<INT4_W>(w, N, y, out_bf16, n, n + FR, 0, MB, acc);
+    }
+    for (; n < n1; n++) {
+        tile<INT4_W, 1, MB, VNNI>(x, w, L, n, 0, acc);
+        put<INT4_W>(w, N, y, out_bf16, n, n + 1, 0, MB, acc);
+    }
+}
+
 template <bool INT4_W>
 static void unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u) {
     const Layout L = layout(w, x.K);
     const int64_t R = quant_unit_rows(x.M), n0 = u * R;
+    if (x.M == 1) return few<INT4_W, 1>(x, w, L, N, y, out_bf16, n0);
+    if (x.M == 2) return few<INT4_W, 2>(x, w, L, N, y, out_bf16, n0);
+    if (x.M == 3) return few<INT4_W, 3>(x, w, L, N, y, out_bf16, n0);
     float acc[RT * MCHUNK];
     for (int64_t m0 = 0; m0 < x.M; m0 += MCHUNK) {
         const int64_t mc = std::min<int64_t>(x.M - m0, MCHUNK);
-        if (R == 1) rows<INT4_W, 1>(x, w, L, n0, m0, mc, acc);
-        else if (n0 + RT <= N) rows<INT4_W, RT>(x, w, L, n0, m0, mc, acc);
+        if (n0 + RT <= N) rows<INT4_W, RT>(x, w, L, n0, m0, mc, acc);
         else for (int64_t n = n0; n < N; n++) rows<INT4_W, 1>(x, w, L, n, m0, mc, acc + (n - n0) * mc);
-        for (int64_t n = n0; n < N && n < n0 + R; n++) {
-            const float s = INT4_W ? 1.f : bf(w.scales[n]);
-            for (int64_t j = 0; j < mc; j++) {
-                const float v = INT4_W ? acc[(n - n0) * mc + j] : acc[(n - n0) * mc + j] * s;
-                const int64_t at = (m0 + j) * N + n;
-                if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
-                else static_cast<float*>(y)[at] = v;
-            }
-        }
+        put<INT4_W>(w, N, y, out_bf16, n0, std::min(N, n0 + R), m0, mc, acc);
     }
 }
 
