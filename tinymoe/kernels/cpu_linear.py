@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import settings
 # Matrix: cpu_kernels.h's struct, mirrored (and checked at load) in native.py
 from .native import BF16, INT4, INT8, Matrix, cpu_flags, native
-from .quant import INT4_GROUPS, QWeight, dequantize
+from .quant import INT4_GROUPS, QUANT_PRECISIONS, QWeight, dequantize, qweight_shapes
 
 
 @functools.cache
@@ -79,17 +79,13 @@ def _check_qweight(w: QWeight) -> None:
                          "(take w.row(i))")
     if w.q.device.type != "cpu" or w.scales.device.type != "cpu":
         raise ValueError(f"matrix: the QWeight is on {w.q.device.type}, not the CPU")
-    N, K = w.rows, w.cols
-    if w.precision == "int8":
-        want = (torch.int8, (N, K), (N,))
-    elif w.precision == "int4":
-        if w.group not in INT4_GROUPS:
-            raise ValueError(f"int4 QWeight: group {w.group} is not one of {', '.join(map(str, INT4_GROUPS))}")
-        kp = -(-K // w.group) * w.group
-        want = (torch.uint8, (N, kp // 2), (N, kp // w.group, 2))
-    else:
+    if w.precision not in QUANT_PRECISIONS:
         raise ValueError(f"QWeight precision {w.precision!r} is not int8 or int4")
-    dtype, q_shape, s_shape = want
+    if w.precision == "int4" and w.group not in INT4_GROUPS:
+        raise ValueError(f"int4 QWeight: group {w.group} is not one of {', '.join(map(str, INT4_GROUPS))}")
+    K = w.cols
+    q_shape, s_shape, _ = qweight_shapes(w.rows, K, w.precision, w.group)
+    dtype = torch.int8 if w.precision == "int8" else torch.uint8
     if w.q.dtype != dtype or tuple(w.q.shape) != q_shape:
         raise ValueError(f"{w.precision} QWeight of {K} inputs: codes are {w.q.dtype} {tuple(w.q.shape)}, "
                          f"expected {dtype} {q_shape}")

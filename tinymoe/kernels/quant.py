@@ -76,6 +76,24 @@ def padded_cols(cols: int, precision: str, group: int = INT4_GROUP) -> int:
     return -(-cols // g) * g
 
 
+def qweight_shapes(rows: int, cols: int, precision: str, group: int = INT4_GROUP) -> tuple[tuple, tuple, int]:
+    """(codes shape, scales shape, group used) of a [rows, cols] matrix in `precision`."""
+    if precision == "int8":
+        return (rows, cols), (rows,), 0
+    if precision == "int4":
+        g, kp = int4_group(cols, group), padded_cols(cols, "int4", group)
+        return (rows, kp // 2), (rows, kp // g, 2), g
+    raise ValueError(f"unknown quantised precision {precision!r}; valid: {', '.join(QUANT_PRECISIONS)}")
+
+
+def empty_qweight(rows: int, cols: int, precision: str, group: int = INT4_GROUP, device=None) -> QWeight:
+    """An uninitialised QWeight of a [rows, cols] matrix (what loading fills in place)."""
+    q_shape, s_shape, g = qweight_shapes(rows, cols, precision, group)
+    q_dtype = torch.int8 if precision == "int8" else torch.uint8
+    return QWeight(precision, torch.empty(q_shape, dtype=q_dtype, device=device),
+                   torch.empty(s_shape, dtype=torch.bfloat16, device=device), g, cols)
+
+
 def matrix_bytes(rows: int, cols: int, precision: str, full_itemsize: int, group: int = INT4_GROUP) -> int:
     """Bytes one [rows, cols] matrix takes in `precision` ("full": the model's dtype of
     `full_itemsize` bytes), scales and zeros included."""

@@ -41,7 +41,8 @@ from ..config import load_config
 from ..progress import bar
 from ..weights import Checkpoint, CheckpointError, resolve
 from .loader import model_dtype, tensor_plan
-from .quantize import parse_quant, qweight_shapes, quantize_matrix
+from ..kernels.quant import qweight_shapes
+from .quantize import parse_quant, quantize_matrix
 from .transformer import Transformer
 
 SHARD_BYTES = 4 << 30

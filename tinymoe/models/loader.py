@@ -4,12 +4,12 @@ from dataclasses import dataclass
 import torch
 
 from ..config import load_config
-from ..kernels.quant import QWeight
+from ..kernels.quant import QWeight, empty_qweight
 from ..progress import bar
 from ..weights import Checkpoint, CheckpointError, resolve
 from . import deepseek_moe, mixtral, qwen3_moe
 from .prototype_gate import PrototypeGate
-from .quantize import QuantSpec, empty_qweight, parse_quant, part_of, quantize_into
+from .quantize import QuantSpec, parse_quant, part_of, quantize_into
 from .transformer import Transformer
 
 LAYOUTS = {"mixtral": mixtral.LAYOUT, "deepseek_moe": deepseek_moe.LAYOUT, "qwen3_moe": qwen3_moe.LAYOUT}

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.quant import INT4_GROUP, INT4_GROUPS, QWeight, int4_group, padded_cols, quantize
+from ..kernels.moe_op import PRECISIONS
+from ..kernels.quant import INT4_GROUP, INT4_GROUPS, QWeight, empty_qweight, quantize
 
 PARTS = ("experts", "shared", "dense", "attn", "head")
-PRECISIONS = ("full", "int8", "int4")
 NONE = ("none", "bf16", "full")
 # Rows quantised at a time: the format is per row, so quantising in chunks gives the same codes
 # while the float temporaries stay small whatever the matrix (an LM head can be 100k rows).
@@ -168,23 +168,6 @@ def part_of(name: str, cfg) -> str | None:
                                                     "mlp.down_proj.weight")):
         return "dense"
     return None
-
-
-def qweight_shapes(rows: int, cols: int, precision: str, group: int) -> tuple[tuple, tuple, int]:
-    """(codes shape, scales shape, group) of a [rows, cols] matrix in `precision` (kernels/quant.py)."""
-    if precision == "int8":
-        return (rows, cols), (rows,), 0
-    g = int4_group(cols, group)
-    kp = padded_cols(cols, "int4", group)
-    return (rows, kp // 2), (rows, kp // g, 2), g
-
-
-def empty_qweight(rows: int, cols: int, precision: str, group: int, device=None) -> QWeight:
-    """An uninitialised QWeight of a [rows, cols] matrix (what loading fills in place)."""
-    q_shape, s_shape, g = qweight_shapes(rows, cols, precision, group)
-    q_dtype = torch.int8 if precision == "int8" else torch.uint8
-    return QWeight(precision, torch.empty(q_shape, dtype=q_dtype, device=device),
-                   torch.empty(s_shape, dtype=torch.bfloat16, device=device), g, cols)
 
 
 def quantize_into(w: torch.Tensor, out: QWeight, dtype: torch.dtype, done=None) -> QWeight:
