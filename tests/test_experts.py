@@ -380,7 +380,7 @@ def test_an_rnq_plan_holds_only_its_copies_and_the_default_plan_reads_the_rest_b
     quantised copy of an expert counted once per copy but held once); the freed experts' full
     weights are read again for the default plan, which then computes exactly what it did."""
     model = tinymoe.load_model(tiny_mixtral)
-    plain = tinymoe.load_model(tiny_mixtral)  # parameters only: keeps everything, as before
+    plain = tinymoe.load_model(tiny_mixtral)  # filled by the loader, reading the checkpoint back
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     calls, plans = {}, {}
     for block in model.moe_blocks():
@@ -400,7 +400,7 @@ def test_an_rnq_plan_holds_only_its_copies_and_the_default_plan_reads_the_rest_b
             assert ex.resident_bytes() == (len(full) * ex.copy_bytes("full") + held["int8"] * ex.copy_bytes("int8")
                                            + held["int4"] * ex.copy_bytes("int4"))
             assert ex.resident_bytes() <= ex.weight_bytes() == other.experts.weight_bytes()
-            assert other.experts.resident_bytes() > ex.resident_bytes()
+            assert other.experts.resident_bytes() == ex.resident_bytes()  # a loaded bf16 model frees too
             calls[block.ctx.layer].clear()
         assert torch.equal(model(ids), plain(ids))  # the same copies, from the compacted storage
         for block in model.moe_blocks():

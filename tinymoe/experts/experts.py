@@ -197,7 +197,7 @@ class Experts(nn.Module):
             E, I, D = self.shape
             if gate.stride() == (2 * I * D, D, 1) and up.stride() == gate.stride() and \
                     up.data_ptr() == gate.data_ptr() + I * D * gate.element_size():
-                w13 = gate.data.as_strided((E, 2 * I, D), (2 * I * D, D, 1))  # already one block (fuse_storage)
+                w13 = gate.data.as_strided((E, 2 * I, D), (2 * I * D, D, 1))  # already one block (filled)
             else:
                 w13 = torch.cat((gate.data, up.data), 1)
                 gate.data, up.data = w13[:, :I], w13[:, I:]
@@ -217,19 +217,6 @@ class Experts(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._copies = self._full = self._full_key = None  # .to() and friends replace the tensors
         return super()._apply(fn, *args, **kwargs)
-
-    def fuse_storage(self) -> None:
-        """Before loading through the parameters: gate and up become views of one fresh [E, 2I, D]
-        tensor (contents discarded), the full pool's layout, so loading fills it in place; the
-        experts go back to full-precision parameters and the default plan."""
-        E, I, D = self.shape
-        device = self.w_gate.device
-        self.pools, self.base_precision, self._read = nn.ModuleDict(), "full", None
-        w13 = torch.empty(E, 2 * I, D, dtype=self.dtype, device=device)
-        self.w_gate.data, self.w_up.data = w13[:, :I], w13[:, I:]
-        self.w_down.data = torch.empty(E, D, I, dtype=self.dtype, device=device)
-        self._full = self._full_key = None
-        self.apply_plan(ExpertPlan.default(E))
 
     def copy_bytes(self, precision: str) -> int:
         """Bytes of one copy in `precision` as stored ("full": the base precision), scales and

@@ -128,12 +128,13 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False, qu
                 lin = model.get_submodule(entry.name)
                 lin.hold(empty_qweight(lin.out_features, lin.in_features, precision[entry.part], spec.int4_group,
                                        "meta"))
-        # quantised experts fill their own storage (Experts.fill): theirs is never allocated in full
-        filled = {id(b.experts) for b in model.moe_blocks()} if precision["experts"] != "full" else set()
+        # the experts fill their own storage (Experts.fill), one expert at a time, and keep the
+        # reader: a plan that frees some of them reads them back through it
+        filled = {id(b.experts) for b in model.moe_blocks()}
         for module in model.modules():
             if id(module) not in filled:
                 module.to_empty(device=device, recurse=False)
-        model.fuse_storage(experts=not filled)
+        model.fuse_storage()
         readers = []
         with torch.no_grad():
             for entry in bar(plan, desc=f"loading {model_dir.name}", unit="tensor", disable=not progress):
@@ -141,15 +142,11 @@ def load_model(path_or_name, dtype=None, device=None, progress: bool = False, qu
                     ckpt.read(entry.source, model.get_parameter(entry.name).data)
                 elif entry.kind == "linear":
                     _fill_linear(model.get_submodule(entry.name), entry, ckpt, stored, dtype)
-                elif not filled:  # full precision: in place, as parameters
-                    experts = model.get_submodule(entry.name)
-                    for stack, names in zip((experts.w_gate, experts.w_up, experts.w_down), zip(*entry.source)):
-                        for e, name in enumerate(names):
-                            ckpt.read(name, stack.data[e])
                 else:
                     experts = model.get_submodule(entry.name)
-                    reader = ExpertReader(model_dir, entry.source, precision["experts"] if stored else None,
-                                          (cfg.moe_intermediate_size, cfg.hidden_size), spec.int4_group)
+                    codes = precision["experts"] if stored and precision["experts"] != "full" else None
+                    reader = ExpertReader(model_dir, entry.source, codes, (cfg.moe_intermediate_size, cfg.hidden_size),
+                                          spec.int4_group)
                     readers.append(reader)
                     reader.ckpt = ckpt
                     experts.fill(reader, precision["experts"], spec.int4_group)

@@ -287,14 +287,11 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
 
-    def fuse_storage(self, experts: bool = True) -> None:
-        """Before loading (contents discarded): fused q/k/v and (with `experts`; quantised experts
-        fill their own storage) gate/up layouts, so no weight is copied into them later."""
+    def fuse_storage(self) -> None:
+        """Before loading (contents discarded): the fused q/k/v layout, so no weight is copied into
+        it later (the experts fill their own fused storage, `Experts.fill`)."""
         for layer in self.model.layers:
             layer.self_attn.fuse_storage()
-        if experts:
-            for block in self.moe_blocks():
-                block.experts.fuse_storage()
 
     def moe_blocks(self):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
