@@ -23,6 +23,7 @@ from .routing.metrics import LoadRecorder, measure_alpha_beta
 
 KEYS = ["router", "batch", "pp_tps", "tg_tps", "i_agg", "i_dev", "gini", "minmax", "flat_frac",
         "ppl", "ppl_delta_pct", "agree_top1", "ep_speedup"]
+EP_KEYS = ["ep_step_ms", "busy_mean_ms", "busy_max_ms", "straggler"]  # measured, with --ep
 
 
 @dataclass
@@ -40,6 +41,12 @@ class Row:
     ppl_delta_pct: float
     agree_top1: float
     ep_speedup: float
+    # measured across the ranks with --ep, per decode pass: the MoE layers' time (experts and
+    # combine, slowest rank), the ranks' mean and max expert busy time, and max / mean busy per layer
+    ep_step_ms: float | None = None
+    busy_mean_ms: float | None = None
+    busy_max_ms: float | None = None
+    straggler: float | None = None
 
 
 class StaticCache:
@@ -75,6 +82,9 @@ def decode_teacher_forced(model, rows: torch.Tensor, prompt_len: int, recorder: 
     P = prompt_len
     cache = StaticCache(B)
     recorder.phase = "prefill"
+    ranks = getattr(model, "expert_ranks", None)
+    if ranks is not None:  # expert-parallel timings of the decode passes only
+        timings, ranks.group.timings = ranks.group.timings, None
     t0 = time.perf_counter()
     hidden = model.hidden_states(rows[:, :P], torch.arange(P, device=device), cache)
     logits = [model.logits(hidden[:, -1]).float()]
@@ -84,6 +94,8 @@ def decode_teacher_forced(model, rows: torch.Tensor, prompt_len: int, recorder: 
         tick(1)
     before = _flat_counts(model)
     recorder.phase = "decode"
+    if ranks is not None:
+        ranks.group.timings = timings
     t0 = time.perf_counter()
     for t in range(P, total - 1):
         hidden = model.hidden_states(rows[:, t:t + 1], torch.tensor([t], device=device), cache)
@@ -122,11 +134,16 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
 
 def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
         gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
-        min_sequences: int = 16, engine: bool = True, progress: bool = False, plan=None) -> dict:
+        min_sequences: int = 16, engine: bool = True, progress: bool = False, plan=None,
+        ranks=None, placement: str = "contiguous") -> dict:
     """The whole bench; top-k always runs as the reference. Every router in `routers` runs under
     `plan` if given (rows say "laser+rnq"). With `progress`, a bar on stderr counts the model's
     forward passes. Returns {"rows": [Row], "prefill": [dict], "heat": {router: [layers, E]},
-    "alpha", "beta" (seconds), "devices"}."""
+    "alpha", "beta" (seconds), "devices"}.
+
+    `ranks` (an engine.parallel.Ranks; every rank runs this same call, see `run_ranked`) spreads
+    the experts over the ranks by `placement`: I_dev and the modelled speedup are then over the
+    ranks as placed, and each row gains the measured EP_KEYS."""
     opts = check_routers(routers, router_opts or {}, plan)
     blocks = list(model.moe_blocks())
     if not blocks:
@@ -134,6 +151,10 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     install(model, "topk")
     alpha, beta = measure_alpha_beta(blocks[0].experts, model.config.hidden_size,
                                      dtype=blocks[0].experts.w_gate.dtype)
+    if ranks is not None:  # after alpha and beta: the model's figures are for one device's experts
+        from .engine.parallel import shard_model
+        shard_model(model, ranks, placement, calib)
+        devices = ranks.world
     need = max(batches) * (prompt_len + gen_len)
     source = tokens.repeat(math.ceil(need / tokens.numel())) if tokens.numel() < need else tokens
     wanted = [label(r, plan) for r in routers]
@@ -153,6 +174,8 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                     notes[tag] = _plan_note(tag, blocks)
                 rec = LoadRecorder().attach(model)
                 parts = []
+                if ranks is not None:
+                    ranks.group.timings = []
                 try:
                     for r in range(rounds[B]):  # small batches: several rounds, so enough tokens are scored
                         rows = seqs[r * B:(r + 1) * B]
@@ -164,6 +187,7 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                 flats = [p[4] for p in parts if p[4] is not None]
                 flat = sum(flats) / len(flats) if flats else None
                 dec = rec.summary("decode", devices, alpha, beta)
+                measured = ep_measured(ranks, len(blocks)) if ranks is not None else {}
                 if i == 0:
                     ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
                 if tag not in wanted:
@@ -178,7 +202,7 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                                dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
                                dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
                                float((top == ref_top).float().mean()),
-                               ref_time / dec["ep_time"] if dec["ep_time"] else math.nan))
+                               ref_time / dec["ep_time"] if dec["ep_time"] else math.nan, **measured))
                 prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
                                 **rec.summary("prefill", devices, alpha, beta)})
                 if B == max(batches):
@@ -186,6 +210,30 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     install(model, "topk")
     return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
             "notes": list(notes.values()), "layers": [b.ctx.layer for b in blocks]}
+
+
+def ep_measured(ranks, layers: int) -> dict:
+    """EP_KEYS from every rank's (busy s, layer s, assignments) per MoE layer call (decode passes)."""
+    every = ranks.gather(ranks.group.timings)
+    ranks.group.timings = None
+    t = torch.tensor(every, dtype=torch.float64)  # [ranks, calls, 3]
+    if t.numel() == 0:
+        return {}
+    busy, layer = t[..., 0], t[..., 1]
+    per_pass = lambda x: x.view(-1, layers).sum(1).mean().item() * 1e3  # noqa: E731 (ms a pass)
+    mean = busy.mean(0)
+    return {"ep_step_ms": per_pass(layer.max(0).values), "busy_mean_ms": per_pass(mean),
+            "busy_max_ms": per_pass(busy.max(0).values),
+            "straggler": (busy.max(0).values / mean.clamp(min=1e-12)).mean().item()}
+
+
+def run_ranked(ranks, model: str, dtype=None, quant=None, **kwargs) -> dict | None:
+    """`run` on every rank of an expert-parallel launch (`engine.parallel.run_spmd`): each rank
+    loads `model` and runs the same bench, with one progress bar (rank 0's); rank 0 gets the result."""
+    from . import load_model
+    net = load_model(model, dtype=dtype, quant=quant)
+    kwargs["progress"] = kwargs.get("progress", False) and ranks.rank == 0
+    return run(net, ranks=ranks, **kwargs)
 
 
 def _plan_note(name: str, blocks) -> str:
@@ -233,11 +281,12 @@ def _heat(rec: LoadRecorder, model) -> torch.Tensor:
 
 def format_rows(result: dict, fmt: str) -> str:
     rows = [asdict(r) for r in result["rows"]]
+    keys = KEYS + (EP_KEYS if rows and rows[0]["ep_step_ms"] is not None else [])
     if fmt == "json":
-        return json.dumps([{k: _clean(r[k]) for k in KEYS} for r in rows], indent=1)
+        return json.dumps([{k: _clean(r[k]) for k in keys} for r in rows], indent=1)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, KEYS)
+        w = csv.DictWriter(buf, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue()
@@ -259,6 +308,13 @@ def format_rows(result: dict, fmt: str) -> str:
     for p in result["prefill"]:
         lines.append(f"| {p['router']} | {p['batch']} | {p['tokens']} | {p['i_agg']:.3f} | "
                      f"{p['i_agg_pooled']:.3f} | {p['i_dev']:.3f} | {p['gini']:.3f} | {p['minmax']:.3f} |")
+    if "ep_step_ms" in keys:
+        lines += ["", f"Measured over {G} expert-parallel ranks (decode passes; ms a pass, summed over MoE layers):",
+                  "", "| router | batch | ep_step_ms | busy mean ms | busy max ms | straggler (max/mean busy) | "
+                  "I_dev (modelled) |", "|" + "---|" * 7]
+        for r in rows:
+            lines.append(f"| {r['router']} | {r['batch']} | {r['ep_step_ms']:.2f} | {r['busy_mean_ms']:.2f} | "
+                         f"{r['busy_max_ms']:.2f} | {r['straggler']:.3f} | {r['i_dev']:.3f} |")
     lines += [""] + result.get("notes", [])
     lines.append(f"\nEP speedup is modelled (docs/routing.md, section 9) with alpha = "
                  f"{result['alpha'] * 1e6:.2f} us/token, beta = {result['beta'] * 1e6:.2f} us/expert "

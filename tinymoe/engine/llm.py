@@ -2,9 +2,10 @@ import numbers
 import operator
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -143,66 +144,98 @@ class LLM:
                  calib=None, max_num_seqs: int = 64, max_batch_tokens: int = 4096, block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  prefix_caching: bool = True, progress: bool = False, plan=None, router_opts: dict | None = None,
-                 settings: Settings | None = None, quant=None):
+                 settings: Settings | None = None, quant=None, expert_parallel=1, placement: str = "contiguous"):
         from .. import load_model, load_tokenizer, routing
+        from ..experts.placement import parse_placement
         from ..models.quantize import parse_quant
+        from . import parallel
         if router_opts is not None and not isinstance(router_opts, Mapping):
             raise TypeError(f"router_opts takes a dict of router options, not {type(router_opts).__name__}")
         if quant is not None:
             parse_quant(quant)  # a bad spec fails before anything is read
+        ranks = expert_parallel if isinstance(expert_parallel, parallel.Ranks) else None
+        world = ranks.world if ranks is not None else parallel.check_world(expert_parallel)
+        parse_placement(placement)
+        if world > 1 and not isinstance(model, (str, os.PathLike)):
+            raise ValueError("expert_parallel needs the model by name or path (every rank loads it), not a loaded model")
         if settings is not None:
             install_settings(settings)
         self.settings = current_settings()  # read before loading: a bad environment fails first
-        if isinstance(model, (str, os.PathLike)):
-            if router is not None:  # bad router options or another model's calibration: before loading
-                from ..config import load_config
-                from ..weights import resolve
-                calib = routing.check_before_loading(load_config(resolve(model)), router, calib, plan,
-                                                     **(router_opts or {}))
-            model = load_model(model, dtype=dtype, device=device, progress=progress, quant=quant)
-        elif dtype is not None:
-            raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")
-        elif quant is not None:
-            raise ValueError("quant applies when LLM loads the model by name; pass load_model(..., quant=...) instead")
-        elif device is not None:
-            model = model.to(device)
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer)
-        self.tokenizer, self._tokenizer_error = tokenizer, "the model has no checkpoint directory to read one from"
-        if tokenizer is None and getattr(model, "source_dir", None) is not None:
-            try:
-                self.tokenizer = load_tokenizer(model.source_dir)
-            except (OSError, ValueError) as e:
-                self._tokenizer_error = str(e)
-        self.model = model
-        if router is not None:
-            routing.install(model, router, calib=calib, plan=plan, **(router_opts or {}))
-        elif router_opts or plan is not None:
-            raise ValueError("router options or a plan given without a router")
-        cfg = model.config
-        self.eos_ids = set(cfg.eos_token_id) | set(getattr(self.tokenizer, "eos_ids", None) or [])
+        by_name, calib_arg = isinstance(model, (str, os.PathLike)), calib
+        if by_name and router is not None:  # bad router options or another model's calibration: before loading
+            from ..config import load_config
+            from ..weights import resolve
+            calib = routing.check_before_loading(load_config(resolve(model)), router, calib, plan,
+                                                 **(router_opts or {}))
+        if world > 1 and ranks is None:  # the other ranks load while this one does
+            threads = self.settings.threads or 1
+            ranks = parallel.start(world, "llm", dict(
+                model=model, router=router, dtype=dtype, device=device, calib=calib_arg if router else None,
+                max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, block_size=block_size,
+                kv_cache_tokens=kv_cache_tokens, max_model_len=max_model_len, prefix_caching=prefix_caching,
+                plan=plan, router_opts=router_opts, quant=quant, placement=placement,
+                settings=replace(self.settings, threads=threads)), threads)
+            torch.set_num_threads(threads)
+        with parallel.closed_on_error(ranks):
+            if by_name:
+                model = load_model(model, dtype=dtype, device=device, progress=progress and (ranks is None or ranks.rank == 0),
+                                   quant=quant)
+            elif dtype is not None:
+                raise ValueError("dtype applies when LLM loads the model by name; pass load_model(..., dtype=...) instead")
+            elif quant is not None:
+                raise ValueError("quant applies when LLM loads the model by name; pass load_model(..., quant=...) instead")
+            elif device is not None:
+                model = model.to(device)
+            if isinstance(tokenizer, (str, os.PathLike)):
+                tokenizer = load_tokenizer(tokenizer)
+            self.tokenizer, self._tokenizer_error = tokenizer, "the model has no checkpoint directory to read one from"
+            if tokenizer is None and getattr(model, "source_dir", None) is not None:
+                try:
+                    self.tokenizer = load_tokenizer(model.source_dir)
+                except (OSError, ValueError) as e:
+                    self._tokenizer_error = str(e)
+            self.model = model
+            if router is not None:
+                routing.install(model, router, calib=calib, plan=plan, **(router_opts or {}))
+            elif router_opts or plan is not None:
+                raise ValueError("router options or a plan given without a router")
+            if ranks is not None:
+                parallel.shard_model(model, ranks, placement, calib)
+            cfg = model.config
+            self.eos_ids = set(cfg.eos_token_id) | set(getattr(self.tokenizer, "eos_ids", None) or [])
 
-        elem = next(model.parameters()).element_size()
-        bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
-        if kv_cache_tokens is None:
-            budget = self.settings.kv_cache_bytes
-            kv_cache_tokens = min(max_num_seqs * cfg.max_position, max(budget // bytes_per_token, 1024))
-        if max_model_len is None:
-            max_model_len = min(cfg.max_position, kv_cache_tokens)
-        if max_model_len > cfg.max_position:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_position}")
-        # A lone sequence must always fit, so preemption can always make progress.
-        num_blocks = -(-max(kv_cache_tokens, max_model_len) // block_size)
-        self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
-        self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
-        self._cond = threading.Condition()
-        self._busy = False    # a thread is inside the engine
-        self._owner = None    # and which one
-        self._waiting = 0     # threads queued to add, abort or step by hand: stepping lets them in first
-        self._releases = 0    # times a thread left the engine: "a step went by" for those waiting
+            elem = next(model.parameters()).element_size()
+            bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+            if kv_cache_tokens is None:
+                budget = self.settings.kv_cache_bytes
+                kv_cache_tokens = min(max_num_seqs * cfg.max_position, max(budget // bytes_per_token, 1024))
+            if max_model_len is None:
+                max_model_len = min(cfg.max_position, kv_cache_tokens)
+            if max_model_len > cfg.max_position:
+                raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {cfg.max_position}")
+            # A lone sequence must always fit, so preemption can always make progress.
+            num_blocks = -(-max(kv_cache_tokens, max_model_len) // block_size)
+            self.max_model_len = max_model_len
+            self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+            self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
+            self.runner = ModelRunner(model, num_blocks, block_size, ranks)
+            if ranks is not None and ranks.rank == 0:
+                weakref.finalize(self, ranks.close, True)
+            self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
+            self._cond = threading.Condition()
+            self._busy = False    # a thread is inside the engine
+            self._owner = None    # and which one
+            self._waiting = 0     # threads queued to add, abort or step by hand: stepping lets them in first
+            self._releases = 0    # times a thread left the engine: "a step went by" for those waiting
+        if ranks is not None and ranks.rank != 0 and not isinstance(expert_parallel, parallel.Ranks):
+            parallel.follow(self)  # torchrun: this rank serves rank 0's steps, then its process ends
+            raise SystemExit(0)
+
+    def close(self) -> None:
+        """Stop the other ranks of an expert-parallel engine (also done when the LLM is collected
+        or the process exits); nothing to do otherwise."""
+        if self.runner.ranks is not None:
+            self.runner.ranks.close(followers=True)
 
     # --- one thread inside at a time ----------------------------------------------------------
     @contextmanager

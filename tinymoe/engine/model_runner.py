@@ -30,6 +30,16 @@ class StepLayout:
     prefill_lens: torch.Tensor | None      # [P] int32 context lengths
 
 
+@dataclass
+class StepInputs:
+    """One step's packed tokens [N], their positions [N], the cache layout, and the rows that
+    sample (None: all): what rank 0 sends the other ranks under expert parallelism."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    layout: StepLayout
+    last_rows: torch.Tensor | None
+
+
 class PagedKVCache:
     """The per-layer K/V block pools, and the `attend` the model calls (docs/DESIGN.md)."""
 
@@ -63,8 +73,9 @@ class PagedKVCache:
 class ModelRunner:
     """Packs a scheduled batch into one forward (B=1, T=N) and returns logits for the last tokens."""
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, ranks=None):
         cfg = model.config
+        self.ranks = ranks  # an engine.parallel.Ranks under expert parallelism
         weight = next(model.parameters())
         self.model, self.block_size, self.device = model, block_size, weight.device
         self.cache = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
@@ -78,10 +89,8 @@ class ModelRunner:
         width = max(map(len, tables))
         return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
-    @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Computes the batch's tokens; returns fp32 logits [S, V] for the S sequences whose
-        scheduled tokens reach their end (the ones that sample a token now), and those sequences."""
+    def pack(self, batch: Batch) -> tuple["StepInputs", list[Sequence]]:
+        """The batch's tokens and cache layout as tensors, and the sequences that sample now."""
         bs = self.block_size
         ids, pos, slots = [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
@@ -113,20 +122,40 @@ class ModelRunner:
             cu_seqlens = self._tensor(pre_starts, torch.int32)
         if dec_rows and pre_tables:
             decode_rows, prefill_rows = self._tensor(dec_rows), self._tensor(pre_rows)
-        ids, pos, slots = self._tensor(ids), self._tensor(pos), self._tensor(slots)
+        layout = StepLayout(self._tensor(slots), decode_rows, block_tables, context_lens,
+                            prefill_rows, prefill_tables, cu_seqlens, prefill_lens)
+        last = None if len(last_rows) == len(ids) else self._tensor(last_rows)
+        return StepInputs(self._tensor(ids), self._tensor(pos), layout, last), sampled
+
+    @torch.inference_mode()
+    def forward(self, step: "StepInputs") -> torch.Tensor:
+        """Hidden states [S, D] of the step's sampling rows (every row when `step.last_rows` is None)."""
+        s = step.layout
         hidden = None
-        if not pre_tables:  # decodes only: the whole step in one native call, when the model allows
+        # decodes only: the whole step in one native call, when the model allows (not with its experts
+        # spread over ranks: the collectives run in Python)
+        if s.prefill_tables is None and getattr(self.model, "expert_ranks", None) is None:
             c = self.cache
-            hidden = decode_step(self.model, ids, pos, c.k, c.v, slots, block_tables, context_lens, c.scale)
+            hidden = decode_step(self.model, step.ids, step.positions, c.k, c.v, s.slot_mapping, s.block_tables,
+                                 s.context_lens, c.scale)
         if hidden is None:
-            self.cache.layout = StepLayout(slots, decode_rows, block_tables, context_lens,
-                                           prefill_rows, prefill_tables, cu_seqlens, prefill_lens)
+            self.cache.layout = s
             try:
-                hidden = self.model.hidden_states(ids[None], pos[None], self.cache)[0]
+                hidden = self.model.hidden_states(step.ids[None], step.positions[None], self.cache)[0]
             finally:
                 self.cache.layout = None
+        return hidden if step.last_rows is None else hidden[step.last_rows]
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Computes the batch's tokens; returns fp32 logits [S, V] for the S sequences whose
+        scheduled tokens reach their end (the ones that sample a token now), and those sequences.
+        Under expert parallelism the other ranks get the step first and run the same forward."""
+        step, sampled = self.pack(batch)
+        if self.ranks is None:
+            hidden = self.forward(step)
+        else:
+            hidden = self.ranks.step(self.forward, step)
         if not sampled:
             return None, sampled
-        if len(last_rows) != len(ids):
-            hidden = hidden[self._tensor(last_rows)]
         return self.model.logits(hidden).float(), sampled

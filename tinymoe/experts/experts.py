@@ -45,6 +45,7 @@ class Experts(nn.Module):
         self._copies: ExpertCopies | None = None  # what the op reads, built on first use
         # [T, k] copies chosen in the last forward (the one-call decode step's native top-k leaves it)
         self.last_physical_ids: torch.Tensor | None = None
+        self.shard = None  # an ExpertShard under expert parallelism: this rank keeps only its copies
         self.plan = ExpertPlan.default(E)
         self.apply_plan(self.plan)
 
@@ -112,10 +113,16 @@ class Experts(nn.Module):
         if bad:
             raise ValueError(f"expert plan has invalid copies {bad[:3]} for {E} experts")
         table, counts = copy_table(plan, E)
+        self.logical_plan = plan  # as given; `plan` is it placed on the ranks under expert parallelism
+        if self.shard is not None:
+            plan = self.shard.place(plan)
+            table, counts = copy_table(plan, E)
+        local = [self.shard is None or c.device == self.shard.rank for c in plan.copies]
         base = self.base_precision
         need: dict[str, set[int]] = {}
-        for c in plan.copies:
-            need.setdefault(self._pool_name(c.precision), set()).add(c.expert)
+        for c, here in zip(plan.copies, local):
+            if here:
+                need.setdefault(self._pool_name(c.precision), set()).add(c.expert)
         if self._read is None:  # nothing could read freed weights back: the base stays whole
             need.setdefault(base, set()).update(range(E))
         held = self._held()
@@ -137,13 +144,25 @@ class Experts(nn.Module):
         self.pools = nn.ModuleDict(new)
         self.plan, self._table, self._counts = plan, table, counts
         self._identity = [(c.expert, c.precision) for c in plan.copies] == [(e, "full") for e in range(E)]
-        # physical copy -> (pool, row); copies of one expert in one pool share its row
+        # physical copy -> (pool, row) for the copies held here; copies of one expert in one pool
+        # share its row. Under expert parallelism `_local_index` maps a copy to its index among them.
         pools = self._held()
         self._where = []
-        for c in plan.copies:
-            name = self._pool_name(c.precision)
-            self._where.append((name, pools[name].row_of[c.expert]))
+        self._local_index = torch.full((len(plan.copies),), -1, dtype=torch.int64)
+        for i, (c, here) in enumerate(zip(plan.copies, local)):
+            if here:
+                name = self._pool_name(c.precision)
+                self._local_index[i] = len(self._where)
+                self._where.append((name, pools[name].row_of[c.expert]))
+        self._copy_rank = torch.tensor([c.device for c in plan.copies], dtype=torch.int64)
         self._copies = None
+
+    def set_shard(self, shard) -> None:
+        """Serve only this rank's copies (an `experts.parallel.ExpertShard`; None: all of them, the
+        single-process case). The plan in force is placed again and what it no longer keeps here
+        is freed."""
+        self.shard = shard
+        self.apply_plan(self.logical_plan)
 
     def _pool_name(self, precision: str) -> str:
         return self.base_precision if precision == "full" else precision
@@ -262,6 +281,10 @@ class Experts(nn.Module):
         twin runs to report them, see kernels/moe_op.py)."""
         phys = self.physical_ids(ids)
         self.last_physical_ids = phys
+        if self.shard is not None:
+            if observer is not None:
+                raise ValueError("calibration observes every expert; calibrate without expert parallelism")
+            return self.shard.forward(x, phys, weights, self._copy_rank, self._local_index, self.copies())
         seen = None
         if observer is not None:
             seen = lambda copy, xs, h: observer(self.plan.copies[copy].expert, xs, h)  # noqa: E731

@@ -125,13 +125,14 @@ class LoadRecorder:
     def __init__(self):
         self.phase = "run"
         self.passes = defaultdict(lambda: defaultdict(list))  # phase -> layer -> [load [E]]
-        self.num_experts, self.plans, self.ctxs = {}, {}, {}
+        self.num_experts, self.ctxs, self.experts = {}, {}, {}
 
     def attach(self, model):
         for block in model.moe_blocks():
             block.recorder = self
             self.num_experts[block.ctx.layer] = block.ctx.rule.num_experts
             self.ctxs[block.ctx.layer] = block.ctx
+            self.experts[block.ctx.layer] = block.experts
         return self
 
     def detach(self, model):
@@ -148,15 +149,24 @@ class LoadRecorder:
     def pooled(self, phase: str) -> dict[int, torch.Tensor]:
         return {layer: torch.stack(p).sum(0) for layer, p in self.passes[phase].items()}
 
+    def _placed(self, layer: int, devices: int) -> tuple[ExpertPlan | None, torch.Tensor]:
+        """The layer's plan (None: one copy each) and each copy's device: under expert parallelism
+        the copies as placed on the ranks, else the router's plan placed as `placement` models it."""
+        experts = self.experts.get(layer)
+        if experts is not None and experts.shard is not None:
+            plan = experts.plan
+            return plan, torch.tensor([c.device for c in plan.copies], dtype=torch.int64)
+        state = self.ctxs[layer].state
+        plan = state.get("plan")
+        return plan, placement(plan, self.num_experts[layer], devices, state.get("copy_weight"))
+
     def summary(self, phase: str, devices: int = 1, alpha: float = 1.0, beta: float = 0.0) -> dict:
         """Per-pass metrics averaged over passes and layers, pooled I_agg, the flat-branch fraction
         and the modelled EP time (sum over passes and layers)."""
         per_pass = defaultdict(list)
         ep_time = 0.0
         for layer, loads in self.passes[phase].items():
-            state = self.ctxs[layer].state
-            plan, weight = state.get("plan"), state.get("copy_weight")
-            device_of = placement(plan, self.num_experts[layer], devices, weight)
+            plan, device_of = self._placed(layer, devices)
             table = copy_table(plan, self.num_experts[layer]) if plan is not None else None
             for load in loads:
                 phys = physical_loads(load, plan, table)
@@ -166,7 +176,7 @@ class LoadRecorder:
                 per_pass["minmax"].append(minmax(phys))
                 per_pass["cv"].append(cv(phys))
                 ep_time += ep_step_time(phys, device_of, devices, alpha, beta)
-        pooled = [imbalance(physical_loads(load, self.ctxs[layer].state.get("plan")))
+        pooled = [imbalance(physical_loads(load, self._placed(layer, devices)[0]))
                   for layer, load in self.pooled(phase).items()]
         out = {key: sum(v) / len(v) for key, v in per_pass.items() if v}
         out["i_agg"] = out.pop("i", float("nan"))
