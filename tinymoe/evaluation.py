@@ -138,3 +138,30 @@ def evaluate_text(model, tokens: torch.Tensor, router: str = "topk", calib=None,
     ppl, ref_ppl = perplexity(nll), perplexity(ref_nll)
     return {"router": label(router, plan), "tokens": int(nll.numel()), "ppl": ppl, "ppl_topk": ref_ppl,
             "ppl_delta_pct": 100 * (ppl / ref_ppl - 1), "agree_top1": float((top == ref_top).float().mean())}
+
+
+
+def evaluate(model, tokenizer, data: str, router: str = "topk", calib=None, plan=None,
+             router_opts: dict | None = None, mc_prompt: str | None = None, progress: bool = False,
+             **text_options) -> dict:
+    """`tinymoe eval`: multiple choice for a .jsonl `data` file (under `router`), else
+    `evaluate_text` on the file's text."""
+    from .routing import install, label
+    if data.endswith(".jsonl"):
+        install(model, router, calib, plan=plan, **(router_opts or {}))
+        return {"router": label(router, plan),
+                **multiple_choice(model, tokenizer, read_choices(data), progress=progress, prompt=mc_prompt)}
+    return evaluate_text(model, read_tokens(tokenizer, data), router, calib, progress=progress, plan=plan,
+                         router_opts=router_opts, **text_options)
+
+
+def evaluate_ranked(ranks, model: str, dtype=None, quant=None, placement: str = "contiguous", calib=None,
+                    progress: bool = False, **options) -> dict:
+    """`evaluate` on every rank of an expert-parallel launch (`engine.parallel.run_spmd`): each
+    rank loads `model` with its share of the experts and scores the same data; one progress bar
+    (rank 0's)."""
+    from . import load_model, load_tokenizer
+    from .engine.parallel import shard_model
+    net = load_model(model, dtype=dtype, quant=quant)
+    shard_model(net, ranks, placement, calib)
+    return evaluate(net, load_tokenizer(model), calib=calib, progress=progress and ranks.rank == 0, **options)

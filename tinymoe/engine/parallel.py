@@ -202,6 +202,9 @@ def shard_model(model, ranks: Ranks, placement: str = "contiguous", calib=None) 
     """Keep on this rank only its copies of every MoE layer's experts, placed by `placement`
     (`experts/placement.py`; eplb reads the layers' calibrated loads from `calib`)."""
     parse_placement(placement)
+    if calib is not None and not hasattr(calib, "layer"):
+        from ..routing.calibrate import load_calibration
+        calib = load_calibration(calib)
     for block in model.moe_blocks():
         layer = calib.layer(block.ctx.layer) if calib is not None else None
         load = layer.get("load") if layer else None
