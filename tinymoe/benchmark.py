@@ -23,7 +23,7 @@ from .routing.metrics import LoadRecorder, measure_alpha_beta
 
 KEYS = ["router", "batch", "pp_tps", "tg_tps", "i_agg", "i_dev", "gini", "minmax", "flat_frac",
         "ppl", "ppl_delta_pct", "agree_top1", "ep_speedup"]
-EP_KEYS = ["ep_step_ms", "busy_mean_ms", "busy_max_ms", "straggler"]  # measured, with --ep
+EP_KEYS = ["ep_step_ms", "busy_mean_ms", "busy_max_ms", "busy_max_model_ms", "straggler"]  # with --ep
 
 
 @dataclass
@@ -42,10 +42,13 @@ class Row:
     agree_top1: float
     ep_speedup: float
     # measured across the ranks with --ep, per decode pass: the MoE layers' time (experts and
-    # combine, slowest rank), the ranks' mean and max expert busy time, and max / mean busy per layer
+    # combine, slowest rank), the ranks' mean and max expert busy time, the max the model of
+    # docs/routing.md section 9 predicts from the loads, and the median over layer calls of max /
+    # mean busy (the median: a rank the OS preempts for a moment would inflate a mean)
     ep_step_ms: float | None = None
     busy_mean_ms: float | None = None
     busy_max_ms: float | None = None
+    busy_max_model_ms: float | None = None
     straggler: float | None = None
 
 
@@ -187,7 +190,10 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
                 flats = [p[4] for p in parts if p[4] is not None]
                 flat = sum(flats) / len(flats) if flats else None
                 dec = rec.summary("decode", devices, alpha, beta)
-                measured = ep_measured(ranks, len(blocks)) if ranks is not None else {}
+                measured = {}
+                if ranks is not None:
+                    measured = ep_measured(ranks, len(blocks))
+                    measured["busy_max_model_ms"] = 1e3 * dec["ep_time"] / max(dec["passes"], 1)
                 if i == 0:
                     ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
                 if tag not in wanted:
@@ -224,15 +230,18 @@ def ep_measured(ranks, layers: int) -> dict:
     mean = busy.mean(0)
     return {"ep_step_ms": per_pass(layer.max(0).values), "busy_mean_ms": per_pass(mean),
             "busy_max_ms": per_pass(busy.max(0).values),
-            "straggler": (busy.max(0).values / mean.clamp(min=1e-12)).mean().item()}
+            "straggler": (busy.max(0).values / mean.clamp(min=1e-12)).median().item()}
 
 
-def run_ranked(ranks, model: str, dtype=None, quant=None, **kwargs) -> dict | None:
+def run_ranked(ranks, model: str, dtype=None, quant=None, combine: str | None = None, **kwargs) -> dict | None:
     """`run` on every rank of an expert-parallel launch (`engine.parallel.run_spmd`): each rank
-    loads `model` and runs the same bench, with one progress bar (rank 0's); rank 0 gets the result."""
+    loads `model` and runs the same bench, with one progress bar (rank 0's); rank 0 gets the
+    result. `combine` forces the experts' combine (experts/parallel.py; bench/ep.py compares them)."""
     from . import load_model
     net = load_model(model, dtype=dtype, quant=quant)
     kwargs["progress"] = kwargs.get("progress", False) and ranks.rank == 0
+    if combine is not None:
+        ranks.group.combine = combine
     return run(net, ranks=ranks, **kwargs)
 
 
@@ -310,11 +319,12 @@ def format_rows(result: dict, fmt: str) -> str:
                      f"{p['i_agg_pooled']:.3f} | {p['i_dev']:.3f} | {p['gini']:.3f} | {p['minmax']:.3f} |")
     if "ep_step_ms" in keys:
         lines += ["", f"Measured over {G} expert-parallel ranks (decode passes; ms a pass, summed over MoE layers):",
-                  "", "| router | batch | ep_step_ms | busy mean ms | busy max ms | straggler (max/mean busy) | "
-                  "I_dev (modelled) |", "|" + "---|" * 7]
+                  "", "| router | batch | ep_step_ms | busy mean ms | busy max ms | busy max ms (modelled) | "
+                  "straggler (max/mean busy) | I_dev (modelled) |", "|" + "---|" * 8]
         for r in rows:
             lines.append(f"| {r['router']} | {r['batch']} | {r['ep_step_ms']:.2f} | {r['busy_mean_ms']:.2f} | "
-                         f"{r['busy_max_ms']:.2f} | {r['straggler']:.3f} | {r['i_dev']:.3f} |")
+                         f"{r['busy_max_ms']:.2f} | {r['busy_max_model_ms']:.2f} | {r['straggler']:.3f} | "
+                         f"{r['i_dev']:.3f} |")
     lines += [""] + result.get("notes", [])
     lines.append(f"\nEP speedup is modelled (docs/routing.md, section 9) with alpha = "
                  f"{result['alpha'] * 1e6:.2f} us/token, beta = {result['beta'] * 1e6:.2f} us/expert "

@@ -284,6 +284,8 @@ class Experts(nn.Module):
         if self.shard is not None:
             if observer is not None:
                 raise ValueError("calibration observes every expert; calibrate without expert parallelism")
+            if self._copy_rank.device != phys.device:
+                self._copy_rank, self._local_index = self._copy_rank.to(phys.device), self._local_index.to(phys.device)
             return self.shard.forward(x, phys, weights, self._copy_rank, self._local_index, self.copies())
         seen = None
         if observer is not None:

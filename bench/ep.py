@@ -1,0 +1,131 @@
+"""Expert parallelism measured: per router, the straggler the ranks really see, beside the model.
+
+    python bench/ep.py [--models tiny,tiny-deepseek] [--routers topk,laser,budget,rnq,laser+rnq,balanced]
+                       [--ranks 2] [--batch 64] [--combine-batches 1,8,64,256] [--placement contiguous]
+
+Part 1, per model: `tinymoe bench --ep G` at one batch (teacher-forced decode passes of B
+windows of the held-out text, one CPU thread per rank), every router in one launch so that the
+rows share one run: measured MoE time a decode pass (`ep_step_ms`: experts + combine, slowest
+rank), the ranks' mean and max expert busy time, the straggler ratio (median over layer calls
+of max / mean busy) beside the modelled I_dev of the same passes, and the model's max busy time
+(docs/routing.md section 9, alpha and beta fitted on one rank's experts). The calibration is
+made once per model with the loads of laser and budget recorded, so `laser+rnq` sizes its
+replicas for laser's loads.
+Part 2: the two combines of experts/parallel.py (all-gather of the assignment rows, all-reduce
+of a zeroed [T, k, D]) at several batch sizes, top-k, same model: the `auto` rule's evidence.
+Part 3: the collectives alone (gloo here): median time of all_gather and all_reduce from 1 KiB
+to 8 MiB a rank, fitted as latency + bytes / bandwidth (docs/scaling.md's alpha and beta).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tinymoe import load_model, load_tokenizer  # noqa: E402
+from tinymoe.engine.parallel import run_spmd  # noqa: E402
+from tinymoe.evaluation import read_tokens  # noqa: E402
+from tinymoe.routing import ROUTERS  # noqa: E402
+from tinymoe.routing.calibrate import calibrate  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "tinymoe" / "assets" / "data" / "heldout.txt"
+
+
+def bench(model, routers, ranks, batch, tokens, calib, placement, combine=None, gen_len=32):
+    """Rows of `tinymoe bench --ep ranks` for `routers`: the plain ones in one launch, each
+    "router+plan" in a launch of its own (bench runs one plan a launch)."""
+    def launch(names, plan=None):
+        return run_spmd(ranks, "tinymoe.benchmark:run_ranked", dict(
+            model=model, routers=names, batches=[batch], tokens=tokens, prompt_len=64, gen_len=gen_len,
+            calib=calib, min_sequences=batch, engine=False, placement=placement, plan=plan,
+            combine=combine))["rows"]
+    rows = launch([r for r in routers if "+" not in r])
+    for r in routers:
+        if "+" in r:
+            name, plan = r.split("+")
+            rows += [x for x in launch([name], plan) if x.router == r]
+    return rows
+
+
+def collectives(ranks, sizes, reps=20):
+    """Each rank: median seconds of all_gather and all_reduce of `sizes` bytes (bf16), per size."""
+    import torch
+    import torch.distributed as dist
+    out = {}
+    for n in sizes:
+        x = torch.zeros(max(1, n // 2), dtype=torch.bfloat16)
+        parts = [torch.empty_like(x) for _ in range(ranks.world)]
+        for name, op in (("allgather", lambda: dist.all_gather(parts, x)), ("allreduce", lambda: dist.all_reduce(x))):
+            op()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                op()
+                times.append(time.perf_counter() - t)
+            out[(name, n)] = statistics.median(times)
+    return out
+
+
+def fit(points):
+    """t = latency + bytes / bandwidth: the latency is the smallest message's time, the bandwidth
+    the largest message's bytes over its time beyond that (a least-squares line is ruled by the
+    large messages and can put the latency below zero)."""
+    (n0, t0), (n1, t1) = min(points), max(points)
+    return t0, (n1 - n0) / max(t1 - t0, 1e-12)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,tiny-deepseek")
+    ap.add_argument("--routers", default="topk,laser,budget,rnq,laser+rnq,balanced")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--combine-batches", default="1,8,64,256")
+    ap.add_argument("--placement", default="contiguous")
+    args = ap.parse_args()
+    routers = [r for r in args.routers.split(",") if r.split("+")[0] in ROUTERS or r == "rnq"]
+    skipped = set(args.routers.split(",")) - set(routers)
+    if skipped:
+        print(f"(not registered here, skipped: {', '.join(sorted(skipped))})")
+    for model in args.models.split(","):
+        tokens = read_tokens(load_tokenizer(model), DATA)
+        extra = [r for r in ("laser", "budget") if r in ROUTERS]
+        calib = calibrate(load_model(model), tokens[:16384], seq_len=128, routers=extra)
+        rows = bench(model, routers, args.ranks, args.batch, tokens, calib, args.placement)
+        top = next(r for r in rows if r.router == "topk")
+        print(f"\n## {model}: {args.ranks} ranks, batch {args.batch}, placement {args.placement}\n")
+        print("| router | I_agg | I_dev (modelled) | straggler (measured) | straggler / I_dev | busy max ms | "
+              "busy max ms (modelled) | ep_step_ms | vs top-k | ppl Δ % |")
+        print("|" + "---|" * 10)
+        for r in rows:
+            print(f"| {r.router} | {r.i_agg:.3f} | {r.i_dev:.3f} | {r.straggler:.3f} | {r.straggler / r.i_dev:.3f} | "
+                  f"{r.busy_max_ms:.2f} | {r.busy_max_model_ms:.2f} | {r.ep_step_ms:.2f} | "
+                  f"{top.ep_step_ms / r.ep_step_ms:.2f}x | {r.ppl_delta_pct:+.2f} |")
+    model = args.models.split(",")[0]
+    tokens = read_tokens(load_tokenizer(model), DATA)
+    print(f"\n## combines, {model}, top-k, {args.ranks} ranks: ep_step_ms a decode pass\n")
+    print("| batch | allgather | allreduce | allreduce / allgather |")
+    print("|---|---|---|---|")
+    for B in [int(b) for b in args.combine_batches.split(",")]:
+        t = {c: bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", c, gen_len=16)[0].ep_step_ms
+             for c in ("allgather", "allreduce")}
+        print(f"| {B} | {t['allgather']:.2f} | {t['allreduce']:.2f} | {t['allreduce'] / t['allgather']:.2f} |")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                os.environ.get("PYTHONPATH", "")])
+    sizes = [1 << i for i in range(10, 24, 2)]
+    times = run_spmd(args.ranks, "ep:collectives", dict(sizes=sizes))
+    print(f"\n## collectives alone ({args.ranks} ranks, bf16, median of 20): microseconds\n")
+    print("| bytes a rank | all_gather | all_reduce |")
+    print("|---|---|---|")
+    for n in sizes:
+        print(f"| {n} | {1e6 * times[('allgather', n)]:.0f} | {1e6 * times[('allreduce', n)]:.0f} |")
+    for name in ("allgather", "allreduce"):
+        lat, bw = fit([(n, times[(name, n)]) for n in sizes])
+        print(f"{name}: latency {1e6 * lat:.0f} us, bandwidth {bw / 1e9:.2f} GB/s (smallest and largest message)")
+
+
+if __name__ == "__main__":
+    main()
