@@ -85,12 +85,14 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--combine-batches", default="1,8,64,256")
     ap.add_argument("--placement", default="contiguous")
+    ap.add_argument("--parts", default="routers,combine,collectives")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     routers = [r for r in args.routers.split(",") if r.split("+")[0] in ROUTERS or r == "rnq"]
     skipped = set(args.routers.split(",")) - set(routers)
     if skipped:
         print(f"(not registered here, skipped: {', '.join(sorted(skipped))})")
-    for model in args.models.split(","):
+    for model in args.models.split(",") if "routers" in parts else []:
         tokens = read_tokens(load_tokenizer(model), DATA)
         extra = [r for r in ("laser", "budget") if r in ROUTERS]
         calib = calibrate(load_model(model), tokens[:16384], seq_len=128, routers=extra)
@@ -109,10 +111,12 @@ def main():
     print(f"\n## combines, {model}, top-k, {args.ranks} ranks: ep_step_ms a decode pass\n")
     print("| batch | allgather | allreduce | allreduce / allgather |")
     print("|---|---|---|---|")
-    for B in [int(b) for b in args.combine_batches.split(",")]:
+    for B in [int(b) for b in args.combine_batches.split(",")] if "combine" in parts else []:
         t = {c: bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", c, gen_len=16)[0].ep_step_ms
              for c in ("allgather", "allreduce")}
         print(f"| {B} | {t['allgather']:.2f} | {t['allreduce']:.2f} | {t['allreduce'] / t['allgather']:.2f} |")
+    if "collectives" not in parts:
+        return
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent),
                                                 os.environ.get("PYTHONPATH", "")])
     sizes = [1 << i for i in range(10, 24, 2)]

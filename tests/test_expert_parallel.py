@@ -102,6 +102,11 @@ def test_two_ranks_on_the_shipped_models_in_bf16(name):
     _check_equal(name, "bfloat16")
 
 
+def test_the_allreduce_combine_gives_the_same_tokens(monkeypatch):
+    monkeypatch.setenv("TINYMOE_EP_COMBINE", "allreduce")
+    _check_equal("tiny-deepseek", "bfloat16")
+
+
 @pytest.fixture(scope="module")
 def tiny_calib(tmp_path_factory):
     from tinymoe import load_model, load_tokenizer

@@ -158,7 +158,7 @@ def _init(rank: int, world: int, addr: str, port: int) -> ExpertGroup:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    return ExpertGroup(rank, world)
+    return ExpertGroup(rank, world, combine=os.environ.get("TINYMOE_EP_COMBINE") or "auto")
 
 
 def check_world(world) -> int:
