@@ -173,3 +173,28 @@ def test_bench_measures_every_rank(tiny_calib):
     assert rows["balanced"].i_dev == pytest.approx(1.0)
     keys = json.loads(format_rows(res, "json"))[0]
     assert {"ep_step_ms", "busy_mean_ms", "busy_max_ms", "straggler", "i_dev"} <= keys.keys()
+
+
+def test_joining_a_torchrun_launch(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, os\n"
+        "from tinymoe import LLM, SamplingParams\n"
+        "llm = LLM('tiny', expert_parallel=2)\n"
+        "out = llm.generate([[5, 9, 17, 3]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))\n"
+        "print(json.dumps({'rank': int(os.environ['RANK']), 'tokens': out[0].token_ids}))\n"
+        "llm.close()\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    # rank 1 serves rank 0's steps inside LLM() and ends there: only rank 0 reaches the print
+    assert [line["rank"] for line in lines] == [0]
+    want = LLM("tiny").generate([[5, 9, 17, 3]], GREEDY)[0].token_ids[:8]
+    assert lines[0]["tokens"] == want

@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("text, parts, group", [
     (None, {}, 64), ("none", {}, 64), ("bf16", {}, 64), ("full", {}, 64), (" int8 ", dict.fromkeys(PARTS, "int8"), 64),
-    ("int4", dict.fromkeys(PARTS, "int4"), 64), ("int4:g32", dict.fromkeys(PARTS, "int4"), 32),
+    # the one-word int4 keeps the LM head in int8, as llama.cpp's Q4_0 keeps it in Q6_K
+    ("int4", {**dict.fromkeys(PARTS, "int4"), "head": "int8"}, 64),
+    ("int4:g32", {**dict.fromkeys(PARTS, "int4"), "head": "int8"}, 32),
+    ("experts=int4,shared=int4,dense=int4,attn=int4,head=int4", dict.fromkeys(PARTS, "int4"), 64),
     ("experts=int4,attn=int8,head=int8", {"experts": "int4", "attn": "int8", "head": "int8"}, 64),
     ("experts=int4:g128, shared=int8", {"experts": "int4", "shared": "int8"}, 128),
     ("dense=int8,head=full", {"dense": "int8"}, 64),
