@@ -78,6 +78,17 @@ def placement(plan: ExpertPlan | None, num_experts: int, devices: int,
     return contiguous_placement(P, devices)
 
 
+def placed(experts, state: dict, num_experts: int, devices: int):
+    """A layer's (plan or None, each copy's device [P], number of devices) for I_dev: under expert
+    parallelism (`experts.shard` set) the copies as placed on the ranks; else the router's plan
+    (`state["plan"]`) placed on `devices` as `placement` models it."""
+    if experts is not None and experts.shard is not None:
+        plan = experts.plan
+        return plan, torch.tensor([c.device for c in plan.copies], dtype=torch.int64), experts.shard.group.world
+    plan = state.get("plan")
+    return plan, placement(plan, num_experts, devices, state.get("copy_weight")), devices
+
+
 def device_loads(copy_load: torch.Tensor, device_of: torch.Tensor, devices: int) -> torch.Tensor:
     return torch.zeros(devices, dtype=torch.float64).index_add_(0, device_of, copy_load.double())
 
@@ -149,24 +160,14 @@ class LoadRecorder:
     def pooled(self, phase: str) -> dict[int, torch.Tensor]:
         return {layer: torch.stack(p).sum(0) for layer, p in self.passes[phase].items()}
 
-    def _placed(self, layer: int, devices: int) -> tuple[ExpertPlan | None, torch.Tensor]:
-        """The layer's plan (None: one copy each) and each copy's device: under expert parallelism
-        the copies as placed on the ranks, else the router's plan placed as `placement` models it."""
-        experts = self.experts.get(layer)
-        if experts is not None and experts.shard is not None:
-            plan = experts.plan
-            return plan, torch.tensor([c.device for c in plan.copies], dtype=torch.int64)
-        state = self.ctxs[layer].state
-        plan = state.get("plan")
-        return plan, placement(plan, self.num_experts[layer], devices, state.get("copy_weight"))
-
     def summary(self, phase: str, devices: int = 1, alpha: float = 1.0, beta: float = 0.0) -> dict:
         """Per-pass metrics averaged over passes and layers, pooled I_agg, the flat-branch fraction
         and the modelled EP time (sum over passes and layers)."""
         per_pass = defaultdict(list)
         ep_time = 0.0
         for layer, loads in self.passes[phase].items():
-            plan, device_of = self._placed(layer, devices)
+            plan, device_of, devices = placed(self.experts.get(layer), self.ctxs[layer].state,
+                                              self.num_experts[layer], devices)
             table = copy_table(plan, self.num_experts[layer]) if plan is not None else None
             for load in loads:
                 phys = physical_loads(load, plan, table)
@@ -176,7 +177,8 @@ class LoadRecorder:
                 per_pass["minmax"].append(minmax(phys))
                 per_pass["cv"].append(cv(phys))
                 ep_time += ep_step_time(phys, device_of, devices, alpha, beta)
-        pooled = [imbalance(physical_loads(load, self._placed(layer, devices)[0]))
+        pooled = [imbalance(physical_loads(load, placed(self.experts.get(layer), self.ctxs[layer].state,
+                                                        self.num_experts[layer], devices)[0]))
                   for layer, load in self.pooled(phase).items()]
         out = {key: sum(v) / len(v) for key, v in per_pass.items() if v}
         out["i_agg"] = out.pop("i", float("nan"))

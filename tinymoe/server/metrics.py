@@ -7,7 +7,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..routing.metrics import device_loads, imbalance, physical_loads, placement
+from ..routing.metrics import device_loads, imbalance, physical_loads, placed
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -43,15 +43,14 @@ class ExpertWindow:
                                       "per pass, averaged over the window", labels=["layer"])
         i_all, dev_all = [], []
         for layer, passes in loads.items():
-            state = self.blocks[layer].ctx.state
-            plan, E = state.get("plan"), self.blocks[layer].ctx.rule.num_experts
+            block = self.blocks[layer]
             if passes:
                 for e, value in enumerate(sum(passes).tolist()):
                     per_expert.add_metric([str(layer), str(e)], value)
-            device_of = placement(plan, E, self.devices, state.get("copy_weight"))
+            plan, device_of, devices = placed(block.experts, block.ctx.state, block.ctx.rule.num_experts, self.devices)
             phys = [physical_loads(p, plan) for p in passes]
             i = sum(map(imbalance, phys)) / len(phys) if phys else 1.0
-            dev = sum(imbalance(device_loads(p, device_of, self.devices)) for p in phys) / len(phys) if phys else 1.0
+            dev = sum(imbalance(device_loads(p, device_of, devices)) for p in phys) / len(phys) if phys else 1.0
             layer_i.add_metric([str(layer)], i)
             layer_dev.add_metric([str(layer)], dev)
             i_all.append(i)
