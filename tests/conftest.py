@@ -37,11 +37,13 @@ def tiny_checkpoint(request, tiny_mixtral, tiny_qwen3, tiny_deepseek):
 
 @pytest.fixture(params=[False, True], ids=["native-any-rows", "torch-gemm-over-16-rows"])
 def bf16_cpu(request):
-    """Both sides of the "CPU has bf16 instructions" decision (`cpu_linear.native_bf16`), forced
-    whatever this CPU has: False = the native kernels take any number of rows (as on AVX2); True =
-    batches over 16 rows go to torch's GEMM (as with AVX512-BF16 or AMX)."""
+    """Both row rules, forced whatever this CPU has: False = the native kernels take any number of
+    rows (as on AVX2, or anywhere with batch invariance on, the default); True = a CPU with bf16
+    instructions and batch invariance off, whose batches over 16 rows go to torch's GEMM (as with
+    AVX512-BF16 or AMX). tests/test_batch_invariance.py covers bf16 instructions with it on."""
+    from tinymoe import settings
     from tinymoe.kernels import cpu_linear
-    with cpu_linear.bf16_instructions(request.param):
+    with cpu_linear.bf16_instructions(request.param), settings.override(batch_invariant=not request.param):
         yield request.param
 
 

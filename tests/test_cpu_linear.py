@@ -17,17 +17,25 @@ SHAPES = [(1, 7, 13), (1, 300, 1024), (2, 64, 1000), (3, 5, 32), (4, 9, 48), (6,
           (70, 33, 160)]
 
 
-def native_takes(rows, bf16_cpu):
-    """The path the decision promises: the native kernel, unless bf16 instructions and > 16 rows."""
-    return not bf16_cpu or rows <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16
+@pytest.fixture(params=[True, False], ids=["batch-invariant", "gemm-allowed"])
+def invariant(request):
+    """Settings.batch_invariant both ways: on (the default), every row count in the native kernels."""
+    with settings.override(batch_invariant=request.param):
+        yield request.param
+
+
+def native_takes(rows, bf16_cpu, invariant):
+    """The path the decision promises: the native kernel, unless not batch-invariant, bf16
+    instructions and > 16 rows."""
+    return invariant or not bf16_cpu or rows <= cpu_linear.NATIVE_MAX_ROWS_WITH_BF16
 
 
 @needs_native
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_bf16_weights_match_float64(M, N, K, bf16_cpu):
+def test_bf16_weights_match_float64(M, N, K, bf16_cpu, invariant):
     torch.manual_seed(M * N + K)
     x, w = torch.randn(M, K), torch.randn(N, K).bfloat16()
-    assert cpu_linear.supports(x, w) == native_takes(M, bf16_cpu)
+    assert cpu_linear.supports(x, w) == native_takes(M, bf16_cpu, invariant)
     y = linear(x, w)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
@@ -74,12 +82,16 @@ def test_fp32_weights_are_plain_torch():
 
 
 @needs_native
-def test_the_decision_splits_at_16_rows(bf16_cpu):
+def test_the_decision_splits_at_16_rows_unless_batch_invariant(bf16_cpu, invariant):
     w = torch.randn(8, 32).bfloat16()
     assert cpu_linear.supports(torch.randn(16, 32), w)
     assert cpu_linear.supports(torch.randn(2, 8, 32), w)  # rows are all leading dimensions
-    assert cpu_linear.supports(torch.randn(17, 32), w) == (not bf16_cpu)
-    assert cpu_linear.supports(torch.randn(3, 6, 32), w) == (not bf16_cpu)
+    assert cpu_linear.supports(torch.randn(17, 32), w) == (invariant or not bf16_cpu)
+    assert cpu_linear.supports(torch.randn(3, 6, 32), w) == (invariant or not bf16_cpu)
+    assert cpu_linear.native_rows(4096) == (invariant or not bf16_cpu)
+    for precision in ("int8", "int4"):  # a QWeight: quant_native's rule, unless batch-invariant
+        qw = quantize(torch.randn(8, 32), precision)
+        assert cpu_linear.supports(torch.randn(4096, 32), qw) == (invariant or not bf16_cpu)
 
 
 def test_bf16_decision_from_the_cpu_the_settings_and_the_override():

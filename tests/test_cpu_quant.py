@@ -81,9 +81,11 @@ def inputs(M, N, K, seed):
 
 @pytest.fixture(params=[True, False], ids=["native", "dequantise-gemm"])
 def native_route(request, monkeypatch):
-    """Each route of a QWeight matmul, forced whatever the rows and the CPU."""
+    """Each route of a QWeight matmul, forced whatever the rows and the CPU (batch invariance off:
+    it keeps every row count native)."""
     monkeypatch.setattr(cpu_linear, "quant_native", lambda rows, precision: request.param)
-    return request.param
+    with settings.override(batch_invariant=False):
+        yield request.param
 
 
 @needs_native
@@ -195,7 +197,7 @@ def test_the_rule_picks_the_route_by_rows_precision_and_cpu(amx, monkeypatch):
     weights = {p: quantize(torch.randn(8, 64), p) for p in ("int8", "int4")}
     with cpu_linear.bf16_instructions(False):  # no bf16 matmul instructions: the native kernel, always
         assert all(cpu_linear.quant_native(4096, p) for p in weights)
-    with cpu_linear.bf16_instructions(True):
+    with cpu_linear.bf16_instructions(True), settings.override(batch_invariant=False):
         for p, w in weights.items():
             n = limits[p]
             assert cpu_linear.quant_native(n, p) and not cpu_linear.quant_native(n + 1, p)

@@ -1,13 +1,14 @@
 """kernels/moe_cpu.py, the expert op's CPU implementation: the one native call (`moe_tokens`, any
 plan and precision) against the per-copy path (two `cpu_linear.linear` per copy) and both against
 float64, on ragged token counts, at 1 and 2 threads, with the "bf16 instructions" decision forced
-both ways."""
+both ways and Settings.batch_invariant on and off."""
 import gc
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tinymoe import settings
 from tinymoe.experts import Copy, ExpertPlan, Experts
 from tinymoe.kernels import cpu_linear, moe_cpu, moe_experts, quant
 from tinymoe.kernels.native import BF16, INT4, INT8, native
@@ -23,6 +24,13 @@ PLANS = {  # name -> copies of E experts
     # R&Q-like: every expert once, the busy ones replicated quantised
     "rnq": [Copy(e) for e in range(E)] + [Copy(0, "int4"), Copy(2, "int4"), Copy(1, "int8")],
 }
+
+
+@pytest.fixture(params=[True, False], ids=["batch-invariant", "gemm-allowed"])
+def invariant(request):
+    """Settings.batch_invariant both ways: on (the default), the one call at any token count."""
+    with settings.override(batch_invariant=request.param):
+        yield request.param
 
 
 def layer(plan, I=80, D=64, dtype=torch.bfloat16, seed=0):
@@ -64,7 +72,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 65])  # one token; one parallel region up to 64; one copy after another
-def test_one_call_equals_the_per_copy_path_and_float64(plan, T, bf16_cpu):
+def test_one_call_equals_the_per_copy_path_and_float64(plan, T, bf16_cpu, invariant):
     ex = layer(plan)
     copies = ex.copies()
     x, copy_ids, w = routed(ex, T, k=3)  # three terms a token: the order of the rounded sums shows
@@ -79,11 +87,12 @@ def test_one_call_equals_the_per_copy_path_and_float64(plan, T, bf16_cpu):
         m.setattr(cpu_linear, "supports", spied)
         per_copy = moe_cpu.per_copy(x, copy_ids, w, copies)
     assert one.dtype == per_copy.dtype == torch.bfloat16
+    gemm = not invariant and bf16_cpu  # the rule that lets torch's GEMM take more than 16 rows
     if all(taken):  # every per-copy matmul native: the same arithmetic, bit for bit
         assert torch.equal(one, per_copy)
-    else:  # with bf16 instructions a copy over 16 rows runs torch's GEMM, summing in its own order
-        assert bf16_cpu and int(torch.bincount(copy_ids.flatten()).max()) > 16
-    assert all(taken) == (not bf16_cpu or int(torch.bincount(copy_ids.flatten()).max()) <= 16)
+    else:  # a copy over 16 rows ran torch's GEMM, summing in its own order
+        assert gemm and int(torch.bincount(copy_ids.flatten()).max()) > 16
+    assert all(taken) == (not gemm or int(torch.bincount(copy_ids.flatten()).max()) <= 16)
     ref = float64(copies, x, copy_ids, w)
     # bf16 roundings (hidden, output, weighted sum): 0.75% of the max measured; quantised copies
     # also quantise their activations to int8 per block of 32 (the heavy-tailed SwiGLU outputs
@@ -91,9 +100,9 @@ def test_one_call_equals_the_per_copy_path_and_float64(plan, T, bf16_cpu):
     bound = 1e-2 if plan == "full" else 3e-2
     for out in (one, per_copy):
         assert rel_err(out, ref) < bound, plan
-    # the op: the one call, except with bf16 instructions over 16 tokens (per copy, torch's GEMM)
+    # the op: the one call, except where torch's GEMM may take over 16 tokens (then per copy)
     op = moe_experts.native(x, copy_ids, w, copies)
-    assert torch.equal(op, per_copy if bf16_cpu and T > 16 else one)
+    assert torch.equal(op, per_copy if gemm and T > 16 else one)
 
 
 @pytest.mark.parametrize("plan", ["full", "mixed", "rnq"])

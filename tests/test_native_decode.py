@@ -88,10 +88,12 @@ def test_one_call_step_equals_the_per_op_path(family, threads, cache_tokens, tin
     assert (llm.scheduler.num_preemptions > 0) == (cache_tokens is not None)
 
 
-def test_batches_over_16_follow_the_bf16_decision(tiny_mixtral, monkeypatch, bf16_cpu):
-    """With bf16 instructions (forced here both ways) a decode batch over 16 sequences is left to
-    the per-op path, whose projections then run torch's GEMM; without, the one-call step takes it.
-    Either way the step it takes equals the per-op path bit for bit."""
+@pytest.mark.parametrize("invariant", [True, False], ids=["batch-invariant", "gemm-allowed"])
+def test_batches_over_16_follow_the_rows_decision(invariant, tiny_mixtral, monkeypatch, bf16_cpu):
+    """Batch-invariant (the default), the one-call step takes every decode batch. Otherwise, with
+    bf16 instructions (forced here both ways) a batch over 16 sequences is left to the per-op
+    path, whose projections then run torch's GEMM; without, the one-call step takes it. Either
+    way the step it takes equals the per-op path bit for bit."""
     model = load_model(tiny_mixtral, dtype="bfloat16")
     llm = LLM(model, block_size=4)
     sizes, decode_step = [], native_decode.decode_step
@@ -101,13 +103,14 @@ def test_batches_over_16_follow_the_bf16_decision(tiny_mixtral, monkeypatch, bf1
         return decode_step(model, ids, *rest)
     monkeypatch.setattr(model_runner, "decode_step", sized)
     taken = checked_runner(llm, monkeypatch)
-    for p, n in zip(prompts([3 + i % 5 for i in range(18)]), [3] * 6 + [6] * 12):
-        llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    while llm.has_unfinished():
-        llm.step()
+    with settings.override(batch_invariant=invariant):
+        for p, n in zip(prompts([3 + i % 5 for i in range(18)]), [3] * 6 + [6] * 12):
+            llm.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        while llm.has_unfinished():
+            llm.step()
     # each step is offered twice: with the one-call step off (the per-op reference), then on
     assert not any(taken[0::2])
-    assert taken[1::2] == [size <= 16 or not bf16_cpu for size in sizes[1::2]]
+    assert taken[1::2] == [size <= 16 or invariant or not bf16_cpu for size in sizes[1::2]]
     assert 18 in sizes and 12 in sizes  # both sides of 16 were stepped
 
 

@@ -22,6 +22,14 @@ CPU's instructions, `-march=native`: AVX512-VNNI or AVX-VNNI integer dot product
 has them) or "avx2" (`-march=native -mno-avx512f -mno-avxvnni`: the AVX2 code, in its own cached
 build), so the AVX2 kernels run, and are tested, on an AVX-512 machine. Tests change one field at a
 time through `kernels.use_backend` and `cpu_linear.bf16_instructions`.
+
+`batch_invariant` (TINYMOE_BATCH_INVARIANT, on by default): every CPU matmul of bf16 or quantised
+weights runs in the native kernels whatever its row count. They sum each row in one fixed order,
+so a request's numbers (and greedy tokens) are the same alone and in any batch, on the per-op
+path and the one-call step. Off, with bf16 instructions, batches over the measured row counts go
+to torch's GEMM (`cpu_linear.native_rows`, `quant_native`), whose result for a row changes with
+the number of rows: faster prefill on small models, answers that depend on the load
+(bench/batch_invariance.py).
 """
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -53,12 +61,13 @@ class Settings:
     threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
     wait_policy: str = "passive"    # OMP_WAIT_POLICY the `tinymoe` command exports (see above)
     cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
+    batch_invariant: bool = True    # CPU matmuls of any row count in the native fixed-order kernels
     kv_cache_bytes: int = KV_CACHE_BYTES  # KV cache budget of an LLM not given kv_cache_tokens
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
-        for name in ("native", "native_step"):
+        for name in ("native", "native_step", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Settings.{name} takes True or False, not {getattr(self, name)!r}")
         if self.cpu_bf16 is not None and not isinstance(self.cpu_bf16, bool):
@@ -88,7 +97,10 @@ class Settings:
             given["backend"] = backend
         for var, name, off, on in (("TINYMOE_NATIVE", "native", "torch ops only", "the native CPU library"),
                                    ("TINYMOE_NATIVE_STEP", "native_step", "the per-op decode path",
-                                    "the one-call decode step")):
+                                    "the one-call decode step"),
+                                   ("TINYMOE_BATCH_INVARIANT", "batch_invariant",
+                                    "torch's GEMM for many rows, results depending on the batch",
+                                    "every request's results independent of its batch")):
             value = env.get(var, "")
             if value not in ("", "0", "1"):
                 raise ValueError(f"{var}={value!r}: use 0 ({off}) or 1 ({on}, the default)")

@@ -1,7 +1,8 @@
 // y[M, N] = x[M, K] . w[N, K]^T with bf16 weights and fp32 activations, accumulated in fp32:
-// the CPU matmul of decode-sized batches, and the units of work (cpu_kernels.h: prepare,
-// compute_unit) that every consumer schedules; INT8/INT4 matrices are cpu_quant.cpp's. Built on
-// first use by native.py with the host compiler (-O3 -march=native -fopenmp).
+// the CPU matmul (of every row count when Settings.batch_invariant, else of decode-sized
+// batches), and the units of work (cpu_kernels.h: prepare, compute_unit) that every consumer
+// schedules; INT8/INT4 matrices are cpu_quant.cpp's. Built on first use by native.py with the
+// host compiler (-O3 -march=native -fopenmp).
 //
 // Weights are read in chunks of CH = 2 * VW values that split into two fp32 vectors with one
 // instruction each. A bf16 is the top half of an fp32, so in a chunk read as 32-bit words the odd
@@ -69,68 +70,54 @@ static inline float hsum(vf v) {
     return hsum8(v);
 #endif
 }
-static inline vf add(vf a, vf b) {
-#if defined(__AVX512F__)
-    return _mm512_add_ps(a, b);
-#else
-    return _mm256_add_ps(a, b);
-#endif
-}
-
-// R weight rows against MB activation rows, U independent accumulators each along k (one FMA
-// chain cannot keep up with memory); the R x MB x U accumulators stay in registers.
-template <int R, int MB, int U, typename W>
+// Every dot product is summed in one order, whichever tile computes it: one FMA chain over its
+// chunks of CH values in k order, then the vector's lanes (hsum), then the last K % CH values in
+// order. Tiles differ only in how many weight and activation rows share their loads, so a row's
+// result depends on that row of x alone, never on M, the rows beside it or the threads (batch
+// invariance, as vLLM's batch-invariant kernels give it on GPUs). The independent chains a
+// core needs come from the tile's R x MB dot products, not from splitting one (which would tie
+// the order to the tile).
+template <int R, int MB, typename W>
 static inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* out) {
-    vf acc[R][MB][U];
-    for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) for (int u = 0; u < U; u++) acc[r][m][u] = zero();
+    vf acc[R][MB];
+    for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) acc[r][m] = zero();
     int64_t k = 0;
-    for (; k + U * CH <= K; k += U * CH) {
+    for (; k + CH <= K; k += CH) {
         for (int r = 0; r < R; r++) {
             const char* ahead = (const char*)(w + r * K + k) + PREFETCH;
             _mm_prefetch(ahead, _MM_HINT_T0);
             _mm_prefetch(ahead + 64, _MM_HINT_T0);
         }
-        for (int u = 0; u < U; u++) {
-            vf lo[R], hi[R];
-            for (int r = 0; r < R; r++) split(w + r * K + k + u * CH, lo[r], hi[r]);
-            for (int m = 0; m < MB; m++) {
-                const vf xl = load_f32(x + m * ldx + k + u * CH), xh = load_f32(x + m * ldx + k + u * CH + VW);
-                for (int r = 0; r < R; r++) acc[r][m][u] = fma(hi[r], xh, fma(lo[r], xl, acc[r][m][u]));
-            }
+        vf lo[R], hi[R];
+        for (int r = 0; r < R; r++) split(w + r * K + k, lo[r], hi[r]);
+        for (int m = 0; m < MB; m++) {
+            const vf xl = load_f32(x + m * ldx + k), xh = load_f32(x + m * ldx + k + VW);
+            for (int r = 0; r < R; r++) acc[r][m] = fma(hi[r], xh, fma(lo[r], xl, acc[r][m]));
         }
     }
-    for (; k + CH <= K; k += CH)
-        for (int r = 0; r < R; r++) {
-            vf lo, hi;
-            split(w + r * K + k, lo, hi);
-            for (int m = 0; m < MB; m++)
-                acc[r][m][0] = fma(hi, load_f32(x + m * ldx + k + VW), fma(lo, load_f32(x + m * ldx + k), acc[r][m][0]));
-        }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++) {
-            vf total = acc[r][m][0];
-            for (int u = 1; u < U; u++) total = add(total, acc[r][m][u]);
-            float s = hsum(total);
+            float s = hsum(acc[r][m]);
             for (int64_t j = k; j < K; j++) s += scalar(w[r * K + j]) * x[m * ldx + j];
             out[r * MB + m] = s;
         }
 }
 
 // acc[r * M + m] for weight rows n0 .. n0 + R and all M activation rows
-template <int R, int MB, int U, typename W>
+template <int R, int MB, typename W>
 static void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, float* acc) {
     static_assert(MB <= 4, "the remainder below covers up to 3 rows");
     const W* wr = w + n0 * K;
     float part[R * MB];
     int64_t m = 0;
     for (; m + MB <= M; m += MB) {
-        tile<R, MB, U>(x + m * K, K, wr, K, part);
+        tile<R, MB>(x + m * K, K, wr, K, part);
         for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r * M + m + j] = part[r * MB + j];
     }
     const int rest = int(M - m);  // the last < MB rows in one pass too, not one by one
-    if (rest == 1) tile<R, 1, U>(x + m * K, K, wr, K, part);
-    else if (rest == 2) tile<R, 2, U>(x + m * K, K, wr, K, part);
-    else if (rest == 3) tile<R, 3, U>(x + m * K, K, wr, K, part);
+    if (rest == 1) tile<R, 1>(x + m * K, K, wr, K, part);
+    else if (rest == 2) tile<R, 2>(x + m * K, K, wr, K, part);
+    else if (rest == 3) tile<R, 3>(x + m * K, K, wr, K, part);
     for (int r = 0; r < R; r++) for (int j = 0; j < rest; j++) acc[r * M + m + j] = part[r * rest + j];
 }
 
@@ -138,7 +125,7 @@ constexpr int MCHUNK = 64;  // activation rows per pass over a block of weight r
 
 // Weight rows [b R, b R + R) of y = x w^T for all M activation rows (x fp32, permuted): one unit
 // of a linear()'s work.
-template <int R, int MB, int U, typename W>
+template <int R, int MB, typename W>
 static void block(const float* x, int64_t M, int64_t K, const W* w, int64_t N, void* y,
                   int out_bf16, int64_t b) {
     const int64_t n0 = b * R;
@@ -147,9 +134,9 @@ static void block(const float* x, int64_t M, int64_t K, const W* w, int64_t N, v
         const int64_t mc = M - m0 < MCHUNK ? M - m0 : MCHUNK;
         const float* xm = x + m0 * K;
         if (n0 + R <= N) {
-            rows<R, MB, U>(xm, mc, K, w, n0, acc);
+            rows<R, MB>(xm, mc, K, w, n0, acc);
         } else {
-            for (int64_t n = n0; n < N; n++) rows<1, MB, U>(xm, mc, K, w, n, acc + (n - n0) * mc);
+            for (int64_t n = n0; n < N; n++) rows<1, MB>(xm, mc, K, w, n, acc + (n - n0) * mc);
         }
         for (int64_t n = n0; n < N && n < n0 + R; n++) {
             for (int64_t j = 0; j < mc; j++) {
@@ -162,18 +149,20 @@ static void block(const float* x, int64_t M, int64_t K, const W* w, int64_t N, v
     }
 }
 
-// The tile shape for M activation rows. Few rows: bandwidth-bound, so one weight row at a time
-// (one stream for the prefetcher) feeding all of them, with several k chains. Many:
-// compute-bound, so tiles of 3 weight rows x 4 activation rows.
-static inline int64_t rows_per_block(int64_t M) { return M >= 4 ? 3 : 1; }
+// The tile shape for M activation rows. 1-3 rows (bandwidth-bound): 4 weight rows at a time
+// against all of them, each prefetched 8 KB ahead; 4 weight rows' chains keep up with memory as
+// well as one row's split into two chains did (bench: 7168 x 1024 and 1024 x 3584 bf16 from
+// DRAM, one thread, AVX-512 and AVX2 builds alike), without tying the order to the tile. More
+// rows (compute-bound): tiles of 3 weight rows x 4 activation rows.
+static inline int64_t rows_per_block(int64_t M) { return M >= 4 ? 3 : 4; }
 
 template <typename W>
 static void block_for(const float* x, int64_t M, int64_t K, const W* w, int64_t N, void* y,
                       int out_bf16, int64_t b) {
-    if (M == 1) block<1, 1, 2>(x, M, K, w, N, y, out_bf16, b);
-    else if (M == 2) block<1, 2, 2>(x, M, K, w, N, y, out_bf16, b);
-    else if (M == 3) block<1, 3, 2>(x, M, K, w, N, y, out_bf16, b);
-    else block<3, 4, 1>(x, M, K, w, N, y, out_bf16, b);
+    if (M == 1) block<4, 1>(x, M, K, w, N, y, out_bf16, b);
+    else if (M == 2) block<4, 2>(x, M, K, w, N, y, out_bf16, b);
+    else if (M == 3) block<4, 3>(x, M, K, w, N, y, out_bf16, b);
+    else block<3, 4>(x, M, K, w, N, y, out_bf16, b);
 }
 
 // Blocks per ~256 KB of weights: work taken in turn, so a worker OpenMP wakes late takes fewer

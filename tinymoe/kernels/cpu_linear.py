@@ -4,9 +4,14 @@
 On a CPU with bf16 weights or a QWeight it runs the native kernels (`cpu_linear.cpp`, and
 `cpu_quant.cpp` for int8/int4, built and loaded by `native.py`): without bf16 instructions
 torch's bf16 GEMV streams weights at about half the memory bandwidth and its GEMM emulates bf16
-at a quarter of what the kernel reaches (bench/linear.py). With AMX or AVX512-BF16, torch's GEMM
-wins from a few dozen rows on and takes them (a QWeight dequantised to bf16 first). Elsewhere
-(GPU, fp32 weights, no compiler) it is `F.linear` (a QWeight dequantised to x's dtype).
+at a quarter of what the kernel reaches (bench/linear.py). The native kernels sum each row's dot
+products in one order whatever the number of rows, so a row's result never depends on the rows
+beside it; torch's GEMM does not promise that (its result for a row changes with M). So with
+`Settings.batch_invariant` (the default) every row count stays native, and a request's numbers
+are the same alone and in any batch; `native_rows` is that rule. Without it, with AMX or
+AVX512-BF16, torch's GEMM wins from a few dozen rows on and takes them (a QWeight dequantised to
+bf16 first). Elsewhere (GPU, fp32 weights, no compiler) it is `F.linear` (a QWeight dequantised
+to x's dtype).
 
 Whether the CPU counts as having bf16 instructions is decided in one place, `native_bf16()`:
 `Settings.cpu_bf16` (`TINYMOE_CPU_BF16=0|1`; in tests `bf16_instructions(True | False | None)`,
@@ -50,7 +55,7 @@ class bf16_instructions(settings.override):
         super().__init__(cpu_bf16=value)
 
 
-NATIVE_MAX_ROWS_WITH_BF16 = 16  # with bf16 instructions, torch's GEMM beyond this many rows
+NATIVE_MAX_ROWS_WITH_BF16 = 16  # with bf16 instructions and not batch-invariant, torch's GEMM beyond
 ACTIVATIONS = (torch.float32, torch.bfloat16)
 
 
@@ -134,17 +139,24 @@ def quant_native(rows: int, precision: str) -> bool:
     return rows <= QUANT_NATIVE_MAX_ROWS["amx" if _detected_amx() else "avx512_bf16"][precision]
 
 
+def native_rows(rows: int) -> bool:
+    """Do bf16 matmuls of `rows` activation rows (a MoE layer's `rows` tokens, a decode step's
+    `rows` sequences) run in the native kernels, else torch's GEMM? Always with
+    `Settings.batch_invariant` or without bf16 instructions; else up to NATIVE_MAX_ROWS_WITH_BF16."""
+    return settings.current().batch_invariant or not native_bf16() or rows <= NATIVE_MAX_ROWS_WITH_BF16
+
+
 def _rows_ok(x: torch.Tensor, w: torch.Tensor | QWeight) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     if isinstance(w, QWeight):
-        return quant_native(rows, w.precision)
-    return not native_bf16() or rows <= NATIVE_MAX_ROWS_WITH_BF16
+        return settings.current().batch_invariant or quant_native(rows, w.precision)
+    return native_rows(rows)
 
 
 def supports(x: torch.Tensor, w: torch.Tensor | QWeight) -> bool:
     """Does `linear` run this matmul in the native kernel? CPU; bf16 weights (row-major) or a
-    2-D QWeight; and the rows: bf16 weights with bf16 instructions at most
-    NATIVE_MAX_ROWS_WITH_BF16, a QWeight as `quant_native` decides."""
+    2-D QWeight; and the rows: any number with `Settings.batch_invariant`, else bf16 weights as
+    `native_rows` decides, a QWeight as `quant_native` does."""
     if isinstance(w, QWeight):
         kind_ok = w.q.dim() == 2 and w.q.device.type == "cpu"
     else:

@@ -3,13 +3,16 @@
 One native call for every plan and precision: the `moe_tokens` entry (cpu_moe.cpp) takes each
 copy's gate/up and down matrices as native `Matrix`es (bf16, int8, int4, any mix), the arrays
 built once per `ExpertCopies` (`copy_matrices`); the one-call decode step passes the same
-arrays. With bf16 instructions and more than NATIVE_MAX_ROWS_WITH_BF16 tokens it runs per copy
-instead, each copy's matmuls through `cpu_linear.linear`, which sends many rows to torch's bf16
-GEMM (oneDNN: AVX512-BF16 / AMX), a quantised copy dequantised to bf16 first: a 128-token
-prefill of a mixtral-mini layer on AVX512-BF16 took 28 ms that way against 108 ms in the native
-fp32 FMAs. The per-copy path also serves what the native entry cannot take (fp32 models, no
-library). Both round where the other rounds: bit for bit equal while the per-copy matmuls are
-native (tests/test_moe_cpu.py).
+arrays. Its matmuls sum each row in one order whatever the tokens, and each token's terms are
+added in copy order, so a token's output does not depend on the other tokens of the call (batch
+invariance, `Settings.batch_invariant`). Only when `cpu_linear.native_rows` sends the layer's
+tokens to torch's GEMM (not batch-invariant, bf16 instructions, more than
+NATIVE_MAX_ROWS_WITH_BF16 tokens) does it run per copy instead, each copy's matmuls through
+`cpu_linear.linear`, which sends many rows to torch's bf16 GEMM (oneDNN: AVX512-BF16 / AMX), a
+quantised copy dequantised to bf16 first: a 128-token prefill of a mixtral-mini layer on
+AVX512-BF16 took 28 ms that way against 108 ms in the native fp32 FMAs. The per-copy path also
+serves what the native entry cannot take (fp32 models, no library). Both round where the other
+rounds: bit for bit equal while the per-copy matmuls are native (tests/test_moe_cpu.py).
 """
 import weakref
 
@@ -126,7 +129,7 @@ def moe_experts_native(x, copy_ids, weights, copies: ExpertCopies, observer=None
     _check(x, copy_ids, weights, copies)
     if copy_ids.numel() == 0:
         return torch.zeros_like(x)
-    if not (cpu_linear.native_bf16() and x.shape[0] > cpu_linear.NATIVE_MAX_ROWS_WITH_BF16):
+    if cpu_linear.native_rows(x.shape[0]):
         out = one_call(x, copy_ids, weights, copies)
         if out is not None:
             return out

@@ -221,9 +221,8 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
     """N decode tokens, one per sequence: input_ids and positions [N], caches
     [layers, blocks, block_size, KV, hd], slot_mapping [N] (int64), block_tables [N, W] and
     context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
-    if not covers(model, k_cache) or (cpu_linear.native_bf16() and
-                                      len(input_ids) > cpu_linear.NATIVE_MAX_ROWS_WITH_BF16):
-        return None  # (with bf16 instructions, torch's GEMM takes the projections of larger batches)
+    if not covers(model, k_cache) or not cpu_linear.native_rows(len(input_ids)):
+        return None  # (torch's GEMM takes the projections of this batch: the per-op path runs it)
     desc, routing = _description(model, k_cache, v_cache, scale)
     if desc is None:
         return None

@@ -9,5 +9,6 @@ class TopK(Router):
 
     def route(self, logits, hidden, ctx):
         probs = ctx.rule.probs(logits)
-        ids = torch.topk(probs, ctx.rule.top_k, dim=-1).indices
+        # the lower expert on a tie, as the native decode step (torch.topk breaks ties its own way)
+        ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :ctx.rule.top_k]
         return ids, ctx.rule.weights(probs, ids)
