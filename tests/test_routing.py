@@ -233,7 +233,8 @@ def test_router_without_options_says_so():
 
 @pytest.fixture(scope="module")
 def tiny_calibrated(tmp_path_factory):
-    """The embedded tiny-mixtral, calibrated on a slice of its held-out text (file saved too)."""
+    """The embedded tiny-mixtral, calibrated on a slice of its held-out text, with LASER's loads
+    (file saved too)."""
     import tinymoe
     from tinymoe.evaluation import read_tokens
     from tinymoe.routing.calibrate import calibrate
@@ -241,7 +242,7 @@ def tiny_calibrated(tmp_path_factory):
     data = ASSETS / "data" / "heldout.txt"
     model = tinymoe.load_model("tiny", dtype="float32")
     tokens = read_tokens(tinymoe.load_tokenizer("tiny"), data)
-    calib = calibrate(model, tokens[:4096], seq_len=64, proto_steps=0)
+    calib = calibrate(model, tokens[:4096], seq_len=64, proto_steps=0, routers=["laser"])
     path = tmp_path_factory.mktemp("calib") / "calib.safetensors"
     calib.save(path)
     return model, calib, path, data, tokens
@@ -396,3 +397,103 @@ def test_bad_plan_name_and_option_are_one_line_errors():
     assert len(r.stderr.splitlines()) == 1
     r = CliRunner().invoke(cli, ["generate", "tiny", "-p", "x", "--plan-opt", "replica=int4"])
     assert r.exit_code == 2 and "--plan-opt needs --plan" in r.output
+
+
+# --- R&Q sized from its base router's loads (`calibrate(..., routers=...)`) ---
+
+
+def test_calibration_under_laser_records_laser_loads(tiny_calibrated):
+    """load.laser is what LASER routes on the calibration's windows (a LoadRecorder on a pass of
+    the same windows under the installed LASER, attached to that calibration); load stays top-k's."""
+    from tinymoe.routing import install
+    from tinymoe.routing.calibrate import load_calibration
+    model, calib, path, _, tokens = tiny_calibrated
+    rows = tokens[:4096].view(-1, 64)
+    recorded = {}
+    for name in ("topk", "laser"):
+        install(model, name, calib)
+        rec = metrics.LoadRecorder().attach(model)
+        with torch.no_grad():
+            for s in range(0, rows.shape[0], 8):  # calibrate's windows, 8 a pass
+                model(rows[s:s + 8])
+        rec.detach(model)
+        recorded[name] = rec.pooled("run")
+    install(model, "topk")
+    differ = 0
+    for block in model.moe_blocks():
+        layer = calib.layer(block.ctx.layer)
+        assert torch.equal(layer["load.laser"], recorded["laser"][block.ctx.layer].float())
+        assert torch.equal(layer["load"], recorded["topk"][block.ctx.layer].float())
+        differ += not torch.equal(layer["load.laser"], layer["load"])
+    assert differ == len(model.moe_blocks())
+    assert load_calibration(path).meta["loads"] == {"laser": make_router("laser").opts}
+
+
+def test_rnq_sizes_its_replicas_from_its_base_routers_loads(tiny_calibrated):
+    from tinymoe.routing.calibrate import Calibration
+    from tinymoe.routing.rnq import rnq_plan
+    model, calib, _, _, _ = tiny_calibrated
+    changed = 0
+    for block in model.moe_blocks():
+        layer = calib.layer(block.ctx.layer)
+        bytes_of = {p: block.experts.copy_bytes(p) for p in ("full", "int8", "int4")}
+        over_laser = make_router("laser", plan="rnq").attach(block, layer)
+        over_topk = make_router("topk", plan="rnq").attach(block, layer)
+        assert over_laser == rnq_plan(layer["load.laser"], layer["importance"], bytes_of)
+        assert over_topk == rnq_plan(layer["load"], layer["importance"], bytes_of)
+        changed += over_laser != over_topk
+        # an old file (no load.topk key) serves topk + rnq from "load" as before
+        assert "load.topk" not in layer
+    assert changed > 0  # the loads differ, and so do the plans
+    old = Calibration({i: {k: v for k, v in d.items() if k != "load.laser"} for i, d in calib.layers.items()},
+                      calib.meta)
+    block = model.moe_blocks()[0]
+    for name in ("laser", "budget"):
+        with pytest.raises(ValueError) as e:
+            make_router(name, plan="rnq").attach(block, old.layer(block.ctx.layer))
+        assert str(e.value) == (f"rnq over {name} needs the expert loads under {name} in the calibration file "
+                                f"(run `tinymoe calibrate MODEL --data FILE --routers {name} --out "
+                                f"calib.safetensors`)")
+    with pytest.raises(ValueError, match=r"--data FILE --routers laser --out"):
+        make_router("laser", plan="rnq").attach(block, None)
+
+
+def test_calibrate_routers_are_checked_and_the_model_left_as_it_was(tiny_calibrated):
+    from tinymoe.routing import install
+    from tinymoe.routing.calibrate import calibrate
+    model, calib, _, _, tokens = tiny_calibrated
+    with pytest.raises(ValueError, match="valid routers"):
+        calibrate(model, tokens[:256], seq_len=64, proto_steps=0, routers=["nope"])
+    with pytest.raises(ValueError, match="not plans: 'rnq' is a plan"):
+        calibrate(model, tokens[:256], seq_len=64, proto_steps=0, routers=["rnq"])
+    install(model, "bias", calib)
+    with torch.no_grad():
+        model(tokens[:64].view(2, 32))  # the bias state exists once bias has routed
+    blocks = model.moe_blocks()
+    before = [(b.router, b.recorder, b.observer, b.ctx.state["bias"].clone()) for b in blocks]
+    small = calibrate(model, tokens[:256], seq_len=64, proto_steps=0, routers=["topk", ("budget", {"delta": 0.3})])
+    for b, (router, rec, obs, bias) in zip(blocks, before):
+        assert (b.router, b.recorder, b.observer) == (router, rec, obs)
+        assert torch.equal(b.ctx.state["bias"], bias)
+        assert set(small.layer(b.ctx.layer)) == {"mass_quantiles", "load", "importance", "load.budget"}
+    assert small.meta["loads"] == {"budget": {"delta": 0.3}}
+    install(model, "topk")
+
+
+def test_calibrate_command_records_router_loads(tiny_calibrated, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    import tinymoe.cli as cli_module
+    from tinymoe.routing.calibrate import load_calibration
+    _, _, _, data, _ = tiny_calibrated
+    out = tmp_path / "c.safetensors"
+    args = ["calibrate", "tiny", "--data", str(data), "--out", str(out), "--seq-len", "64",
+            "--max-tokens", "1000", "--proto-steps", "0"]
+    r = CliRunner().invoke(cli_module.cli, [*args, "--routers", "laser, budget"])
+    assert r.exit_code == 0, r.output
+    assert "| 45/45 [" in r.stderr  # 15 windows: the top-k pass, then one pass per router
+    layer = load_calibration(out).layer(1)
+    assert {"load", "load.laser", "load.budget"} <= set(layer) and layer["load.budget"].sum() == layer["load"].sum()
+    monkeypatch.setattr(cli_module, "_load", lambda *a: pytest.fail("the model was loaded"))
+    for bad, message in (("nope", "unknown router 'nope'"), ("rnq", "'rnq' is a plan")):
+        r = CliRunner().invoke(cli_module.cli, [*args, "--routers", bad])
+        assert r.exit_code == 1 and message in r.stderr and len(r.stderr.splitlines()) == 1

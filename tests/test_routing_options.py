@@ -36,9 +36,9 @@ BAD = [
     ("rnq", {"replicas": -1}, "router 'rnq' option replicas must be an integer >= 0, got -1"),
     ("rnq", {"replicas": "a few"}, "router 'rnq' option replicas must be an integer >= 0, got 'a few'"),
     ("rnq", {"base": "rnq"}, "router 'rnq' option base must be a router that is not a plan (one of "
-                             "balanced, bias, laser, prototype, random, topk), got 'rnq'"),
+                             "balanced, bias, budget, laser, prototype, random, topk), got 'rnq'"),
     ("rnq", {"base": "nope"}, "router 'rnq' option base must be a router that is not a plan (one of "
-                              "balanced, bias, laser, prototype, random, topk), got 'nope'"),
+                              "balanced, bias, budget, laser, prototype, random, topk), got 'nope'"),
     ("topk", {"k": 3}, "router 'topk' has no option k; valid options: none"),
     ("laser", {"tfix": 0.1}, "router 'laser' has no option tfix; valid options: eps_high, q, t_fix, c, exact"),
 ]

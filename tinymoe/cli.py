@@ -68,6 +68,8 @@ class EngineOptions:
     plan_name: str | None = None
     plan_opts: dict = field(default_factory=dict)
     quant: str | None = None
+    ep: int = 1
+    placement: str = "contiguous"
 
     @property
     def plan(self):
@@ -80,7 +82,8 @@ class EngineOptions:
         """The engine for `model` with these options, with a progress bar while loading."""
         from .engine import LLM
         return LLM(model, router=self.router, dtype=self.dtype, calib=self.calib, progress=True,
-                   plan=self.plan, router_opts=self.router_opts, quant=self.quant, **engine_kwargs)
+                   plan=self.plan, router_opts=self.router_opts, quant=self.quant, expert_parallel=self.ep,
+                   placement=self.placement, **engine_kwargs)
 
 
 def _check_quant(_ctx, param, value):
@@ -95,11 +98,20 @@ def _check_quant(_ctx, param, value):
     return value
 
 
-QUANT_SPECS = ("int8, int4, int4:g32 (group 32, 64 or 128), or per part "
+QUANT_SPECS = ("int8, int4 (its LM head int8), int4:g32 (group 32, 64 or 128), or per part "
                "experts=int4,shared=int8,dense=int8,attn=int8,head=int8 (unnamed parts stay full; gates "
                "and embeddings always do)")
 QUANT_HELP = ("quantise weights while loading: " + QUANT_SPECS +
               "; a checkpoint from `tinymoe quantize` loads as written")
+
+
+def _check_placement(_ctx, param, value):
+    from .experts.placement import parse_placement
+    try:
+        parse_placement(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
+    return value
 
 
 def quant_option(f):
@@ -108,13 +120,13 @@ def quant_option(f):
 
 def engine_options(f):
     """--router, --router-opt KEY=VALUE (repeatable), --plan, --plan-opt KEY=VALUE (repeatable),
-    --calib, --dtype, --quant, --debug; the command receives them as one `engine: EngineOptions`
-    argument."""
+    --calib, --dtype, --quant, --ep, --placement, --debug; the command receives them as one
+    `engine: EngineOptions` argument."""
     @functools.wraps(f)
-    def wrapper(*args, router, router_opt, plan, plan_opt, calib, dtype, quant, debug, **kwargs):
+    def wrapper(*args, router, router_opt, plan, plan_opt, calib, dtype, quant, ep, placement, debug, **kwargs):
         if plan_opt and plan is None:
             raise click.UsageError("--plan-opt needs --plan")
-        engine = EngineOptions(router, router_opt, calib, dtype, debug, plan, plan_opt, quant)
+        engine = EngineOptions(router, router_opt, calib, dtype, debug, plan, plan_opt, quant, ep, placement)
         if plan is not None:  # a bad plan name or option fails before the model loads
             from .routing import plan_spec
             plan_spec(engine.plan)
@@ -132,6 +144,13 @@ def engine_options(f):
                      help="calibration file from `tinymoe calibrate`"),
         click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)"),
         click.option("--quant", default=None, metavar="SPEC", callback=_check_quant, help=QUANT_HELP),
+        click.option("--ep", default=1, show_default=True, type=click.IntRange(min=1), metavar="G",
+                     help="expert parallelism over G ranks (processes over torch.distributed, one CPU thread "
+                          "each unless --threads; inside torchrun, its ranks)"),
+        click.option("--placement", default="contiguous", show_default=True, callback=_check_placement,
+                     metavar="NAME", help="which rank holds each expert under --ep: contiguous, eplb (replicas of "
+                                          "the most loaded experts, one a rank; eplb:R for R; needs --calib "
+                                          "outside bench)"),
         click.option("--debug", is_flag=True, callback=_set_debug, expose_value=True, is_eager=True,
                      help="show tracebacks"),
     ]):
@@ -336,9 +355,10 @@ def _load(model: str, dtype, quant=None):
     return load_model(model, dtype=dtype, progress=True, quant=quant), load_tokenizer(model)
 
 
-def _load_checked(model: str, engine: EngineOptions, check_router: bool = True):
+def _load_checked(model: str, engine: EngineOptions, check_router: bool = True, weights: bool = True):
     """_load, with --calib read and checked against the model's config, and the router's options
-    against its layers, before the weights; the calibration's gate fingerprint after them."""
+    against its layers, before the weights; the calibration's gate fingerprint after them.
+    `weights=False`: the checks that need no weights only (engine.calib is then the file read)."""
     from .config import load_config
     from .routing import check_before_loading
     from .routing.calibrate import load_calibration
@@ -349,11 +369,20 @@ def _load_checked(model: str, engine: EngineOptions, check_router: bool = True):
         calib.check_config(cfg)
     if check_router:
         check_before_loading(cfg, engine.router, None, engine.plan, **engine.router_opts)
+    if not weights:
+        engine.calib = calib
+        return None
     net, tok = _load(model, engine.dtype, engine.quant)
     if calib is not None:
         calib.check(net)
         engine.calib = calib
     return net, tok
+
+
+def _ep_threads() -> int:
+    """CPU threads of each expert-parallel rank: --threads if given, else one."""
+    from .settings import current
+    return current().threads or 1
 
 
 def _int_list(_ctx, _param, value: str) -> list[int]:
@@ -408,20 +437,25 @@ def _default_data(model) -> str:
               help="use at most this many tokens")
 @click.option("--proto-steps", default=200, show_default=True, type=click.IntRange(min=0),
               help="Adam steps of the prototype fit (0: skip)")
+@click.option("--routers", default="", help="also record the expert loads under these routers "
+              "(comma-separated, default options; one more pass each), for --router NAME --plan rnq")
 @click.option("--dtype", default=None, help="weights dtype (default: the checkpoint's)")
 @quant_option
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
-def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, quant, debug):
+def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, routers, dtype, quant, debug):
     """One pass over --data recording what routers need (LASER thresholds, expert loads and
     importance for R&Q, fitted prototypes); any command reads it with --calib. The file records
     the --quant it was measured under."""
     from .evaluation import read_tokens
-    from .routing.calibrate import calibrate as run_calibration
+    from .progress import bar
+    from .routing.calibrate import calibrate as run_calibration, load_routers
+    names = [r.strip() for r in routers.split(",") if r.strip()]
+    passes = 1 + len(load_routers(names))  # a bad name fails before loading
     net, tok = _load(model, dtype, quant)
     tokens = read_tokens(tok, data)[:max_tokens]
-    with _windows_bar(tokens, seq_len) as counter:
+    with bar(total=passes * max(1, tokens.numel() // seq_len), desc="calibrate", unit="window") as counter:
         calib = run_calibration(net, tokens, seq_len=seq_len, batch=batch, proto_steps=proto_steps,
-                                progress=counter.update)
+                                progress=counter.update, routers=names)
     calib.meta["quant"] = net.quant.describe()
     calib.save(out)
     click.echo(f"wrote {out}: {len(calib.layers)} MoE layers, {calib.meta['tokens']} tokens", err=True)
@@ -442,17 +476,18 @@ def calibrate(model, data, out, seq_len, batch, max_tokens, proto_steps, dtype, 
 def eval_command(model, data, window, batch, max_windows, mc_prompt, fmt, engine):
     """Accuracy of --router on MODEL: perplexity and agreement with top-k, or multiple choice."""
     import json
-    from .evaluation import evaluate_text, multiple_choice, read_choices, read_tokens
-    from .routing import install, label
-    net, tok = _load_checked(model, engine)
-    if data.endswith(".jsonl"):
-        items = read_choices(data)
-        install(net, engine.router, engine.calib, plan=engine.plan, **engine.router_opts)
-        res = {"router": label(engine.router, engine.plan),
-               **multiple_choice(net, tok, items, progress=True, prompt=mc_prompt)}
+    from .evaluation import evaluate
+    options = dict(data=data, router=engine.router, plan=engine.plan, router_opts=engine.router_opts,
+                   mc_prompt=mc_prompt, progress=True, window=window, batch=batch, max_windows=max_windows)
+    if engine.ep > 1:  # every rank scores the same data over its share of the experts
+        from .engine.parallel import run_spmd
+        _load_checked(model, engine, weights=False)
+        res = run_spmd(engine.ep, "tinymoe.evaluation:evaluate_ranked", dict(
+            model=model, dtype=engine.dtype, quant=engine.quant, placement=engine.placement, calib=engine.calib,
+            **options), _ep_threads())
     else:
-        res = evaluate_text(net, read_tokens(tok, data), engine.router, engine.calib, window, batch,
-                            max_windows, progress=True, plan=engine.plan, router_opts=engine.router_opts)
+        net, tok = _load_checked(model, engine)
+        res = evaluate(net, tok, calib=engine.calib, **options)
     if fmt == "json":
         click.echo(json.dumps(res))
     else:
@@ -483,7 +518,7 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
     names = engine.router.split(",")
     if ctx.get_parameter_source("router") == click.core.ParameterSource.DEFAULT:
         names = ["topk", "laser", "bias"] if engine.plan else ["topk", "laser", "rnq", "bias"]
-    benchmark.check_routers(names, engine.router_opts, engine.plan)
+    per = benchmark.check_routers(names, engine.router_opts, engine.plan)
     net, tok = _load_checked(model, engine, check_router=False)
     data = data or _default_data(model)
     tokens = read_tokens(tok, data)
@@ -491,9 +526,19 @@ def bench(model, batch, prompt_len, gen_len, devices, data, sequences, fmt, plot
     if calib is None and (engine.plan or set(names) - {"topk", "balanced", "random", "bias"}):
         click.echo(f"calibrating on {data} (pass --calib FILE to use your own)", err=True)
         with _windows_bar(tokens[:32768], 128) as counter:
-            calib = run_calibration(net, tokens[:32768], seq_len=128, progress=counter.update)
-    res = benchmark.run(net, names, batch, tokens, prompt_len, gen_len, devices, calib, engine.router_opts,
-                        min_sequences=sequences, progress=True, plan=engine.plan)
+            # a plan over a router sizes its replicas for that router's loads: record them too
+            loads = [(n, per[n]) for n in names if n != "topk"] if engine.plan else []
+            calib = run_calibration(net, tokens[:32768], seq_len=128, progress=counter.update, routers=loads)
+    args = dict(routers=names, batches=batch, tokens=tokens, prompt_len=prompt_len, gen_len=gen_len,
+                devices=devices, calib=calib, router_opts=engine.router_opts, min_sequences=sequences,
+                progress=True, plan=engine.plan)
+    if engine.ep > 1:  # every rank runs the same bench over its share of the experts
+        from .engine.parallel import run_spmd
+        del net
+        res = run_spmd(engine.ep, "tinymoe.benchmark:run_ranked", dict(
+            model=model, dtype=engine.dtype, quant=engine.quant, placement=engine.placement, **args), _ep_threads())
+    else:
+        res = benchmark.run(net, **args)
     click.echo(benchmark.format_rows(res, fmt))
     if plot:
         benchmark.plot_heatmaps(res, plot)
@@ -546,6 +591,7 @@ def serve(model, host, port, api_key, max_num_seqs, max_waiting, kv_cache_tokens
     try:
         llm = engine.llm(model, max_num_seqs=max_num_seqs, max_batch_tokens=max(4096, max_num_seqs),
                          kv_cache_tokens=kv_cache_tokens, max_model_len=max_model_len)
+        devices = engine.ep if engine.ep > 1 else devices  # I_dev over the ranks the experts are on
         run_server(llm, sock, model, api_key, max_waiting, expert_window, devices, log_level)
     finally:
         sock.close()

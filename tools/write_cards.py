@@ -61,6 +61,32 @@ def overrides(c: dict) -> str:
     return "".join(f" --set {k}={v:g}" for k, v in c.items() if v != default[k])
 
 
+LOSS = {"reply": "the replies and the plain text", "text": "every token but the template's markers",
+        "all": "every token"}
+
+
+def chat_finetune(name: str, s: dict) -> str:
+    """The card's line on the chat fine-tune (tools/finetune_chat.py), if the model had one."""
+    f = s.get("chat_finetune")
+    if not f:
+        return ""
+    b, a = f["before"], f["after"]
+    chat = lambda key, m: f"{b[key][m]:.2f} -> {a[key][m]:.2f}"  # noqa: E731
+    return f"""
+- Chat fine-tune: `tools/finetune_chat.py {name} --steps {f['max_steps']} --lr {f['peak_lr']:g} --chat-fraction {f['chat_fraction']:g} --loss {f['loss']}`
+  on the pretrained weights: the training chapters plus conversations in the chat template
+  built from training verses (user: half a verse, its first words, a verse or "Continue: " + a
+  verse; reply: the rest or the next verse, then `</s>`; a quarter with an earlier turn), loss on
+  {LOSS[f['loss']]}, same AdamW and schedule as above; **{f['steps']} steps in
+  {f['train_seconds'] / 60:.1f} min** ({f['tokens_seen'] / 1e6:.2f}M tokens, {f['threads']} threads). Greedy replies (max 64 tokens) to
+  50 chat prompts from held-out verses: ended by `</s>` {chat('chat', 'eos_frac')}, showing
+  `[INST]`/`[/INST]`/`<s>`/`</s>` {chat('chat', 'marker_frac')}; 20 two-turn prompts: `</s>`
+  {chat('chat_two_turn', 'eos_frac')}, markers {chat('chat_two_turn', 'marker_frac')}; sampled at temperature 0.7
+  (`tinymoe chat`'s default), the 50 prompts: `</s>` {chat('chat_sampled_t0.7', 'eos_frac')}, markers
+  {chat('chat_sampled_t0.7', 'marker_frac')}; held-out perplexity
+  {b['heldout_ppl']:.2f} -> {a['heldout_ppl']:.2f}."""
+
+
 def card(name: str, s: dict, e: dict) -> str:
     c, r = s["config"], e["routing"]
     size = (ASSETS / name / "model.safetensors").stat().st_size / 1e6
@@ -81,7 +107,7 @@ studies. Hugging Face layout (`{arch}`), bf16 safetensors ({size:.1f} MB,
   decay 0.1), peak LR {s['peak_lr']:g}, warm-up then cosine over the wall-clock budget, batch
   {s['batch']} x {s['seq']} tokens, {s['threads']} CPU thread; stopped by wall clock after
   **{s['steps']} steps in {s['train_seconds'] / 60:.1f} min** ({s['tokens_seen'] / 1e6:.2f}M tokens,
-  {s['tokens_seen'] / s['train_tokens']:.2f} epochs). Log: `tools/logs/train_{name}.log`.
+  {s['tokens_seen'] / s['train_tokens']:.2f} epochs). Log: `tools/logs/train_{name}.log`.{chat_finetune(name, s)}
 
 ## Evaluation (`tools/evaluate_tiny.py`, fp32 compute on the shipped bf16 weights)
 

@@ -3,7 +3,7 @@ over any router's choice: `make_router("laser", plan="rnq")` (docs/routing.md, s
 option's type and range is declared in its router's OPTIONS (base.Option) and checked when the
 router is built; bounds set by the model (LASER's c <= E) when `install` attaches it."""
 from .base import ROUTERS, GateRule, Option, RouteContext, Router, check_options, register
-from . import topk, laser, prototype, rnq, bias, bounds  # noqa: F401  (register)
+from . import topk, laser, budget, prototype, rnq, bias, bounds  # noqa: F401  (register)
 
 
 def options(cls) -> list[str]:

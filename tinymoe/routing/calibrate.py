@@ -1,6 +1,8 @@
 """One pass over calibration text that records, per MoE layer, what the routers need: top-k-mass
 quantiles (LASER thresholds), expert loads and Wanda-style importance (R&Q), and a post-hoc fit
-of latent prototypes (docs/routing.md, sections 3-5). Saved as one safetensors file."""
+of latent prototypes (docs/routing.md, sections 3-5); then, for each router asked for, one more
+pass routed by it that records its loads (what R&Q over that router sizes its replicas from).
+Saved as one safetensors file."""
 import json
 import math
 
@@ -12,6 +14,12 @@ from .topk import TopK
 from .prototype import prototype_scores
 
 MASS_LEVELS = 101  # quantiles of the top-k mass at 0, 0.01, ..., 1
+
+
+def load_key(router: str) -> str:
+    """The per-layer key of the expert loads measured under `router`: "load" for top-k (every
+    calibration has it), "load.NAME" for the routers `calibrate(..., routers=...)` ran."""
+    return "load" if router == "topk" else f"load.{router}"
 
 
 class Calibration:
@@ -151,8 +159,15 @@ class _Collect:
 @torch.no_grad()
 def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
               fit_tokens: int = 4096, proto_steps: int = 200, latent_dim: int = 16,
-              progress=None, seed: int = 0) -> Calibration:
-    """Run the model (top-k routing) over `tokens` [N] in windows of `seq_len`, `batch` at a time."""
+              progress=None, seed: int = 0, routers=()) -> Calibration:
+    """Run the model (top-k routing) over `tokens` [N] in windows of `seq_len`, `batch` at a time.
+    `routers`: names, or (name, {option: value}), of routers (not plans) whose loads to record
+    too: each then routes the same windows once more, attached to what this pass measured (so
+    LASER's thresholds are the calibrated ones), and its per-layer loads are stored under
+    `load_key(name)`; `meta["loads"]` keeps the options they ran with. `progress(windows)` is
+    called for the windows of every pass."""
+    from . import make_router
+    specs = load_routers(routers)
     torch.manual_seed(seed)
     tokens = tokens.reshape(-1)
     windows = max(1, tokens.numel() // seq_len)
@@ -160,29 +175,78 @@ def calibrate(model, tokens: torch.Tensor, seq_len: int = 256, batch: int = 8,
         raise ValueError("calibration text is empty after tokenisation")
     rows = tokens[: windows * seq_len].view(windows, -1) if tokens.numel() >= seq_len else tokens[None]
     blocks = list(model.moe_blocks())
+    routed = {name: [make_router(name, **opts) for _ in blocks] for name, opts in specs.items()}
+    for made in routed.values():
+        for b, router in zip(blocks, made):
+            router.check_layer(b.ctx)
     keep_rate = min(1.0, fit_tokens / rows.numel())
-    saved = [(b.router, b.recorder, b.observer) for b in blocks]
+    saved = [(b.router, b.recorder, b.observer, dict(b.ctx.state)) for b in blocks]
     collectors = [_Collect(b, keep_rate) for b in blocks]
     try:
         for b, c in zip(blocks, collectors):
             b.router, b.recorder, b.observer = TopK(), None, c
-        device = next(model.parameters()).device
-        for s in range(0, rows.shape[0], batch):
-            model(rows[s:s + batch].to(device))
-            if progress:
-                progress(min(batch, rows.shape[0] - s))
+        _forward(model, rows, batch, progress)
+        for b in blocks:
+            b.observer = None
+        layers = {}
+        for b, c in zip(blocks, collectors):
+            mass = torch.cat(c.mass).float()
+            d = {"mass_quantiles": torch.quantile(mass, torch.linspace(0, 1, MASS_LEVELS)),
+                 "load": c.load.float(), "importance": c.importance()}
+            if proto_steps > 0:
+                d.update(fit_prototypes(b.gate, torch.cat(c.kept), latent_dim, proto_steps))
+            layers[b.ctx.layer] = d
+        for name, made in routed.items():
+            counts = _Loads(blocks)
+            for b, router in zip(blocks, made):
+                b.ctx.state.clear()
+                router.attach(b, layers[b.ctx.layer])
+                b.router, b.recorder = router, counts
+            _forward(model, rows, batch, progress)
+            for b in blocks:
+                layers[b.ctx.layer][load_key(name)] = counts.load[b.ctx.layer].float()
     finally:
-        for b, (r, rec, obs) in zip(blocks, saved):
+        for b, (r, rec, obs, state) in zip(blocks, saved):
             b.router, b.recorder, b.observer = r, rec, obs
-    layers = {}
-    for b, c in zip(blocks, collectors):
-        mass = torch.cat(c.mass).float()
-        d = {"mass_quantiles": torch.quantile(mass, torch.linspace(0, 1, MASS_LEVELS)),
-             "load": c.load.float(), "importance": c.importance()}
-        if proto_steps > 0:
-            d.update(fit_prototypes(b.gate, torch.cat(c.kept), latent_dim, proto_steps))
-        layers[b.ctx.layer] = d
-    return Calibration(layers, {"tokens": int(rows.numel()), "seq_len": seq_len, "model": model_signature(model)})
+            b.ctx.state.clear()
+            b.ctx.state.update(state)
+    meta = {"tokens": int(rows.numel()), "seq_len": seq_len, "model": model_signature(model)}
+    if routed:
+        meta["loads"] = {name: made[0].opts for name, made in routed.items() if made}
+    return Calibration(layers, meta)
+
+
+def load_routers(routers) -> dict[str, dict]:
+    """`calibrate`'s `routers` checked (registered routers, not plans; options valid) ->
+    {name: options}, top-k left out (its loads are "load")."""
+    from . import make_router
+    specs = {}
+    for spec in routers:
+        name, opts = (spec, {}) if isinstance(spec, str) else (spec[0], dict(spec[1] or {}))
+        if make_router(name, **opts).is_plan:
+            raise ValueError(f"calibrate records loads under routers, not plans: {name!r} is a plan "
+                             f"(R&Q's loads are its base router's)")
+        if name != "topk":
+            specs[name] = opts
+    return specs
+
+
+def _forward(model, rows, batch, progress):
+    device = next(model.parameters()).device
+    for s in range(0, rows.shape[0], batch):
+        model(rows[s:s + batch].to(device))
+        if progress:
+            progress(min(batch, rows.shape[0] - s))
+
+
+class _Loads:
+    """A `MoEBlock.recorder` summing each layer's assignments over the pass."""
+
+    def __init__(self, blocks):
+        self.load = {b.ctx.layer: torch.zeros(b.ctx.rule.num_experts, dtype=torch.float64) for b in blocks}
+
+    def record(self, layer, ids):
+        self.load[layer] += torch.bincount(ids.reshape(-1).cpu(), minlength=self.load[layer].numel())
 
 
 def fit_prototypes(gate, x: torch.Tensor, latent_dim: int = 16, steps: int = 200,

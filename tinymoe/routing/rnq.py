@@ -3,7 +3,8 @@ precision and pay for the replicas by quantising unimportant experts, within the
 original weight bytes, counted as the expert pools store them (`Experts.copy_bytes`, which is
 `experts.quant.expert_bytes` in the experts' base precision and int4 group).
 The router's choice is the base router's; the plan (an `ExpertPlan` that `attach` returns and
-the model applies) changes only which physical copy serves each assignment."""
+the model applies) changes only which physical copy serves each assignment. The replicas are sized
+from the base router's own calibrated loads (`calibrate(..., routers=[name])`; top-k's: "load")."""
 import torch
 
 from ..experts.plan import PRECISIONS, Copy, ExpertPlan
@@ -71,18 +72,25 @@ class ReplicateQuantize(Router):
         self.base.check_layer(ctx)
 
     def attach(self, block, calib):
+        # the replicas are sized from the loads the base router gives (measured under it)
+        from .calibrate import load_key
+        name = self.base.name
         if calib is None or "load" not in calib or "importance" not in calib:
-            raise ValueError("rnq needs a calibration file with expert loads and importance "
-                             "(run `tinymoe calibrate MODEL --data FILE --out calib.safetensors`, "
-                             "then pass --calib calib.safetensors)")
+            routers = "" if name == "topk" else f" --routers {name}"
+            raise ValueError(f"rnq needs a calibration file with expert loads and importance (run `tinymoe "
+                             f"calibrate MODEL --data FILE{routers} --out calib.safetensors`, then pass "
+                             f"--calib calib.safetensors)")
+        if load_key(name) not in calib:
+            raise ValueError(f"rnq over {name} needs the expert loads under {name} in the calibration file "
+                             f"(run `tinymoe calibrate MODEL --data FILE --routers {name} --out calib.safetensors`)")
+        load = calib[load_key(name)]
         self.base.attach(block, calib)
         experts = block.experts  # only its sizes are read: a copy's bytes as stored ("full": the base)
         E = experts.num_experts
         bytes_of = {p: experts.copy_bytes(p) for p in PRECISIONS}
-        plan = rnq_plan(calib["load"], calib["importance"], bytes_of, self.replica, self.quant,
-                        self.replicas)
+        plan = rnq_plan(load, calib["importance"], bytes_of, self.replica, self.quant, self.replicas)
         block.ctx.state.update(plan=plan, plan_bytes=plan_bytes(plan, bytes_of),
-                               budget_bytes=E * bytes_of["full"], copy_weight=copy_weights(plan, calib["load"]))
+                               budget_bytes=E * bytes_of["full"], copy_weight=copy_weights(plan, load))
         return plan  # the model applies it (MoEBlock.set_router)
 
     def route(self, logits, hidden, ctx):

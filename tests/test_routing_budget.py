@@ -1,0 +1,152 @@
+"""The `budget` router (docs/routing.md, section 3.1) against the spec written out here: every set
+of k experts enumerated, masses as exact fractions, the least-loaded allowed set by its sorted
+(load, -p, id) keys, tokens in order."""
+from fractions import Fraction
+from itertools import combinations
+
+import pytest
+import torch
+
+from tinymoe.routing import GateRule, RouteContext, make_router
+from tinymoe.routing.budget import budget_pools, budget_scan
+from tinymoe.routing.metrics import imbalance
+
+
+def reference(probs: torch.Tensor, k: int, delta: float) -> list[list[int]]:
+    """The spec, one token after another: of the k-sets S with p[S] >= (1 - delta) * M, the one
+    whose worst expert is best, then its second worst, ... (experts ranked by (load, -p, id));
+    each row by p descending."""
+    E = probs.shape[1]
+    load = [0] * E
+    keep = 1 - Fraction(delta)
+    chosen = []
+    for row in probs.tolist():
+        p = [Fraction(v) for v in row]
+        M = sum(sorted(p, reverse=True)[:k])
+        allowed = [S for S in combinations(range(E), k) if sum(p[e] for e in S) >= keep * M]
+        best = min(allowed, key=lambda S: sorted(((load[e], -p[e], e) for e in S), reverse=True))
+        pick = sorted(best, key=lambda e: (-p[e], e))
+        for e in pick:
+            load[e] += 1
+        chosen.append(pick)
+    return chosen
+
+
+def ctx_for(E, k, renormalize=True):
+    return RouteContext(0, 1, GateRule(E, k, renormalize))
+
+
+def gate_logits(T, E, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "skewed":  # a few hot experts, as trained gates have
+        return torch.randn(T, E, generator=g) + 1.5 * torch.randn(E, generator=g)
+    if kind == "tied":  # few distinct logits: equal probabilities everywhere
+        return torch.randint(0, 3, (T, E), generator=g).float()
+    return 0.3 * torch.randn(T, E, generator=g)  # near-uniform scores
+
+
+def load_of(ids, E):
+    return torch.bincount(torch.as_tensor(ids).reshape(-1), minlength=E)
+
+
+def crafted(rows):
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+def test_hand_worked_example():
+    # E=4, k=2, delta=0.2: a set may keep as little as 0.8 M. Worked by hand, token by token:
+    logits = crafted([
+        [0.50, 0.30, 0.10, 0.10],  # loads 0: the top-2 {0,1}; L=[1,1,0,0]
+        [0.40, 0.34, 0.22, 0.04],  # M=.74 >= .592: {0,1} or {0,2}; 2 (L=0) beats 1 (L=1); L=[2,1,1,0]
+        [0.45, 0.25, 0.20, 0.10],  # M=.70 >= .56: {0,1} or {0,2}; 1 and 2 at L=1, 1 by p; L=[3,2,1,0]
+        [0.35, 0.30, 0.20, 0.15],  # M=.65 >= .52: {0,1} or {0,2}; 2 (L=1) beats 1 (L=2); L=[4,2,2,0]
+        [0.27, 0.26, 0.24, 0.23],  # every pair allowed: 3 (L=0), then 1 over 2 by p; L=[4,3,2,1]
+        [0.60, 0.20, 0.15, 0.05],  # M=.8 >= .64: 0 with any; 3 (L=1) best; L=[5,3,2,2]
+    ])
+    expected = [[0, 1], [0, 2], [0, 1], [0, 2], [1, 3], [0, 3]]
+    ctx = ctx_for(4, 2)
+    ids, w = make_router("budget", delta=0.2).route(logits, None, ctx)
+    probs = torch.softmax(logits, -1)
+    assert ids.tolist() == expected == reference(probs, 2, 0.2)
+    torch.testing.assert_close(w, ctx.rule.weights(probs, ids))
+    assert load_of(ids, 4).max() == 5 < load_of(probs.topk(2).indices, 4).max() == 6
+
+
+def test_the_mass_constraint_is_exact_at_its_boundary():
+    # dyadic probabilities, exact in fp32: token 1's {0,3} keeps exactly 0.75 M at delta=0.25
+    probs = torch.tensor([[0.0625, 0.5, 0.25, 0.1875],   # top-2 {1,2}; L=[0,1,1,0]
+                          [0.5, 0.25, 0.1875, 0.0625]])  # M=.75; {0,3}=.5625 = .75 M, loads 0
+    for delta, second in ((0.25, [0, 3]), (0.2499, [0, 1])):  # just below: {0,1} (1 beats 2 by p)
+        ids = budget_scan(*budget_pools(probs, 2, delta), 2, 4, delta)
+        assert ids.tolist() == [[1, 2], second] == reference(probs, 2, delta)
+
+
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (10, 3), (12, 4)])
+@pytest.mark.parametrize("kind", ["skewed", "flat", "tied"])
+def test_fast_scan_equals_the_reference_token_for_token(E, k, kind):
+    T = 40 if E <= 10 else 12
+    for seed, delta in enumerate((0.03, 0.1, 0.3, 1.0)):
+        logits = gate_logits(T, E, kind, seed)
+        ctx = ctx_for(E, k, renormalize=seed % 2 == 0)
+        ids, w = make_router("budget", delta=delta).route(logits, None, ctx)
+        probs = ctx.rule.probs(logits)
+        assert ids.tolist() == reference(probs, k, delta), (seed, delta)
+        assert torch.equal(w, ctx.rule.weights(probs, ids))
+
+
+def test_delta_zero_is_topk_exactly():
+    for kind in ("skewed", "tied"):
+        logits = gate_logits(300, 8, kind, 1)
+        for renormalize in (True, False):
+            ctx = ctx_for(8, 2, renormalize)
+            a = make_router("budget", delta=0).route(logits, None, ctx)
+            b = make_router("topk").route(logits, None, ctx)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # and the scan itself, where the top-k is unique (no tied p), keeps every token's top-k
+    probs = torch.softmax(gate_logits(300, 16, "flat", 2), -1)
+    ids = budget_scan(*budget_pools(probs, 4, 0.0), 4, 16, 0.0)
+    assert torch.equal(ids, probs.topk(4).indices)
+
+
+def test_delta_one_is_the_balanced_bound():
+    logits = gate_logits(200, 8, "skewed", 3)
+    a, _ = make_router("budget", delta=1).route(logits, None, ctx_for(8, 2))
+    b, _ = make_router("balanced").route(logits, None, ctx_for(8, 2))
+    assert [set(r) for r in a.tolist()] == [set(r) for r in b.tolist()]
+
+
+def test_every_choice_keeps_its_share_and_balance_grows_with_delta():
+    logits = gate_logits(512, 32, "skewed", 4)
+    probs = torch.softmax(logits, -1).double()
+    top_mass = probs.topk(6).values.sum(-1)
+    last = imbalance(load_of(probs.topk(6).indices, 32))
+    for delta in (0.02, 0.1, 0.3):
+        ids, _ = make_router("budget", delta=delta).route(logits, None, ctx_for(32, 6, False))
+        assert bool((probs.gather(1, ids).sum(-1) >= (1 - delta) * top_mass - 1e-9).all())
+        assert all(len(set(r)) == 6 for r in ids.tolist())
+        now = imbalance(load_of(ids, 32))
+        assert now < last
+        last = now
+
+
+def test_delta_option_is_checked():
+    with pytest.raises(ValueError) as e:
+        make_router("budget", delta=1.5)
+    assert str(e.value) == "router 'budget' option delta must be a number in [0, 1], got 1.5"
+    assert make_router("budget", delta="0.05").delta == 0.05
+
+
+def test_budget_through_the_model():
+    import tinymoe
+    from tinymoe.routing import install
+    model = tinymoe.load_model("tiny", dtype="float32")
+    ids = torch.randint(4, 4000, (4, 24), generator=torch.Generator().manual_seed(0))
+    install(model, "topk")
+    with torch.no_grad():
+        ref = model(ids)
+        install(model, "budget", delta=0)
+        assert torch.equal(model(ids), ref)
+        install(model, "budget", delta=0.5)
+        out = model(ids)
+    install(model, "topk")
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
