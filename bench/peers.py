@@ -19,6 +19,10 @@ bytes the engine's own weights take for one step: llama.cpp the GGUF's (the shar
 scales included; batch 8 the same rule with the union of experts), tinymoe its loaded model's
 (every weight but the embedding, quantised tensors with their scales, experts as stored),
 transformers the bf16 limit's. share = decode t/s / own limit t/s.
+
+tinymoe runs with the installed settings: `TINYMOE_BATCH_INVARIANT=0` lets its many-row matmuls
+(prefill, large batches) take torch's GEMM instead of the batch-invariant native kernels; the
+header and the JSON say which ran.
 """
 import argparse
 import inspect
@@ -215,12 +219,14 @@ def summary(lines):
 def main(argv=None):
     a = parse_args(argv)
     import torch
+    from tinymoe import settings
     torch.set_num_threads(THREADS)
+    invariant = settings.current().batch_invariant
     prompts = np.random.RandomState(1).randint(3, 32000, size=(8, PROMPT)).tolist()
     mem, _ = peer("membw.py")
     bw = mem[-1]["t2_read_2GiB_fp32_sum"]["best_GBps"]
     print(f"read bandwidth {bw:.1f} GB/s (membw.py, 2 threads); {THREADS} threads; prompt {PROMPT}, "
-          f"decode {NEW}, median of {a.runs}", file=sys.stderr, flush=True)
+          f"decode {NEW}, median of {a.runs}; tinymoe batch_invariant={invariant}", file=sys.stderr, flush=True)
     limits = {}
     for model in a.models:
         lines, _ = peer(*LIMITS[model], bw)
@@ -253,7 +259,7 @@ def main(argv=None):
         print(f"  {model} {engine} {weights}: " + ", ".join(
             f"b{b} prefill {row[f'b{b}']['prefill_tps']:.0f} decode {row[f'b{b}']['decode_tps']:.1f}"
             for b in a.batches), file=sys.stderr, flush=True)
-    print(json.dumps({"bandwidth_GBps": bw, "runs": a.runs, "rows": results}))
+    print(json.dumps({"bandwidth_GBps": bw, "runs": a.runs, "tinymoe_batch_invariant": invariant, "rows": results}))
     print()
     head = "| model | engine | weights | prefill b1 t/s |"
     for b in a.batches:
