@@ -76,10 +76,11 @@ class ExpertShard:
         owner = copy_rank[phys]                                    # [T, k]
         flat_owner = owner.reshape(-1)
         mine = (flat_owner == g.rank).nonzero().flatten()        # this rank's assignments, token-major
-        rows = torch.zeros(mine.numel(), D, dtype=x.dtype, device=x.device)
         if mine.numel():
             local = local_index[phys.reshape(-1)[mine]]
             rows = moe_experts(x[mine // k], local[:, None], weights.reshape(-1)[mine][:, None], local_copies)
+        else:  # no assignment here this pass: nothing to compute, an empty share of the combine
+            rows = x.new_zeros(0, D)
         busy = time.perf_counter() - start
         counts = torch.bincount(flat_owner, minlength=g.world)
         method = g.combine
