@@ -149,11 +149,12 @@ def test_metric_functions_match_hand_values():
     assert metrics.minmax(torch.tensor([1, 2, 4])) == pytest.approx(0.25)
     assert metrics.cv(torch.tensor([1.0, 3.0])) == pytest.approx(0.5)
     # 4 experts on 2 devices, contiguous: [5+1, 1+1] -> I_dev = 6 / 4
-    dev = metrics.contiguous_placement(4, 2)
+    dev = metrics.placement(None, 4, 2)
     assert dev.tolist() == [0, 0, 1, 1]
     assert metrics.imbalance(metrics.device_loads(torch.tensor([5, 1, 1, 1]), dev, 2)) == 1.5
     # Balanced packing, two copies a device: 5 -> d0, 3 -> d1, 1 -> d1, then d1 is full: 1 -> d0.
-    assert metrics.balanced_placement(torch.tensor([5.0, 1, 1, 3]), 2).tolist() == [0, 1, 0, 1]
+    replicas = ExpertPlan([Copy(0), Copy(1), Copy(2), Copy(0, "int8")])
+    assert metrics.placement(replicas, 3, 2, torch.tensor([5.0, 1, 1, 3])).tolist() == [0, 1, 0, 1]
     # alpha * tokens + beta * active, on the slowest device.
     assert metrics.ep_step_time(torch.tensor([5, 1, 0, 1]), dev, 2, 2.0, 10.0) == 2 * 6 + 10 * 2
 
@@ -326,7 +327,7 @@ def test_routing_imports_neither_models_nor_experts_code():
     import ast
     from pathlib import Path
     import tinymoe.routing
-    allowed = {"tinymoe.experts.plan", "tinymoe.experts.quant", "tinymoe.experts.dispatch"}
+    allowed = {"tinymoe.experts.plan", "tinymoe.experts.quant", "tinymoe.experts.dispatch", "tinymoe.experts.placement"}
     for path in Path(tinymoe.routing.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

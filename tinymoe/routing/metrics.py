@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 
 from ..experts.dispatch import copy_loads, copy_table
+from ..experts.placement import contiguous, pack
 from ..experts.plan import ExpertPlan
 
 
@@ -48,34 +49,16 @@ def physical_loads(load: torch.Tensor, plan: ExpertPlan | None, table=None) -> t
     return copy_loads(load, table, counts, len(plan.copies))
 
 
-def contiguous_placement(num_copies: int, devices: int) -> torch.Tensor:
-    """Copy i on device i // ceil(P / G): E/G consecutive experts per device."""
-    per = -(-num_copies // devices)
-    return torch.arange(num_copies) // per
-
-
-def balanced_placement(weight: torch.Tensor, devices: int) -> torch.Tensor:
-    """EPLB-style balanced packing: heaviest copy first onto the lightest device with room, each
-    device holding at most ceil(P / G) copies."""
-    P = weight.numel()
-    cap = -(-P // devices)
-    device_of = torch.zeros(P, dtype=torch.int64)
-    total, count = [0.0] * devices, [0] * devices
-    for i in weight.double().argsort(descending=True, stable=True).tolist():
-        g = min((d for d in range(devices) if count[d] < cap), key=lambda d: (total[d], d))
-        device_of[i] = g
-        total[g] += float(weight[i])
-        count[g] += 1
-    return device_of
-
-
 def placement(plan: ExpertPlan | None, num_experts: int, devices: int,
               copy_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Default: contiguous. With replicas: balanced packing by the expected per-copy load."""
+    """Each copy's device, as expert parallelism would place it (`experts.placement`):
+    contiguous; with replicas, packed by the expected per-copy load."""
     P = num_experts if plan is None else len(plan.copies)
     if P > num_experts and copy_weight is not None:
-        return balanced_placement(copy_weight, devices)
-    return contiguous_placement(P, devices)
+        rank_of = pack(copy_weight.double().tolist(), [c.expert for c in plan.copies], devices)
+    else:
+        rank_of = contiguous(P, devices)
+    return torch.tensor(rank_of, dtype=torch.int64)
 
 
 def placed(experts, state: dict, num_experts: int, devices: int):
