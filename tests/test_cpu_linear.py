@@ -1,10 +1,12 @@
 """The native CPU matmul (tinymoe/kernels/cpu_linear.*) against float64, and its torch fallback
 (int8 / int4 weights: tests/test_cpu_quant.py)."""
+import ctypes
+
 import pytest
 import torch
 
 from tinymoe import Settings, settings
-from tinymoe.kernels import cpu_linear
+from tinymoe.kernels import cpu_linear, native
 from tinymoe.kernels.cpu_linear import linear
 from tinymoe.kernels.quant import dequantize, quantize
 
@@ -41,12 +43,35 @@ def test_bf16_weights_match_float64(M, N, K, bf16_cpu, invariant):
     torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
 
 
+def _dot_path(isa: str) -> str:
+    """The products a build's bf16 kernels take for bf16 activations (cpu_kernels.h bf16_dot_isa)."""
+    if isa == "native" and "avx512_bf16" in native.cpu_flags().split():
+        return "avx512-bf16"
+    return "fma"
+
+
+@needs_native
+@pytest.mark.parametrize("isa", settings.NATIVE_ISAS)
+def test_bf16_activations_on_every_build_match_float64_and_one_row_alone(isa):
+    """bf16 x takes vdpbf16ps where the CPU has AVX512-BF16 and the FMA tiles elsewhere: each
+    build forced, against float64, and every row alone equal to its row in the batch."""
+    with settings.override(native_isa=isa):
+        assert ctypes.string_at(cpu_linear.native().bf16_dot_isa()).decode() == _dot_path(isa)
+        for M, N, K in SHAPES + [(9, 40, 4096)]:
+            torch.manual_seed(M * N + K)
+            x, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
+            y = linear(x, w, out_dtype=torch.float32)
+            torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
+            alone = torch.cat([linear(x[i:i + 1], w, out_dtype=torch.float32) for i in range(M)])
+            assert torch.equal(alone, y), (M, N, K)
+
+
 @needs_native
 def test_bf16_output_is_the_rounded_fp32_result():
     x, w = torch.randn(5, 3, 96).bfloat16(), torch.randn(40, 96).bfloat16()
     y = linear(x, w)
     assert y.dtype == torch.bfloat16 and y.shape == (5, 3, 40)
-    assert torch.equal(y, linear(x.float(), w).bfloat16())  # round to nearest even, like torch
+    assert torch.equal(y, linear(x, w, out_dtype=torch.float32).bfloat16())  # round to nearest even, like torch
 
 
 @needs_native

@@ -92,18 +92,19 @@ def test_entry_point_sets_the_policy_before_torch(user, argv, seen):
     assert any(line.startswith("tiny ") for line in lines)  # the command ran
 
 
-@pytest.mark.parametrize("value", ["AVX2", "avx512", "0"])
+@pytest.mark.parametrize("value", ["AVX2", "avx512bf16", "0"])
 def test_bad_native_isa(value):
     with pytest.raises(ValueError) as e:
         Settings.from_env({"TINYMOE_NATIVE_ISA": value})
-    assert str(e.value) == (f"TINYMOE_NATIVE_ISA={value!r}: use native (this CPU's instructions, the default) or "
-                            "avx2 (the AVX2 code only)")
+    assert str(e.value) == (f"TINYMOE_NATIVE_ISA={value!r}: use native (this CPU's instructions, the default), "
+                            "avx512 (no AVX512-BF16) or avx2 (the AVX2 code only)")
     with pytest.raises(ValueError) as e:
         Settings(native_isa=value)
-    assert str(e.value) == f"Settings.native_isa takes 'native' or 'avx2', not {value!r}"
+    assert str(e.value) == f"Settings.native_isa takes 'native', 'avx512' or 'avx2', not {value!r}"
 
 
 def test_native_isa_variable():
     assert Settings().native_isa == "native"
     assert Settings.from_env({"TINYMOE_NATIVE_ISA": "avx2"}) == Settings(native_isa="avx2")
+    assert Settings.from_env({"TINYMOE_NATIVE_ISA": "avx512"}) == Settings(native_isa="avx512")
     assert Settings.from_env({"TINYMOE_NATIVE_ISA": ""}) == Settings()

@@ -19,8 +19,9 @@ another process is busy on a core (bench/threads.py); `threads` is applied by `i
 
 `native_isa` (TINYMOE_NATIVE_ISA) is what the native library is compiled for: "native" (this
 CPU's instructions, `-march=native`: AVX512-VNNI or AVX-VNNI integer dot products where the CPU
-has them) or "avx2" (`-march=native -mno-avx512f -mno-avxvnni`: the AVX2 code, in its own cached
-build), so the AVX2 kernels run, and are tested, on an AVX-512 machine. Tests change one field at a
+has them, vdpbf16ps for bf16 activations with AVX512-BF16), "avx512" (`-mno-avx512bf16`: the
+FMA kernels of bf16 weights on AVX-512) or "avx2" (`-march=native -mno-avx512f -mno-avxvnni`: the
+AVX2 code), each in its own cached build, so every path runs, and is tested, on one machine. Tests change one field at a
 time through `kernels.use_backend` and `cpu_linear.bf16_instructions`.
 
 `batch_invariant` (TINYMOE_BATCH_INVARIANT, on by default): every CPU matmul of bf16 or quantised
@@ -37,7 +38,7 @@ from pathlib import Path
 
 
 BACKENDS = ("triton", "torch", "auto")
-NATIVE_ISAS = ("native", "avx2")  # what the native library is built for (native.ISA_FLAGS)
+NATIVE_ISAS = ("native", "avx512", "avx2")  # what the native library is built for (native.ISA_FLAGS)
 WAIT_POLICIES = ("passive", "active")  # OMP_WAIT_POLICY: sleep, or spin, while waiting for work
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: they win over wait_policy
 KV_CACHE_BYTES = 512 << 20
@@ -57,7 +58,7 @@ class Settings:
     native: bool = True             # the native CPU library (else torch ops only)
     native_step: bool = True        # the one-call decode step of that library (else per op)
     cache_dir: Path = field(default_factory=_default_cache)  # where the native library is built
-    native_isa: str = "native"      # build it for this CPU, or "avx2": its AVX2 code only
+    native_isa: str = "native"      # build it for this CPU, or "avx512" (no AVX512-BF16), "avx2" (AVX2 only)
     threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
     wait_policy: str = "passive"    # OMP_WAIT_POLICY the `tinymoe` command exports (see above)
     cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
@@ -76,7 +77,7 @@ class Settings:
             raise TypeError(f"Settings.cache_dir takes a folder path, not {self.cache_dir!r}")
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.native_isa not in NATIVE_ISAS:
-            raise ValueError(f"Settings.native_isa takes 'native' or 'avx2', not {self.native_isa!r}")
+            raise ValueError(f"Settings.native_isa takes 'native', 'avx512' or 'avx2', not {self.native_isa!r}")
         if self.threads is not None and not _positive(self.threads):
             raise ValueError(f"Settings.threads takes a positive integer or None, not {self.threads!r}")
         if self.wait_policy not in WAIT_POLICIES:
@@ -117,8 +118,8 @@ class Settings:
         isa = env.get("TINYMOE_NATIVE_ISA", "")
         if isa:
             if isa not in NATIVE_ISAS:
-                raise ValueError(f"TINYMOE_NATIVE_ISA={isa!r}: use native (this CPU's instructions, the default) or "
-                                 "avx2 (the AVX2 code only)")
+                raise ValueError(f"TINYMOE_NATIVE_ISA={isa!r}: use native (this CPU's instructions, the default), "
+                                 "avx512 (no AVX512-BF16) or avx2 (the AVX2 code only)")
             given["native_isa"] = isa
         bf16 = env.get("TINYMOE_CPU_BF16", "")
         if bf16 not in ("", "0", "1"):

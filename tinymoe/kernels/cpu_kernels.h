@@ -32,6 +32,7 @@ struct Matrix {
 struct Prepared {
     int64_t precision, M, K;
     std::vector<float> f;
+    std::vector<uint16_t> h;  // BF16 with bf16 activations on an AVX512-BF16 CPU: x as given
     std::vector<int8_t> q;
     std::vector<float> scale, sum;
 };
@@ -103,6 +104,9 @@ void linear_matrix(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix
 // Which integer dot products the INT8/INT4 kernels were built with: "avx512-vnni", "avx-vnni" or
 // "avx2" (Settings.native_isa "avx2" forces the last).
 const char* quant_isa(void);
+// Which products the BF16 kernels take for bf16 activations: "avx512-bf16" (vdpbf16ps) or "fma"
+// (widened to fp32; fp32 activations always take it). Settings.native_isa "avx512" or "avx2" forces "fma".
+const char* bf16_dot_isa(void);
 // out bf16 [N, K] = an INT8/INT4 w dequantised as kernels/quant.py's dequantize(w, torch.bfloat16).
 void dequantize_matrix(const Matrix* w, int64_t N, int64_t K, uint16_t* out, int threads);
 // The SwiGLU experts of a MoE layer (cpu_moe.cpp): x bf16 [T, D]; ids int64 [T, k] in [0, C);

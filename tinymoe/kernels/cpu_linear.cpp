@@ -1,4 +1,4 @@
-// y[M, N] = x[M, K] . w[N, K]^T with bf16 weights and fp32 activations, accumulated in fp32:
+// y[M, N] = x[M, K] . w[N, K]^T with bf16 weights and fp32 or bf16 activations, accumulated in fp32:
 // the CPU matmul (of every row count when Settings.batch_invariant, else of decode-sized
 // batches), and the units of work (cpu_kernels.h: prepare, compute_unit) that every consumer
 // schedules; INT8/INT4 matrices are cpu_quant.cpp's. Built on first use by native.py with the
@@ -181,12 +181,106 @@ static void permute_rows(const void* x, int x_bf16, int64_t M, int64_t K, float*
                 x_bf16 ? scalar(static_cast<const uint16_t*>(x)[m * K + k]) : static_cast<const float*>(x)[m * K + k];
 }
 
-// The interface of cpu_kernels.h: BF16 here, INT8 and INT4 in cpu_quant.cpp.
+#if defined(__AVX512BF16__)
+// bf16 activations on a CPU with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds them to
+// 16 fp32 lanes in one instruction, twice split()'s fp32 FMAs per instruction and no widening, so
+// prefill's many-row tiles reach ~2x the FMA kernel's multiply-adds (bench/linear.py). Lane l of a
+// chunk sums its values 2l and 2l + 1, as split()'s lanes do; the order of every dot product is
+// again one chain over the chunks, then hsum, then the tail in order, whatever the tile.
+constexpr bool DOT_BF16 = true;
+template <int R, int MB>
+static inline void dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, float* out) {
+    __m512 acc[R][MB];
+    for (int r = 0; r < R; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512bh wv[R];
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
+            wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+        }
+        for (int m = 0; m < MB; m++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) {
+            float s = _mm512_reduce_add_ps(acc[r][m]);
+            for (int64_t j = k; j < K; j++) s += bf(w[r * K + j]) * bf(x[m * ldx + j]);
+            out[r * MB + m] = s;
+        }
+}
+
+// As rows() for bf16 activations: tiles of MB = 8 activation rows (R x 8 accumulators, R + 1
+// loads: 28 of the 32 registers at R = 3), the last < 8 rows in one tile.
+template <int R>
+static void dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, float* acc) {
+    constexpr int MB = R == 3 ? 8 : 4;
+    const uint16_t* wr = w + n0 * K;
+    float part[R * 8];
+    for (int64_t m = 0; m < M;) {
+        const int mb = int(std::min<int64_t>(MB, M - m));
+        switch (mb) {
+            case 1: dot_tile<R, 1>(x + m * K, K, wr, K, part); break;
+            case 2: dot_tile<R, 2>(x + m * K, K, wr, K, part); break;
+            case 3: dot_tile<R, 3>(x + m * K, K, wr, K, part); break;
+            case 4: dot_tile<R, 4>(x + m * K, K, wr, K, part); break;
+            case 5: dot_tile<R, 5>(x + m * K, K, wr, K, part); break;
+            case 6: dot_tile<R, 6>(x + m * K, K, wr, K, part); break;
+            case 7: dot_tile<R, 7>(x + m * K, K, wr, K, part); break;
+            default: dot_tile<R, 8>(x + m * K, K, wr, K, part); break;
+        }
+        for (int r = 0; r < R; r++) for (int j = 0; j < mb; j++) acc[r * M + m + j] = part[r * mb + j];
+        m += mb;
+    }
+}
+
+template <int R>
+static void dot_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
+                      int out_bf16, int64_t b) {
+    const int64_t n0 = b * R;
+    float acc[R * MCHUNK];
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
+        const uint16_t* xm = x + m0 * K;
+        if (n0 + R <= N) dot_rows<R>(xm, mc, K, w, n0, acc);
+        else for (int64_t n = n0; n < N; n++) dot_rows<1>(xm, mc, K, w, n, acc + (n - n0) * mc);
+        for (int64_t n = n0; n < N && n < n0 + R; n++)
+            for (int64_t j = 0; j < mc; j++) {
+                const float v = acc[(n - n0) * mc + j];
+                const int64_t at = (m0 + j) * N + n;
+                if (out_bf16) static_cast<uint16_t*>(y)[at] = to_bf(v);
+                else static_cast<float*>(y)[at] = v;
+            }
+    }
+}
+
+static void dot_block_for(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
+                          int out_bf16, int64_t b) {
+    if (rows_per_block(M) == 4) dot_block<4>(x, M, K, w, N, y, out_bf16, b);
+    else dot_block<3>(x, M, K, w, N, y, out_bf16, b);
+}
+#else
+constexpr bool DOT_BF16 = false;
+static void dot_block_for(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, void*, int, int64_t) {}
+#endif
+
+// The interface of cpu_kernels.h: BF16 here, INT8 and INT4 in cpu_quant.cpp. bf16 activations
+// go to the vdpbf16ps tiles where the CPU has them (kept as they are, in out.h); fp32 ones (and
+// every activation elsewhere) to the FMA tiles, widened and permuted (out.f).
 void prepare(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out) {
     if (w.precision != BF16) return prepare_quant(x, x_bf16, M, K, w, out);
     out.precision = w.precision;
     out.M = M;
     out.K = K;
+    if (DOT_BF16 && x_bf16) {
+        const uint16_t* xs = static_cast<const uint16_t*>(x);
+        out.h.assign(xs, xs + M * K);
+        out.f.clear();
+        return;
+    }
+    out.h.clear();
     out.f.resize(M * K);
     permute_rows<uint16_t>(x, x_bf16, M, K, out.f.data());
 }
@@ -198,11 +292,15 @@ int64_t units_per_chunk(const Matrix& w, int64_t M, int64_t K) {
 }
 
 void compute_unit(const Prepared& x, const Matrix& w, int64_t N, void* y, int out_bf16, int64_t u) {
-    if (w.precision == BF16) block_for(x.f.data(), x.M, x.K, static_cast<const uint16_t*>(w.data), N, y, out_bf16, u);
-    else quant_unit(x, w, N, y, out_bf16, u);
+    const uint16_t* wb = static_cast<const uint16_t*>(w.data);
+    if (w.precision != BF16) quant_unit(x, w, N, y, out_bf16, u);
+    else if (!x.h.empty()) dot_block_for(x.h.data(), x.M, x.K, wb, N, y, out_bf16, u);
+    else block_for(x.f.data(), x.M, x.K, wb, N, y, out_bf16, u);
 }
 
 extern "C" {
+const char* bf16_dot_isa(void) { return DOT_BF16 ? "avx512-bf16" : "fma"; }
+
 // Small weights run on the calling thread: waking torch's OpenMP workers costs more than they save.
 void linear_matrix(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix* w, int64_t N, void* y,
                    int out_bf16, int threads) {

@@ -10,8 +10,9 @@ mirrored below for ctypes, are checked at load against the layout the compiler e
 
 It is compiled with the host's C++ compiler for this CPU (-march=native, ~10 s) on first use
 and cached under `Settings.cache_dir` (`$TINYMOE_CACHE`, default `~/.cache/tinymoe`), keyed by
-the sources, flags and CPU. `Settings.native_isa` "avx2" (`TINYMOE_NATIVE_ISA=avx2`) adds
-`ISA_FLAGS["avx2"]` (no AVX-512, no AVX-VNNI), a build of its own whose int8/int4 kernels take
+the sources, flags and CPU. `Settings.native_isa` "avx512" (`TINYMOE_NATIVE_ISA=avx512`) builds
+without AVX512-BF16, so bf16 matmuls take the FMA kernels (`bf16_dot_isa()` names which), and
+"avx2" (`TINYMOE_NATIVE_ISA=avx2`) adds `ISA_FLAGS["avx2"]` (no AVX-512, no AVX-VNNI), a build of its own whose int8/int4 kernels take
 their AVX2 path (`maddubs`) on any CPU; the library's `quant_isa()` names the path it was built
 with. Without a compiler or AVX2 every op takes its torch path, after one
 warning; `Settings.native` False (`TINYMOE_NATIVE=0`) chooses that path silently. The process
@@ -41,7 +42,7 @@ HEADERS = [Path(__file__).with_name("cpu_simd.h"), HEADER]
 # no bindings, so a non-static function without a declaration is an error
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
          "-Werror=missing-declarations"]
-ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f", "-mno-avxvnni"]}  # Settings.native_isa
+ISA_FLAGS = {"native": [], "avx512": ["-mno-avx512bf16"], "avx2": ["-mno-avx512f", "-mno-avxvnni"]}  # Settings.native_isa
 
 _SCALARS = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float}
 _PROTOTYPE = re.compile(r"(?P<result>[\w\s*]+?)\s*\b(?P<name>\w+)\s*\((?P<params>[^()]*)\)")
