@@ -47,7 +47,7 @@ from evaluate_tiny import balance, load_trained, read_mc, windows  # noqa: E402
 from evaluate_tiny import evaluate as card_evaluate, multiple_choice as card_mc  # noqa: E402
 from make_corpus import split_verse  # noqa: E402
 from tiny_model import MODELS  # noqa: E402
-from train_tiny import ASSETS, BOS, BUILD, EOS, batch_gini, encode_docs, eval_stream, lr_at, shipped_state  # noqa: E402
+from train_tiny import ASSETS, BOS, adamw, BUILD, EOS, batch_gini, encode_docs, eval_stream, lr_at, shipped_state  # noqa: E402
 
 HELDOUT = ASSETS / "data" / "heldout.txt"
 MARKERS = ("[INST]", "[/INST]", "<s>", "</s>")
@@ -206,10 +206,7 @@ def finetune(name: str, base: Path, args, sp, tok):
     stream, scored, n_conv, n_chat = training_stream(sp, tok, args.chat_fraction, args.loss, args.seed)
     print(f"{name}: stream {len(stream)} tokens, {n_conv} conversations ({n_chat} tokens), "
           f"{int(scored.sum())} scored", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     budget, t0, step = args.minutes * 60, time.time(), 0
     while (elapsed := time.time() - t0) < budget and step < args.steps:

@@ -100,6 +100,15 @@ def batch_gini(model: TinyMoE) -> float:
     return sum(ginis) / len(ginis)
 
 
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on the matrices but the embeddings, none elsewhere."""
+    decayed = lambda n, p: p.dim() == 2 and "embed" not in n  # noqa: E731
+    decay = [p for n, p in model.named_parameters() if decayed(n, p)]
+    other = [p for n, p in model.named_parameters() if not decayed(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
 def lr_at(frac: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
     if frac < warmup:
         return peak * frac / warmup
@@ -194,10 +203,7 @@ def main() -> None:
     n_params = sum(p.numel() for k, p in shipped_state(model, torch.float32).items())
     print(f"{cfg.name}: {n_params / 1e6:.2f}M shipped params, train {len(train)} tokens, "
           f"val {len(val)} tokens, config {cfg.to_dict()}", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60
     t0 = time.time()
