@@ -50,6 +50,9 @@ constexpr int CH = 2 * VW;
 #ifndef PREFETCH
 #define PREFETCH 8192
 #endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 
 static inline float scalar(uint16_t h) { return bf(h); }
 
@@ -85,8 +88,8 @@ static inline void tile(const float* x, int64_t ldx, const W* w, int64_t K, floa
     for (; k + CH <= K; k += CH) {
         for (int r = 0; r < R; r++) {
             const char* ahead = (const char*)(w + r * K + k) + PREFETCH;
-            _mm_prefetch(ahead, _MM_HINT_T0);
-            _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            _mm_prefetch(ahead, PREFETCH_HINT);
+            _mm_prefetch(ahead + 64, PREFETCH_HINT);
         }
         vf lo[R], hi[R];
         for (int r = 0; r < R; r++) split(w + r * K + k, lo[r], hi[r]);
@@ -196,7 +199,7 @@ static inline void dot_tile(const uint16_t* x, int64_t ldx, const uint16_t* w, i
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[R];
         for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)(w + r * K + k) + PREFETCH, PREFETCH_HINT);
             wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
         }
         for (int m = 0; m < MB; m++) {
