@@ -23,10 +23,8 @@ What trains: --train all updates every weight (the base models are small and und
 this also moves plain-text perplexity by far more than 2%); --train chat only the rows chat
 adds to plain text: the input embeddings of [INST] and [/INST] and the output rows of </s>, <s>
 and the markers (to end a reply, and never to write a marker).
-Plain text never contains the markers, so its perplexity moves only through those output rows.
-Measured on tiny-mixtral (session 9): --train chat removes every marker (0.26 -> 0.00 of greedy
-replies) at +0.5% held-out ppl, but greedy replies end with </s> less often (0.66 -> 0.26-0.30;
-sampled at T 0.7: 0.66 -> 0.72-0.78): the rows alone cannot stop greedy repetition loops.
+Plain text never contains the markers, so its perplexity moves only through those output rows
+(measured: docs/benchmarks.md, session 9).
 
 Before and after (tinymoe.load_model / tinymoe.LLM, no transformers): held-out perplexity,
 multiple choice and top-k routing balance as the card measures them (fp32 compute), and
@@ -210,7 +208,8 @@ def show(tag: str, m: dict) -> str:
 
 # --- training ---------------------------------------------------------------------------------
 
-CHAT_INPUT_ROWS, CHAT_OUTPUT_ROWS = [3, 4], [EOS, BOS, 3, 4]  # [INST], [/INST] in; </s>, <s>, markers out
+CHAT_INPUT_ROWS = sorted(MARKER_IDS - {BOS})  # [INST], [/INST]: plain text never holds them
+CHAT_OUTPUT_ROWS = [EOS, *sorted(MARKER_IDS)]  # end a reply; never write a marker
 
 
 def keep_only_chat_rows(model) -> None:
@@ -228,6 +227,7 @@ def keep_only_chat_rows(model) -> None:
 def chat_rows_adam(model, lr: float) -> torch.optim.Adam:
     """No weight decay: it would shrink the frozen rows, whose gradient is zero."""
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
+
 
 def finetune(name: str, base: Path, args, sp, tok):
     model = load_trained(name, base).train()
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--chat-fraction", type=float, default=1.0, help="chat tokens per plain token")
     ap.add_argument("--loss", choices=("reply", "text", "all"), default="text")
     ap.add_argument("--train", choices=("all", "chat"), default="all",
-                    help="every weight, or only the marker embeddings and the </s> output row")
+                    help="every weight, or only the marker embeddings and the </s>, <s>, marker output rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--measure-only", action="store_true", help="measure --base and stop")
     ap.add_argument("--card", action="store_true", help="also run tools/evaluate_tiny.py's evaluation "
