@@ -50,8 +50,11 @@ constexpr int CH = 2 * VW;
 #ifndef PREFETCH
 #define PREFETCH 8192
 #endif
+// Into L2 (T1), as cpu_quant.cpp: into L1 (T0), 4 rows x 8 KB in flight hold the core's L1 miss
+// buffers, and bf16 decode on a Zen 4 VM (32 KB L1D) ran at 37-39 t/s against T1's 49-55
+// (mixtral-mini, batch 1; batch 8 102 against 133-152; bench/decode.py, session 10).
 #ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_T0
+#define PREFETCH_HINT _MM_HINT_T1
 #endif
 
 static inline float scalar(uint16_t h) { return bf(h); }
