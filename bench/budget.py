@@ -1,8 +1,10 @@
 """The `budget` router (docs/routing.md, section 3.1) against top-k and LASER on the embedded
-models: balance, perplexity and multiple-choice accuracy at a few delta.
+models: balance, perplexity and multiple-choice accuracy at a few settings.
 
-    python bench/budget.py [--models tiny,tiny-deepseek] [--deltas 0.02,0.05,0.1,0.2,0.3]
+    python bench/budget.py [--models tiny,tiny-deepseek] [--settings 0.1,0.2,0.3@1.25,0.5@1.5]
                            [--batch 64] [--mc N]
+
+A setting is `delta` or `delta@capacity` (the router's two options; capacity 0 when left out).
 
 Everything is `tinymoe bench`'s and `tinymoe eval`'s own code: the bench's calibration (the first
 32768 tokens of the held-out text in windows of 128; no prototype fit, which these routers do not
@@ -11,7 +13,7 @@ together, teacher forced, 64 prompt + 32 generated tokens: I_agg per decode pass
 tokens (and per prefill pass), perplexity change and top-1 agreement against top-k on the decoded
 positions. MC accuracy is `tinymoe eval --data heldout_mc.jsonl --mc-prompt '{question}'`
 (`tinymoe.evaluation.multiple_choice`) with the router installed. Prints one markdown table per
-model, then the delta values meeting the target (I_agg at least 1.5x below top-k's, perplexity
+model, then the settings meeting the target (I_agg at least 1.5x below top-k's, perplexity
 within 1%, MC accuracy within 0.01) on every model.
 """
 import argparse
@@ -30,10 +32,10 @@ DATA = ASSETS / "data"
 TARGET = {"i_agg_ratio": 1.5, "ppl_pct": 1.0, "mc": 0.01}
 
 
-def rows_for(model, tok, batch: int, deltas: list[float], items: list[dict]) -> list[dict]:
+def rows_for(model, tok, batch: int, settings: list[dict], items: list[dict]) -> list[dict]:
     tokens = read_tokens(tok, DATA / "heldout.txt")
     calib = calibrate(model, tokens[:32768], seq_len=128, proto_steps=0)  # as `tinymoe bench` does
-    runs = [("laser", {}, ["laser"])] + [(f"budget delta={d:g}", {"delta": d}, ["budget"]) for d in deltas]
+    runs = [("laser", {}, ["laser"])] + [(f"budget {label(o)}", o, ["budget"]) for o in settings]
     out = []
     for tag, opts, routers in runs:
         res = benchmark.run(model, ["topk", *routers], [batch], tokens, calib=calib, router_opts=opts,
@@ -43,7 +45,7 @@ def rows_for(model, tok, batch: int, deltas: list[float], items: list[dict]) -> 
         if not out:
             out.append(row("topk", by_name["topk"], pre["topk"], mc(model, tok, items, "topk", calib, {})))
         name = routers[0]
-        out.append(row(tag, by_name[name], pre[name], mc(model, tok, items, name, calib, opts), opts.get("delta")))
+        out.append(row(tag, by_name[name], pre[name], mc(model, tok, items, name, calib, opts), opts or None))
     install(model, "topk")
     return out
 
@@ -53,8 +55,17 @@ def mc(model, tok, items, name, calib, opts) -> float:
     return multiple_choice(model, tok, items, prompt="{question}")["acc"]
 
 
-def row(tag, r, pre, acc, delta=None) -> dict:
-    return {"router": tag, "delta": delta, "i_agg": r.i_agg, "i_agg_prefill": pre["i_agg"],
+def label(opts: dict) -> str:
+    return f"{opts['delta']:g}@{opts['capacity']:g}"
+
+
+def parse_setting(text: str) -> dict:
+    delta, _, capacity = text.partition("@")
+    return {"delta": float(delta), "capacity": float(capacity or 0)}
+
+
+def row(tag, r, pre, acc, setting=None) -> dict:
+    return {"router": tag, "setting": setting, "i_agg": r.i_agg, "i_agg_prefill": pre["i_agg"],
             "ppl": r.ppl, "ppl_pct": r.ppl_delta_pct, "agree": r.agree_top1, "mc": acc}
 
 
@@ -78,25 +89,29 @@ def meets(r: dict, ref: dict) -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,tiny-deepseek")
-    ap.add_argument("--deltas", default="0.02,0.05,0.1,0.2,0.3")
+    ap.add_argument("--settings", default="0.1,0.2,0.3@1.25,0.5@1.25,0.5@1.5",
+                    help="budget settings, delta or delta@capacity, comma-separated")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--mc", type=int, default=None, help="score only the first N MC items")
     a = ap.parse_args(argv)
-    deltas = [float(d) for d in a.deltas.split(",")]
-    if any(not 0 <= d <= 1 for d in deltas):
-        ap.error(f"--deltas must lie in [0, 1], got {a.deltas}")
+    try:
+        settings = [parse_setting(t) for t in a.settings.split(",")]
+    except ValueError:
+        ap.error(f"--settings takes delta or delta@capacity numbers, got {a.settings!r}")
+    if any(not 0 <= o["delta"] <= 1 or o["capacity"] < 0 for o in settings):
+        ap.error(f"--settings: delta must lie in [0, 1] and capacity be >= 0, got {a.settings}")
     torch.manual_seed(0)
     items = read_choices(DATA / "heldout_mc.jsonl")[:a.mc]
     passing = None
     for name in a.models.split(","):
         model, tok = tinymoe.load_model(name), tinymoe.load_tokenizer(name)
-        rows = rows_for(model, tok, a.batch, deltas, items)
+        rows = rows_for(model, tok, a.batch, settings, items)
         print(table(name, rows, a.batch), "\n", flush=True)
-        ok = {r["delta"] for r in rows[2:] if meets(r, rows[0])}
+        ok = {label(r["setting"]) for r in rows[2:] if meets(r, rows[0])}
         passing = ok if passing is None else passing & ok
     print(f"target (I_agg >= {TARGET['i_agg_ratio']}x below top-k, |ppl Δ| <= {TARGET['ppl_pct']}%, "
-          f"|MC Δ| <= {TARGET['mc']}) met on every model by delta: "
-          f"{', '.join(f'{d:g}' for d in sorted(passing)) or 'none'}")
+          f"|MC Δ| <= {TARGET['mc']}) met on every model by delta@capacity: "
+          f"{', '.join(sorted(passing)) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -8,22 +8,26 @@ import pytest
 import torch
 
 from tinymoe.routing import GateRule, RouteContext, make_router
-from tinymoe.routing.budget import budget_pools, budget_scan
+from tinymoe.routing.budget import budget_pools, budget_scan, capacity_limit
 from tinymoe.routing.metrics import imbalance
 
 
-def reference(probs: torch.Tensor, k: int, delta: float) -> list[list[int]]:
-    """The spec, one token after another: of the k-sets S with p[S] >= (1 - delta) * M, the one
-    whose worst expert is best, then its second worst, ... (experts ranked by (load, -p, id));
-    each row by p descending."""
+def reference(probs: torch.Tensor, k: int, delta: float, cap: int = 0) -> list[list[int]]:
+    """The spec, one token after another: a token whose top-k experts all hold fewer than `cap`
+    assignments keeps its top-k; otherwise, of the k-sets S with p[S] >= (1 - delta) * M, it
+    takes the one whose worst expert is best, then its second worst, ... (experts ranked by
+    (load, -p, id)); each row by p descending."""
     E = probs.shape[1]
     load = [0] * E
     keep = 1 - Fraction(delta)
     chosen = []
     for row in probs.tolist():
         p = [Fraction(v) for v in row]
-        M = sum(sorted(p, reverse=True)[:k])
+        top = sorted(range(E), key=lambda e: (-p[e], e))[:k]
+        M = sum(p[e] for e in top)
         allowed = [S for S in combinations(range(E), k) if sum(p[e] for e in S) >= keep * M]
+        if max(load[e] for e in top) < cap:
+            allowed = [tuple(top)]
         best = min(allowed, key=lambda S: sorted(((load[e], -p[e], e) for e in S), reverse=True))
         pick = sorted(best, key=lambda e: (-p[e], e))
         for e in pick:
@@ -129,11 +133,63 @@ def test_every_choice_keeps_its_share_and_balance_grows_with_delta():
         last = now
 
 
+def test_capacity_limit_rounds_the_share_up():
+    assert capacity_limit(64, 2, 8, 0) == 0
+    assert capacity_limit(64, 2, 8, 1.0) == 16  # exactly the mean load, not 17
+    assert capacity_limit(64, 2, 8, 1.25) == 20
+    assert capacity_limit(10, 2, 8, 1.0) == 3  # 2.5 rounds up
+
+
+def test_capacity_hand_worked_example():
+    # E=4, k=2, delta=0.2, cap 2: a token keeps its top-2 until one of them holds 2 assignments.
+    logits = crafted([
+        [0.50, 0.30, 0.10, 0.10],  # top-2 {0,1}, loads 0 < 2: kept; L=[1,1,0,0]
+        [0.40, 0.34, 0.22, 0.04],  # {0,1} at loads 1 < 2: kept (without cap: {0,2}); L=[2,2,0,0]
+        [0.45, 0.25, 0.20, 0.10],  # {0,1} full: {0,1} or {0,2} allowed; 2 (L=0) wins; L=[3,2,1,0]
+    ])
+    ids = budget_scan(*budget_pools(torch.softmax(logits, -1), 2, 0.2), 2, 4, 0.2, cap=2)
+    assert ids.tolist() == [[0, 1], [0, 1], [0, 2]] == reference(torch.softmax(logits, -1), 2, 0.2, 2)
+    ctx = ctx_for(4, 2)  # the router's own cap: ceil(1.0 * 3 * 2 / 4) = 2
+    assert make_router("budget", delta=0.2, capacity=1.0).route(logits, None, ctx)[0].tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (10, 3)])
+@pytest.mark.parametrize("kind", ["skewed", "flat", "tied"])
+def test_fast_scan_with_capacity_equals_the_reference(E, k, kind):
+    T = 40
+    for seed, (delta, capacity) in enumerate(((0.1, 1.0), (0.3, 1.25), (0.5, 1.5), (1.0, 2.0))):
+        logits = gate_logits(T, E, kind, 10 + seed)
+        ctx = ctx_for(E, k, renormalize=seed % 2 == 0)
+        ids, w = make_router("budget", delta=delta, capacity=capacity).route(logits, None, ctx)
+        probs = ctx.rule.probs(logits)
+        cap = capacity_limit(T, k, E, capacity)
+        assert ids.tolist() == reference(probs, k, delta, cap), (seed, delta, capacity)
+        assert torch.equal(w, ctx.rule.weights(probs, ids))
+
+
+def test_capacity_zero_is_the_plain_rule_and_a_huge_one_is_topk():
+    logits = gate_logits(300, 8, "skewed", 5)
+    ctx = ctx_for(8, 2)
+    plain = make_router("budget", delta=0.3).route(logits, None, ctx)
+    zero = make_router("budget", delta=0.3, capacity=0).route(logits, None, ctx)
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])
+    huge = make_router("budget", delta=0.3, capacity=100).route(logits, None, ctx)
+    top = make_router("topk").route(logits, None, ctx)
+    assert [set(r) for r in huge[0].tolist()] == [set(r) for r in top[0].tolist()]
+    # in between, balance lies between the two
+    i = [imbalance(load_of(r[0], 8)) for r in (top, make_router("budget", delta=0.3, capacity=1.25)
+                                               .route(logits, None, ctx), plain)]
+    assert i[0] > i[1] >= i[2]
+
+
 def test_delta_option_is_checked():
     with pytest.raises(ValueError) as e:
         make_router("budget", delta=1.5)
     assert str(e.value) == "router 'budget' option delta must be a number in [0, 1], got 1.5"
     assert make_router("budget", delta="0.05").delta == 0.05
+    with pytest.raises(ValueError) as e:
+        make_router("budget", capacity=-1)
+    assert "capacity" in str(e.value) and "-1" in str(e.value)
 
 
 def test_budget_through_the_model():

@@ -25,6 +25,9 @@ adds to plain text: the input embeddings of [INST] and [/INST] and the output ro
 and the markers (to end a reply, and never to write a marker).
 Plain text never contains the markers, so its perplexity moves only through those output rows
 (measured: docs/benchmarks.md, session 9).
+--plain-loss kl scores the plain tokens by KL divergence to the frozen base model's next-token
+distribution instead of cross-entropy to the text, so that training every weight on the
+replies leaves plain-text predictions (and perplexity) where they were.
 
 Before and after (tinymoe.load_model / tinymoe.LLM, no transformers): held-out perplexity,
 multiple choice and top-k routing balance as the card measures them (fp32 compute), and
@@ -120,7 +123,8 @@ def prompt_scored(prompt: list[int], loss: str) -> list[bool]:
 
 
 def training_stream(sp, tok, chat_fraction: float, loss: str, seed: int):
-    """(tokens, scored) for the plain training chapters and conversations, shuffled together."""
+    """(tokens, scored, plain) for the plain training chapters and conversations, shuffled
+    together; plain marks the tokens of the chapters."""
     rng = random.Random(seed)
     docs = [(d, [True] * len(d)) for d in encode_docs(sp, BUILD / "train.txt")]
     n_plain = sum(len(d) for d, _ in docs)
@@ -131,11 +135,12 @@ def training_stream(sp, tok, chat_fraction: float, loss: str, seed: int):
         prompt, reply = chat_prompt(tok, turns), sp.encode(turns[-1][1]) + [EOS]
         chats.append((prompt + reply, prompt_scored(prompt, loss) + [True] * len(reply)))
         n_chat += len(prompt) + len(reply)
-    docs += chats
+    docs = [(d, m, True) for d, m in docs] + [(d, m, False) for d, m in chats]
     rng.shuffle(docs)
-    tokens = torch.tensor([t for d, _ in docs for t in d], dtype=torch.long)
-    scored = torch.tensor([s for _, m in docs for s in m], dtype=torch.bool)
-    return tokens, scored, len(chats), n_chat
+    tokens = torch.tensor([t for d, _, _ in docs for t in d], dtype=torch.long)
+    scored = torch.tensor([s for _, m, _ in docs for s in m], dtype=torch.bool)
+    plain = torch.tensor([p for d, _, p in docs for _ in d], dtype=torch.bool)
+    return tokens, scored, plain, len(chats), n_chat
 
 
 # --- measuring, through tinymoe's own loader and engine ---------------------------------------
@@ -229,11 +234,25 @@ def chat_rows_adam(model, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95))
 
 
+def token_losses(logits, y, plain, reference) -> torch.Tensor:
+    """Per position: cross-entropy to the next token, or, where `plain` and a reference model is
+    given, KL(reference || model) of the next-token distributions (distillation: plain text
+    keeps the base model's predictions instead of fitting the training chapters further)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    if reference is None:
+        return ce
+    log_p = F.log_softmax(logits.flatten(0, 1).float(), -1)
+    log_q = F.log_softmax(reference.flatten(0, 1).float(), -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return torch.where(plain.flatten(), kl, ce)
+
+
 def finetune(name: str, base: Path, args, sp, tok):
     model = load_trained(name, base).train()
     if args.train == "chat":
         keep_only_chat_rows(model)
-    stream, scored, n_conv, n_chat = training_stream(sp, tok, args.chat_fraction, args.loss, args.seed)
+    frozen = load_trained(name, base).eval().requires_grad_(False) if args.plain_loss == "kl" else None
+    stream, scored, plain, n_conv, n_chat = training_stream(sp, tok, args.chat_fraction, args.loss, args.seed)
     print(f"{name}: stream {len(stream)} tokens, {n_conv} conversations ({n_chat} tokens), "
           f"{int(scored.sum())} scored", flush=True)
     opt = adamw(model, args.lr) if args.train == "all" else chat_rows_adam(model, args.lr)
@@ -247,7 +266,10 @@ def finetune(name: str, base: Path, args, sp, tok):
         x = torch.stack([stream[s:s + args.seq] for s in starts])
         y = torch.stack([stream[s + 1:s + args.seq + 1] for s in starts])
         mask = torch.stack([scored[s + 1:s + args.seq + 1] for s in starts]).flatten().float()
-        ce = (F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none") * mask).sum() / mask.sum()
+        is_plain = torch.stack([plain[s + 1:s + args.seq + 1] for s in starts])
+        with torch.no_grad():
+            reference = frozen(x) if frozen is not None else None
+        ce = (token_losses(model(x), y, is_plain, reference) * mask).sum() / mask.sum()
         aux = model.aux_loss()
         opt.zero_grad(set_to_none=True)
         (ce + aux).backward()
@@ -287,6 +309,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--chat-fraction", type=float, default=1.0, help="chat tokens per plain token")
     ap.add_argument("--loss", choices=("reply", "text", "all"), default="text")
+    ap.add_argument("--plain-loss", choices=("ce", "kl"), default="ce",
+                    help="plain-text positions: cross-entropy, or KL to the frozen base model's predictions")
     ap.add_argument("--train", choices=("all", "chat"), default="all",
                     help="every weight, or only the marker embeddings and the </s>, <s>, marker output rows")
     ap.add_argument("--seed", type=int, default=0)
@@ -311,7 +335,8 @@ def main() -> None:
     summary["chat_finetune"] = {**run, "max_steps": args.steps, "max_minutes": args.minutes, "batch": args.batch,
                                 "seq": args.seq, "peak_lr": args.lr,
                                 "threads": args.threads, "chat_fraction": args.chat_fraction,
-                                "loss": args.loss, "train": args.train, "seed": args.seed}
+                                "loss": args.loss, "plain_loss": args.plain_loss, "train": args.train,
+                                "seed": args.seed}
     save(model, base, out, summary)
     after = measure(out, sp, args.seed)
     print(show("after", after), flush=True)

@@ -1,6 +1,8 @@
 """Budget routing (docs/routing.md, section 3.1): a token may leave its top-k only for a set of k
-experts that keeps at least (1 - delta) of its top-k mass, and among those sets it takes the least
-loaded. Loads count this forward pass of this layer only, as LASER's do."""
+experts that keeps at least (1 - delta) of its top-k mass, and only when one of its top-k experts
+already holds its capacity share of the pass; it then takes the least loaded of those sets. Loads
+count this forward pass of this layer only, as LASER's do."""
+import math
 from fractions import Fraction
 
 import torch
@@ -26,8 +28,15 @@ def budget_pools(probs: torch.Tensor, k: int, delta: float):
     return order[:, :c], vals[:, :c], sizes
 
 
-def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> torch.Tensor:
-    """Tokens in order, each taking its least-loaded allowed set, loads growing before the next.
+def capacity_limit(tokens: int, k: int, num_experts: int, capacity: float) -> int:
+    """Assignments an expert takes before its tokens start to look elsewhere: `capacity` times the
+    mean load of the pass, rounded up (0: none, every token takes its least-loaded allowed set)."""
+    return math.ceil(capacity * tokens * k / num_experts - 1e-9)
+
+
+def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float, cap: int = 0) -> torch.Tensor:
+    """Tokens in order, each keeping its top-k while all of its top-k experts hold fewer than `cap`
+    assignments, and otherwise taking its least-loaded allowed set, loads growing before the next.
     With a token's experts ranked by (load, -p, id) (smaller is better), that set is the allowed
     set whose worst expert is best, then whose second worst is, and so on. It is what is left
     after going through the experts from worst to best, dropping each one unless every allowed
@@ -38,7 +47,7 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> t
     load = [0] * num_experts
     chosen = []
     for members, values, size in zip(order.tolist(), vals.tolist(), sizes.tolist()):
-        if size > k:
+        if size > k and max(load[e] for e in members[:k]) >= cap:
             cur = sum(int(v * SCALE) for v in values[:k])  # top's mass, exactly
             least = (den - num) * cur
             top, nxt, left = set(range(k)), k, size  # positions by p; nxt: the best one outside top
@@ -65,7 +74,7 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> t
                 while nxt < size and dead[nxt]:
                     nxt += 1
             pick = [members[j] for j in sorted(top)]
-        else:  # only the top-k is allowed
+        else:  # only the top-k is allowed, or it still has room
             pick = members[:k]
         for e in pick:
             load[e] += 1
@@ -75,8 +84,10 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> t
 
 @register("budget")
 class Budget(Router):
-    """Option: delta, the share of its top-k mass a token may give up for balance (0: top-k)."""
-    OPTIONS = {"delta": Option("number", 0.2, lo=0, hi=1)}
+    """Options: delta, the share of its top-k mass a token may give up for balance (0: top-k);
+    capacity, the multiple of the pass's mean load an expert takes before its tokens may move
+    (0: they move whenever a less-loaded allowed set exists)."""
+    OPTIONS = {"delta": Option("number", 0.2, lo=0, hi=1), "capacity": Option("number", 0.0, lo=0)}
 
     def setup(self):
         self.topk = TopK()
@@ -87,5 +98,6 @@ class Budget(Router):
         if self.delta == 0:  # the model's own top-k, its tie order included
             return self.topk.route(logits, hidden, ctx)
         probs = rule.probs(logits)
-        ids = budget_scan(*budget_pools(probs, k, self.delta), k, rule.num_experts, self.delta)
+        cap = capacity_limit(probs.shape[0], k, rule.num_experts, self.capacity)
+        ids = budget_scan(*budget_pools(probs, k, self.delta), k, rule.num_experts, self.delta, cap)
         return ids, rule.weights(probs, ids)
