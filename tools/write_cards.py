@@ -65,19 +65,23 @@ LOSS = {"reply": "the replies and the plain text", "text": "every token but the 
         "all": "every token"}
 
 
+PLAIN_LOSS = {"ce": "", "kl": " (the plain text scored by KL divergence to the frozen pretrained model's "
+                             "next-token distribution, not cross-entropy, to keep its predictions near the pretrained model's)"}
+
+
 def chat_finetune(name: str, s: dict) -> str:
     """The card's line on the chat fine-tune (tools/finetune_chat.py), if the model had one."""
     f = s.get("chat_finetune")
     if not f:
         return ""
-    b, a = f["before"], f["after"]
+    b, a, plain = f["before"], f["after"], f.get("plain_loss", "ce")
     chat = lambda key, m: f"{b[key][m]:.2f} -> {a[key][m]:.2f}"  # noqa: E731
     return f"""
-- Chat fine-tune: `tools/finetune_chat.py {name} --steps {f['max_steps']} --lr {f['peak_lr']:g} --chat-fraction {f['chat_fraction']:g} --loss {f['loss']}`
+- Chat fine-tune: `tools/finetune_chat.py {name} --steps {f['max_steps']} --lr {f['peak_lr']:g} --chat-fraction {f['chat_fraction']:g} --loss {f['loss']} --train {f.get('train', 'all')} --plain-loss {plain}`
   on the pretrained weights: the training chapters plus conversations in the chat template
   built from training verses (user: half a verse, its first words, a verse or "Continue: " + a
   verse; reply: the rest or the next verse, then `</s>`; a quarter with an earlier turn), loss on
-  {LOSS[f['loss']]}, same AdamW and schedule as above; **{f['steps']} steps in
+  {LOSS[f['loss']]}{PLAIN_LOSS[plain]}, same AdamW and schedule as above; **{f['steps']} steps in
   {f['train_seconds'] / 60:.1f} min** ({f['tokens_seen'] / 1e6:.2f}M tokens, {f['threads']} threads). Greedy replies (max 64 tokens) to
   50 chat prompts from held-out verses: ended by `</s>` {chat('chat', 'eos_frac')}, showing
   `[INST]`/`[/INST]`/`<s>`/`</s>` {chat('chat', 'marker_frac')}; 20 two-turn prompts: `</s>`
