@@ -1,10 +1,10 @@
 """The `budget` router (docs/routing.md, section 3.1) against top-k and LASER on the embedded
 models: balance, perplexity and multiple-choice accuracy at a few settings.
 
-    python bench/budget.py [--models tiny,tiny-deepseek] [--settings 0.1,0.2,0.3@1.25,0.5@1.5]
+    python bench/budget.py [--models tiny,tiny-deepseek] [--settings 0.2,0.35,scan:0.2,scan:0.3]
                            [--batch 64] [--mc N]
 
-A setting is `delta` or `delta@capacity` (the router's two options; capacity 0 when left out).
+A setting is `delta` or `method:delta` (the router's two options; method fill when left out).
 
 Everything is `tinymoe bench`'s and `tinymoe eval`'s own code: the bench's calibration (the first
 32768 tokens of the held-out text in windows of 128; no prototype fit, which these routers do not
@@ -56,12 +56,12 @@ def mc(model, tok, items, name, calib, opts) -> float:
 
 
 def label(opts: dict) -> str:
-    return f"{opts['delta']:g}@{opts['capacity']:g}"
+    return f"{opts['method']} {opts['delta']:g}"
 
 
 def parse_setting(text: str) -> dict:
-    delta, _, capacity = text.partition("@")
-    return {"delta": float(delta), "capacity": float(capacity or 0)}
+    method, _, delta = text.rpartition(":")
+    return {"delta": float(delta), "method": method or "fill"}
 
 
 def row(tag, r, pre, acc, setting=None) -> dict:
@@ -89,17 +89,17 @@ def meets(r: dict, ref: dict) -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,tiny-deepseek")
-    ap.add_argument("--settings", default="0.1,0.2,0.3@1.25,0.5@1.25,0.5@1.5",
-                    help="budget settings, delta or delta@capacity, comma-separated")
+    ap.add_argument("--settings", default="0.1,0.2,0.3,0.35,0.4,scan:0.2,scan:0.3",
+                    help="budget settings, delta or method:delta, comma-separated")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--mc", type=int, default=None, help="score only the first N MC items")
     a = ap.parse_args(argv)
     try:
         settings = [parse_setting(t) for t in a.settings.split(",")]
     except ValueError:
-        ap.error(f"--settings takes delta or delta@capacity numbers, got {a.settings!r}")
-    if any(not 0 <= o["delta"] <= 1 or o["capacity"] < 0 for o in settings):
-        ap.error(f"--settings: delta must lie in [0, 1] and capacity be >= 0, got {a.settings}")
+        ap.error(f"--settings takes delta or method:delta, got {a.settings!r}")
+    if any(not 0 <= o["delta"] <= 1 or o["method"] not in ("fill", "scan") for o in settings):
+        ap.error(f"--settings: delta must lie in [0, 1] and method be fill or scan, got {a.settings}")
     torch.manual_seed(0)
     items = read_choices(DATA / "heldout_mc.jsonl")[:a.mc]
     passing = None
@@ -110,7 +110,7 @@ def main(argv=None):
         ok = {label(r["setting"]) for r in rows[2:] if meets(r, rows[0])}
         passing = ok if passing is None else passing & ok
     print(f"target (I_agg >= {TARGET['i_agg_ratio']}x below top-k, |ppl Δ| <= {TARGET['ppl_pct']}%, "
-          f"|MC Δ| <= {TARGET['mc']}) met on every model by delta@capacity: "
+          f"|MC Δ| <= {TARGET['mc']}) met on every model by: "
           f"{', '.join(sorted(passing)) or 'none'}")
 
 

@@ -1,8 +1,8 @@
 """Budget routing (docs/routing.md, section 3.1): a token may leave its top-k only for a set of k
-experts that keeps at least (1 - delta) of its top-k mass, and only when one of its top-k experts
-already holds its capacity share of the pass; it then takes the least loaded of those sets. Loads
-count this forward pass of this layer only, as LASER's do."""
-import math
+experts that keeps at least (1 - delta) of its top-k mass. Two ways to spend that budget: `fill`
+starts from the top-k and lowers the pass's largest load by the cheapest moves; `scan` gives each
+token in turn its least-loaded allowed set. Loads count this forward pass of this layer only, as
+LASER's do."""
 from fractions import Fraction
 
 import torch
@@ -28,15 +28,8 @@ def budget_pools(probs: torch.Tensor, k: int, delta: float):
     return order[:, :c], vals[:, :c], sizes
 
 
-def capacity_limit(tokens: int, k: int, num_experts: int, capacity: float) -> int:
-    """Assignments an expert takes before its tokens start to look elsewhere: `capacity` times the
-    mean load of the pass, rounded up (0: none, every token takes its least-loaded allowed set)."""
-    return math.ceil(capacity * tokens * k / num_experts - 1e-9)
-
-
-def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float, cap: int = 0) -> torch.Tensor:
-    """Tokens in order, each keeping its top-k while all of its top-k experts hold fewer than `cap`
-    assignments, and otherwise taking its least-loaded allowed set, loads growing before the next.
+def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> torch.Tensor:
+    """Tokens in order, each taking its least-loaded allowed set, loads growing before the next.
     With a token's experts ranked by (load, -p, id) (smaller is better), that set is the allowed
     set whose worst expert is best, then whose second worst is, and so on. It is what is left
     after going through the experts from worst to best, dropping each one unless every allowed
@@ -47,7 +40,7 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float, cap:
     load = [0] * num_experts
     chosen = []
     for members, values, size in zip(order.tolist(), vals.tolist(), sizes.tolist()):
-        if size > k and max(load[e] for e in members[:k]) >= cap:
+        if size > k:
             cur = sum(int(v * SCALE) for v in values[:k])  # top's mass, exactly
             least = (den - num) * cur
             top, nxt, left = set(range(k)), k, size  # positions by p; nxt: the best one outside top
@@ -74,7 +67,7 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float, cap:
                 while nxt < size and dead[nxt]:
                     nxt += 1
             pick = [members[j] for j in sorted(top)]
-        else:  # only the top-k is allowed, or it still has room
+        else:  # only the top-k is allowed
             pick = members[:k]
         for e in pick:
             load[e] += 1
@@ -82,12 +75,88 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float, cap:
     return torch.tensor(chosen, dtype=torch.int64, device=order.device).view(-1, k)
 
 
+def cheapest_moves(cost, ok, toks, hot, need: list[int], room: list[int]):
+    """One round of budget_fill. cost [n, H, E]: moving token toks[i] from expert hot[h] to e,
+    where ok. Going through the allowed moves by cost (ties: token, from, to), a move is taken while
+    its source still needs to give, its token has not moved this round and its target has room.
+    Returns the moves, or None unless every source gave what it needs. Each source's few cheapest
+    moves usually decide the round, so those are tried first; a source's later moves come after
+    all of them in the order, so the answer is the same as over every move."""
+    n, H, E = cost.shape
+    flat = torch.where(ok, cost, torch.inf).permute(1, 0, 2).reshape(H, n * E)  # [H, n*E]
+    few = torch.tensor(need).clamp(max=n * E - 4) + 3
+    bound = flat.sort(dim=1).values.gather(1, few[:, None] - 1)  # each source's few-th cheapest
+    for keep in ((flat <= bound) & torch.isfinite(flat), torch.isfinite(flat)):
+        h, j = keep.nonzero(as_tuple=True)
+        i, e = j // E, j % E
+        c = flat[h, j]
+        rank = torch.sort((i * H + h) * E + e).indices  # token, from, to
+        c, i, h, e = c[rank], i[rank], h[rank], e[rank]
+        order = torch.sort(c, stable=True).indices
+        owed, moved, left, taken = list(need), set(), list(room), []
+        for t, src, dst, s in torch.stack((toks[i], hot[h], e, h), 1)[order].tolist():
+            if owed[s] == 0 or t in moved or left[dst] == 0:
+                continue
+            owed[s] -= 1
+            moved.add(t)
+            taken.append((t, src, dst))
+            left[dst] -= 1
+            if len(taken) == sum(need):
+                return taken
+    return None
+
+
+def budget_fill(probs: torch.Tensor, k: int, delta: float) -> torch.Tensor:
+    """From the top-k, rounds that lower the pass's largest load m to a level m - s: every expert
+    above the level hands its excess tokens to experts below it (none rising above it), by the
+    cheapest moves first (mass lost over the token's top-k mass; ties to the lower token, then
+    from-, then to-expert), a token moving at most once a round and only within its budget. A
+    round that cannot finish is not applied and s halves; the routing stops when a round of s = 1
+    fails, so mass is spent only where it lowers the maximum. s starts at half the way from m to
+    the mean load. Masses are float64 sums of fp32 probabilities (exact for these few terms).
+    Returns ids [T,k], each row by p descending (ties: the lower id)."""
+    T, E = probs.shape
+    p = probs.double()
+    vals, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    on = torch.zeros(T, E, dtype=torch.bool, device=probs.device)
+    on.scatter_(1, order[:, :k], True)
+    top_mass = vals[:, :k].double().sum(-1)
+    floor, mass = (1 - delta) * top_mass, top_mass.clone()
+    load = on.sum(0)
+    mean = -(-T * k // E)
+    step = max(1, (int(load.max()) - mean) // 2)
+    while step > 0:
+        level = int(load.max()) - step
+        hot = (load > level).nonzero().flatten()
+        room = (level - load).clamp(min=0)
+        taken = None
+        if level >= mean - 1 and bool(room.any()):
+            toks = on[:, hot].any(1).nonzero().flatten()
+            pt, ont = p[toks], on[toks]
+            ph = pt[:, hot]  # [n, H]
+            ok = (ont[:, hot, None] & (room > 0)[None, None, :] & ~ont[:, None, :]
+                  & (mass[toks, None, None] - ph[:, :, None] + pt[:, None, :] >= floor[toks, None, None]))
+            cost = (ph[:, :, None] - pt[:, None, :]) / top_mass[toks, None, None]
+            taken = cheapest_moves(cost, ok, toks, hot, (load[hot] - level).tolist(), room.tolist())
+        if taken is None:
+            step //= 2
+            continue
+        t, src, dst = torch.tensor(taken, dtype=torch.long, device=probs.device).unbind(1)
+        on[t, src], on[t, dst] = False, True
+        mass[t] += p[t, dst] - p[t, src]
+        load -= torch.bincount(src, minlength=E)
+        load += torch.bincount(dst, minlength=E)
+        step = max(1, min(step, (int(load.max()) - mean) // 2))
+    return torch.sort(torch.where(on, probs, -1.0), dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 @register("budget")
 class Budget(Router):
     """Options: delta, the share of its top-k mass a token may give up for balance (0: top-k);
-    capacity, the multiple of the pass's mean load an expert takes before its tokens may move
-    (0: they move whenever a less-loaded allowed set exists)."""
-    OPTIONS = {"delta": Option("number", 0.2, lo=0, hi=1), "capacity": Option("number", 0.0, lo=0)}
+    method, how the budget is spent (fill: the cheapest moves off the most loaded experts; scan:
+    each token in turn takes its least-loaded allowed set)."""
+    OPTIONS = {"delta": Option("number", 0.35, lo=0, hi=1),
+               "method": Option("choice", "fill", choices=("fill", "scan"))}
 
     def setup(self):
         self.topk = TopK()
@@ -98,6 +167,8 @@ class Budget(Router):
         if self.delta == 0:  # the model's own top-k, its tie order included
             return self.topk.route(logits, hidden, ctx)
         probs = rule.probs(logits)
-        cap = capacity_limit(probs.shape[0], k, rule.num_experts, self.capacity)
-        ids = budget_scan(*budget_pools(probs, k, self.delta), k, rule.num_experts, self.delta, cap)
+        if self.method == "fill":
+            ids = budget_fill(probs, k, self.delta)
+        else:
+            ids = budget_scan(*budget_pools(probs, k, self.delta), k, rule.num_experts, self.delta)
         return ids, rule.weights(probs, ids)
