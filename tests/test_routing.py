@@ -477,7 +477,7 @@ def test_calibrate_routers_are_checked_and_the_model_left_as_it_was(tiny_calibra
         assert (b.router, b.recorder, b.observer) == (router, rec, obs)
         assert torch.equal(b.ctx.state["bias"], bias)
         assert set(small.layer(b.ctx.layer)) == {"mass_quantiles", "load", "importance", "load.budget"}
-    assert small.meta["loads"] == {"budget": {"delta": 0.3, "capacity": 0.0}}  # every option, defaults too
+    assert small.meta["loads"] == {"budget": {"delta": 0.3, "method": "fill"}}  # every option, defaults too
     install(model, "topk")
 
 
