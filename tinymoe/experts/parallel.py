@@ -27,8 +27,8 @@ from .placement import place
 
 COMBINES = ("auto", "allgather", "allreduce")
 # `auto` takes allreduce below this many assignments. bench/ep.py on gloo (2 ranks, tiny-mixtral):
-# the two within noise (+-15%) from 2 to 512 assignments, allgather 1.12x faster at 2048; so
-# allgather everywhere here. A backend with cheaper small all-reduces would lower it.
+# allgather 1.15-1.40x faster from 2 to 512 assignments (Zen 4 VM, timed from a barrier), so
+# allgather everywhere here. A backend with cheaper small all-reduces would raise it.
 ALLREDUCE_BELOW = 0
 
 
@@ -36,7 +36,9 @@ ALLREDUCE_BELOW = 0
 class ExpertGroup:
     """The ranks that share the experts: this one's `rank` of `world`, the torch.distributed
     process group (None: the default one), the combine, and, when `timings` is a list, one
-    (busy seconds, layer seconds, assignments here) tuple per MoE layer call (bench --ep)."""
+    (busy seconds, layer seconds, assignments here) tuple per MoE layer call (bench --ep; the
+    ranks then meet at a barrier before each call, so a layer's seconds are its experts and
+    combine, not the ranks' skew from the replicated work before it)."""
     rank: int
     world: int
     pg: object = None
@@ -70,6 +72,8 @@ class ExpertShard:
         [P] is each copy's rank, `local_index` [P] its index among this rank's copies (-1 for
         others), `local_copies` the ExpertCopies of this rank's copies."""
         g = self.group
+        if g.timings is not None:  # measured from when every rank is here: what came before
+            dist.barrier(group=g.pg)  # (routing, attention) is replicated, not the straggler
         start = time.perf_counter()
         T, k = phys.shape
         D = x.shape[1]
