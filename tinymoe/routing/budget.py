@@ -84,7 +84,7 @@ def cheapest_moves(cost, ok, toks, hot, need: list[int], room: list[int]):
     all of them in the order, so the answer is the same as over every move."""
     n, H, E = cost.shape
     flat = torch.where(ok, cost, torch.inf).permute(1, 0, 2).reshape(H, n * E)  # [H, n*E]
-    few = torch.tensor(need).clamp(max=n * E - 4) + 3
+    few = (torch.tensor(need, device=cost.device) + 3).clamp(max=n * E)
     bound = flat.sort(dim=1).values.gather(1, few[:, None] - 1)  # each source's few-th cheapest
     for keep in ((flat <= bound) & torch.isfinite(flat), torch.isfinite(flat)):
         h, j = keep.nonzero(as_tuple=True)
