@@ -50,21 +50,17 @@ def fill_reference(probs: torch.Tensor, k: int, delta: float) -> list[list[int]]
         level = max(load) - step
         need = {h: load[h] - level for h in range(E) if load[h] > level}
         room = [max(0, level - load[e]) for e in range(E)]
-        taken = None
-        if level >= mean - 1 and any(room):
-            moves = sorted(((P[t][h] - P[t][e]) / M[t], t, h, e) for t in range(T) for h in sorted(on[t])
-                           if h in need for e in range(E) if e not in on[t] and room[e] > 0
-                           and sum(P[t][x] for x in on[t]) - P[t][h] + P[t][e] >= keep * M[t])
-            owed, moved, taken = dict(need), set(), []
-            for _, t, h, e in moves:
-                if owed[h] and t not in moved and room[e]:
-                    owed[h] -= 1
-                    room[e] -= 1
-                    moved.add(t)
-                    taken.append((t, h, e))
-            if any(owed.values()):
-                taken = None
-        if taken is None:
+        moves = sorted(((P[t][h] - P[t][e]) / M[t], t, h, e) for t in range(T) for h in sorted(on[t])
+                       if h in need for e in range(E) if e not in on[t] and room[e] > 0
+                       and sum(P[t][x] for x in on[t]) - P[t][h] + P[t][e] >= keep * M[t])
+        owed, moved, taken = dict(need), set(), []
+        for _, t, h, e in moves:
+            if owed[h] and t not in moved and room[e]:
+                owed[h] -= 1
+                room[e] -= 1
+                moved.add(t)
+                taken.append((t, h, e))
+        if any(owed.values()):
             step //= 2
             continue
         for t, h, e in taken:

@@ -27,7 +27,8 @@ Plain text never contains the markers, so its perplexity moves only through thos
 (measured: docs/benchmarks.md, session 9).
 --plain-loss kl scores the plain tokens by KL divergence to the frozen base model's next-token
 distribution instead of cross-entropy to the text, so that training every weight on the
-replies leaves plain-text predictions (and perplexity) where they were.
+replies keeps plain-text predictions near the base model's (what still moves perplexity is the
+replies' own cross-entropy: docs/benchmarks.md, session 12).
 
 Before and after (tinymoe.load_model / tinymoe.LLM, no transformers): held-out perplexity,
 multiple choice and top-k routing balance as the card measures them (fp32 compute), and
@@ -243,7 +244,7 @@ def token_losses(logits, y, plain, reference) -> torch.Tensor:
         return ce
     log_p = F.log_softmax(logits.flatten(0, 1).float(), -1)
     log_q = F.log_softmax(reference.flatten(0, 1).float(), -1)
-    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    kl = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
     return torch.where(plain.flatten(), kl, ce)
 
 

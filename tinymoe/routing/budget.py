@@ -75,32 +75,28 @@ def budget_scan(order, vals, sizes, k: int, num_experts: int, delta: float) -> t
     return torch.tensor(chosen, dtype=torch.int64, device=order.device).view(-1, k)
 
 
-def cheapest_moves(cost, ok, toks, hot, need: list[int], room: list[int]):
-    """One round of budget_fill. cost [n, H, E]: moving token toks[i] from expert hot[h] to e,
-    where ok. Going through the allowed moves by cost (ties: token, from, to), a move is taken while
-    its source still needs to give, its token has not moved this round and its target has room.
-    Returns the moves, or None unless every source gave what it needs. Each source's few cheapest
-    moves usually decide the round, so those are tried first; a source's later moves come after
-    all of them in the order, so the answer is the same as over every move."""
+def cheapest_moves(cost, need: list[int], room: list[int], toks, hot):
+    """One round of budget_fill. cost [n, H, E]: moving token toks[i] from expert hot[h] to e (inf
+    where not allowed). Going through the allowed moves by cost (ties: token, from, to), a move is
+    taken while its source still owes, its token has not moved this round and its target has
+    room. Returns the moves, or None unless every source paid. Each source's few cheapest moves
+    usually decide the round, so those are tried first; a source's later moves come after all of
+    them in the order, so the answer is the same as over every move."""
     n, H, E = cost.shape
-    flat = torch.where(ok, cost, torch.inf).permute(1, 0, 2).reshape(H, n * E)  # [H, n*E]
+    by_source = cost.permute(1, 0, 2).reshape(H, n * E)
     few = (torch.tensor(need, device=cost.device) + 3).clamp(max=n * E)
-    bound = flat.sort(dim=1).values.gather(1, few[:, None] - 1)  # each source's few-th cheapest
-    for keep in ((flat <= bound) & torch.isfinite(flat), torch.isfinite(flat)):
-        h, j = keep.nonzero(as_tuple=True)
-        i, e = j // E, j % E
-        c = flat[h, j]
-        rank = torch.sort((i * H + h) * E + e).indices  # token, from, to
-        c, i, h, e = c[rank], i[rank], h[rank], e[rank]
-        order = torch.sort(c, stable=True).indices
+    bound = by_source.sort(dim=1).values.gather(1, few[:, None] - 1).view(1, H, 1)
+    for keep in ((cost <= bound) & torch.isfinite(cost), torch.isfinite(cost)):
+        i, h, e = keep.nonzero(as_tuple=True)  # in (token, from, to) order
+        order = torch.sort(cost[i, h, e], stable=True).indices
         owed, moved, left, taken = list(need), set(), list(room), []
-        for t, src, dst, s in torch.stack((toks[i], hot[h], e, h), 1)[order].tolist():
+        for t, s, src, dst in torch.stack((toks[i], h, hot[h], e), 1)[order].tolist():
             if owed[s] == 0 or t in moved or left[dst] == 0:
                 continue
             owed[s] -= 1
+            left[dst] -= 1
             moved.add(t)
             taken.append((t, src, dst))
-            left[dst] -= 1
             if len(taken) == sum(need):
                 return taken
     return None
@@ -121,31 +117,26 @@ def budget_fill(probs: torch.Tensor, k: int, delta: float) -> torch.Tensor:
     on = torch.zeros(T, E, dtype=torch.bool, device=probs.device)
     on.scatter_(1, order[:, :k], True)
     top_mass = vals[:, :k].double().sum(-1)
-    floor, mass = (1 - delta) * top_mass, top_mass.clone()
     load = on.sum(0)
-    mean = -(-T * k // E)
+    mean = -(-T * k // E)  # the largest load is never below it
     step = max(1, (int(load.max()) - mean) // 2)
     while step > 0:
         level = int(load.max()) - step
         hot = (load > level).nonzero().flatten()
         room = (level - load).clamp(min=0)
-        taken = None
-        if level >= mean - 1 and bool(room.any()):
-            toks = on[:, hot].any(1).nonzero().flatten()
-            pt, ont = p[toks], on[toks]
-            ph = pt[:, hot]  # [n, H]
-            ok = (ont[:, hot, None] & (room > 0)[None, None, :] & ~ont[:, None, :]
-                  & (mass[toks, None, None] - ph[:, :, None] + pt[:, None, :] >= floor[toks, None, None]))
-            cost = (ph[:, :, None] - pt[:, None, :]) / top_mass[toks, None, None]
-            taken = cheapest_moves(cost, ok, toks, hot, (load[hot] - level).tolist(), room.tolist())
+        toks = on[:, hot].any(1).nonzero().flatten()
+        pt, ont, M = p[toks], on[toks], top_mass[toks, None, None]
+        ph = pt[:, hot, None]  # [n, H, 1]
+        kept = (pt * ont).sum(-1)[:, None, None] - ph + pt[:, None, :]  # the set's mass after the move
+        ok = ont[:, hot, None] & (room > 0) & ~ont[:, None, :] & (kept >= (1 - delta) * M)
+        cost = torch.where(ok, (ph - pt[:, None, :]) / M, torch.inf)
+        taken = cheapest_moves(cost, (load[hot] - level).tolist(), room.tolist(), toks, hot)
         if taken is None:
             step //= 2
             continue
         t, src, dst = torch.tensor(taken, dtype=torch.long, device=probs.device).unbind(1)
         on[t, src], on[t, dst] = False, True
-        mass[t] += p[t, dst] - p[t, src]
-        load -= torch.bincount(src, minlength=E)
-        load += torch.bincount(dst, minlength=E)
+        load += torch.bincount(dst, minlength=E) - torch.bincount(src, minlength=E)
         step = max(1, min(step, (int(load.max()) - mean) // 2))
     return torch.sort(torch.where(on, probs, -1.0), dim=-1, descending=True, stable=True).indices[:, :k]
 
