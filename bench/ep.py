@@ -1,7 +1,8 @@
 """Expert parallelism measured: per router, the straggler the ranks really see, beside the model.
 
     python bench/ep.py [--models tiny,tiny-deepseek] [--routers topk,laser,budget,rnq,laser+rnq,balanced]
-                       [--ranks 2] [--batch 64] [--combine-batches 1,8,64,256] [--placement contiguous]
+                       [--ranks 2] [--batch 64] [--repeats 3] [--combine-batches 1,8,64,256]
+                       [--placement contiguous]
 
 Part 1, per model: `tinymoe bench --ep G` at one batch (teacher-forced decode passes of B
 windows of the held-out text, one CPU thread per rank), every router in one launch so that the
@@ -10,7 +11,9 @@ rank), the ranks' mean and max expert busy time, the straggler ratio (median ove
 of max / mean busy) beside the modelled I_dev of the same passes, and the model's max busy time
 (docs/routing.md section 9, alpha and beta fitted on one rank's experts). The calibration is
 made once per model with the loads of laser and budget recorded, so `laser+rnq` sizes its
-replicas for laser's loads.
+replicas for laser's loads. `--repeats N` (default 3) launches it all N times and gives each
+column's median, with "vs top-k" the median (and range) of the ratio within each launch: on a
+shared 2-core VM one launch's ratios move by ~15%. The plans' notes give their expert bytes.
 Part 2: the two combines of experts/parallel.py (all-gather of the assignment rows, all-reduce
 of a zeroed [T, k, D]) at several batch sizes, top-k, same model: the `auto` rule's evidence.
 Part 3: the collectives alone (gloo here): median time of all_gather and all_reduce from 1 KiB
@@ -28,26 +31,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinymoe import load_model, load_tokenizer  # noqa: E402
 from tinymoe.engine.parallel import run_spmd  # noqa: E402
 from tinymoe.evaluation import read_tokens  # noqa: E402
-from tinymoe.routing import ROUTERS  # noqa: E402
+from tinymoe.routing import ROUTERS, make_router  # noqa: E402
 from tinymoe.routing.calibrate import calibrate  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tinymoe" / "assets" / "data" / "heldout.txt"
 
 
-def bench(model, routers, ranks, batch, tokens, calib, placement, combine=None, gen_len=32):
-    """Rows of `tinymoe bench --ep ranks` for `routers`: the plain ones in one launch, each
-    "router+plan" in a launch of its own (bench runs one plan a launch)."""
-    def launch(names, plan=None):
-        return run_spmd(ranks, "tinymoe.benchmark:run_ranked", dict(
+def parse_row(spec: str) -> tuple[str, dict, str | None]:
+    """`name[:key=value...][+plan]` -> (router, its options typed by the router, plan)."""
+    base, _, plan = spec.partition("+")
+    name, *pairs = base.split(":")
+    opts = make_router(name, **dict(p.split("=", 1) for p in pairs)).opts if pairs else {}
+    return name, opts, plan or None
+
+
+def bench(model, specs, ranks, batch, tokens, calib, placement, combine=None, gen_len=32):
+    """Rows of `tinymoe bench --ep ranks` for the row specs: plain router names in one launch,
+    each with options or a plan in a launch of its own (bench runs one plan a launch), labelled
+    by their spec."""
+    notes = []
+
+    def launch(names, plan=None, opts=None, label=None):
+        out = run_spmd(ranks, "tinymoe.benchmark:run_ranked", dict(
             model=model, routers=names, batches=[batch], tokens=tokens, prompt_len=64, gen_len=gen_len,
             calib=calib, min_sequences=batch, engine=False, placement=placement, plan=plan,
-            combine=combine))["rows"]
-    rows = launch([r for r in routers if "+" not in r])
-    for r in routers:
-        if "+" in r:
-            name, plan = r.split("+")
-            rows += [x for x in launch([name], plan) if x.router == r]
-    return rows
+            combine=combine, router_opts=opts))
+        notes.extend(f"{label}:{n.partition(':')[2]}" if label else n for n in out["notes"])
+        return out["rows"]
+    rows = launch([s for s in specs if parse_row(s) == (s, {}, None)])
+    for spec in specs:
+        name, opts, plan = parse_row(spec)
+        if (opts, plan) != ({}, None):
+            row = next(x for x in launch([name], plan, opts, spec) if x.router != "topk" or name == "topk")
+            row.router = spec
+            rows.append(row)
+    return rows, notes
+
+
+def calibration_routers(specs) -> list:
+    """The routers whose loads the calibration records (for R&Q over them): laser and budget,
+    with the options of the row that puts a plan over them."""
+    planned = {name: opts for name, opts, plan in map(parse_row, specs) if plan}
+    return [(r, planned.get(r, {})) for r in ("laser", "budget") if r in ROUTERS]
+
+
+def medians(launches):
+    """One row per router from several launches: each measured field's median over the launches,
+    and `vs_topk`, the median of each launch's top-k ep_step_ms over the router's (a ratio within
+    one launch first: launches minutes apart differ by more than routers do)."""
+    out = []
+    for i, first in enumerate(launches[0]):
+        runs = [rows[i] for rows in launches]
+        ratios = [next(r for r in rows if r.router == "topk").ep_step_ms / rows[i].ep_step_ms for rows in launches]
+        fields = {k: statistics.median(getattr(r, k) for r in runs) for k in
+                  ("i_agg", "i_dev", "straggler", "busy_max_ms", "busy_max_model_ms", "ep_step_ms")}
+        out.append(dict(router=first.router, ppl_delta_pct=first.ppl_delta_pct, vs_topk=statistics.median(ratios),
+                        vs_topk_range=(min(ratios), max(ratios)), **fields))
+    return out
 
 
 def collectives(ranks, sizes, reps=20):
@@ -86,33 +126,39 @@ def main():
     ap.add_argument("--combine-batches", default="1,8,64,256")
     ap.add_argument("--placement", default="contiguous")
     ap.add_argument("--parts", default="routers,combine,collectives")
+    ap.add_argument("--repeats", type=int, default=3, help="launches of part 1; the table gives medians")
     args = ap.parse_args()
     parts = args.parts.split(",")
-    routers = [r for r in args.routers.split(",") if r.split("+")[0] in ROUTERS or r == "rnq"]
+    routers = [r for r in args.routers.split(",") if parse_row(r)[0] in ROUTERS or r == "rnq"]
     skipped = set(args.routers.split(",")) - set(routers)
     if skipped:
         print(f"(not registered here, skipped: {', '.join(sorted(skipped))})")
     for model in args.models.split(",") if "routers" in parts else []:
         tokens = read_tokens(load_tokenizer(model), DATA)
-        extra = [r for r in ("laser", "budget") if r in ROUTERS]
-        calib = calibrate(load_model(model), tokens[:16384], seq_len=128, routers=extra)
-        rows = bench(model, routers, args.ranks, args.batch, tokens, calib, args.placement)
-        top = next(r for r in rows if r.router == "topk")
-        print(f"\n## {model}: {args.ranks} ranks, batch {args.batch}, placement {args.placement}\n")
+        calib = calibrate(load_model(model), tokens[:16384], seq_len=128, routers=calibration_routers(routers))
+        launches, notes = [], []
+        for _ in range(args.repeats):
+            rows, notes = bench(model, routers, args.ranks, args.batch, tokens, calib, args.placement)
+            launches.append(rows)
+        print(f"\n## {model}: {args.ranks} ranks, batch {args.batch}, placement {args.placement}, "
+              f"median of {args.repeats} launches\n")
         print("| router | I_agg | I_dev (modelled) | straggler (measured) | straggler / I_dev | busy max ms | "
-              "busy max ms (modelled) | ep_step_ms | vs top-k | ppl Δ % |")
+              "busy max ms (modelled) | ep_step_ms | vs top-k (min-max) | ppl Δ % |")
         print("|" + "---|" * 10)
-        for r in rows:
-            print(f"| {r.router} | {r.i_agg:.3f} | {r.i_dev:.3f} | {r.straggler:.3f} | {r.straggler / r.i_dev:.3f} | "
-                  f"{r.busy_max_ms:.2f} | {r.busy_max_model_ms:.2f} | {r.ep_step_ms:.2f} | "
-                  f"{top.ep_step_ms / r.ep_step_ms:.2f}x | {r.ppl_delta_pct:+.2f} |")
+        for r in medians(launches):
+            lo, hi = r["vs_topk_range"]
+            print(f"| {r['router']} | {r['i_agg']:.3f} | {r['i_dev']:.3f} | {r['straggler']:.3f} | "
+                  f"{r['straggler'] / r['i_dev']:.3f} | {r['busy_max_ms']:.2f} | {r['busy_max_model_ms']:.2f} | "
+                  f"{r['ep_step_ms']:.2f} | {r['vs_topk']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['ppl_delta_pct']:+.2f} |")
+        for note in notes:
+            print(f"- {note}")
     model = args.models.split(",")[0]
     tokens = read_tokens(load_tokenizer(model), DATA)
     print(f"\n## combines, {model}, top-k, {args.ranks} ranks: ep_step_ms a decode pass\n")
     print("| batch | allgather | allreduce | allreduce / allgather |")
     print("|---|---|---|---|")
     for B in [int(b) for b in args.combine_batches.split(",")] if "combine" in parts else []:
-        t = {c: bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", c, gen_len=16)[0].ep_step_ms
+        t = {c: bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", c, gen_len=16)[0][0].ep_step_ms
              for c in ("allgather", "allreduce")}
         print(f"| {B} | {t['allgather']:.2f} | {t['allreduce']:.2f} | {t['allreduce'] / t['allgather']:.2f} |")
     if "collectives" not in parts:

@@ -41,10 +41,11 @@ class Row:
     ppl_delta_pct: float
     agree_top1: float
     ep_speedup: float
-    # measured across the ranks with --ep, per decode pass: the MoE layers' time (experts and
-    # combine, slowest rank), the ranks' mean and max expert busy time, the max the model of
-    # docs/routing.md section 9 predicts from the loads, and the median over layer calls of max /
-    # mean busy (the median: a rank the OS preempts for a moment would inflate a mean)
+    # measured across the ranks with --ep, per decode pass (the median over passes): the MoE
+    # layers' time (experts and combine, slowest rank), the ranks' mean and max expert busy time,
+    # the max the model of docs/routing.md section 9 predicts from the loads (a mean), and the
+    # median over layer calls of max / mean busy (medians: a rank the OS preempts for a moment
+    # would inflate a mean)
     ep_step_ms: float | None = None
     busy_mean_ms: float | None = None
     busy_max_ms: float | None = None
@@ -226,7 +227,9 @@ def ep_measured(ranks, layers: int) -> dict:
     if t.numel() == 0:
         return {}
     busy, layer = t[..., 0], t[..., 1]
-    per_pass = lambda x: x.view(-1, layers).sum(1).mean().item() * 1e3  # noqa: E731 (ms a pass)
+    # ms a pass, the median over passes: one pass the OS preempts (a 2-core VM does, often) would
+    # move a mean by more than the routers differ
+    per_pass = lambda x: x.view(-1, layers).sum(1).median().item() * 1e3  # noqa: E731
     mean = busy.mean(0)
     return {"ep_step_ms": per_pass(layer.max(0).values), "busy_mean_ms": per_pass(mean),
             "busy_max_ms": per_pass(busy.max(0).values),
