@@ -155,11 +155,13 @@ static void block(const float* x, int64_t M, int64_t K, const W* w, int64_t N, v
     }
 }
 
-// The tile shape for M activation rows. 1-3 rows (bandwidth-bound): 4 weight rows at a time
-// against all of them, each prefetched 8 KB ahead; 4 weight rows' chains keep up with memory as
-// well as one row's split into two chains did (bench: 7168 x 1024 and 1024 x 3584 bf16 from
-// DRAM, one thread, AVX-512 and AVX2 builds alike), without tying the order to the tile. More
-// rows (compute-bound): tiles of 3 weight rows x 4 activation rows.
+// The tile shape for M activation rows. 1-3 rows (bandwidth-bound): units of 4 weight rows,
+// each prefetched 8 KB ahead, the FMA tiles taking the 4 against all activation rows at once;
+// 4 weight rows' chains keep up with memory as well as one row's split into two chains did
+// (bench: 7168 x 1024 and 1024 x 3584 bf16 from DRAM, one thread, AVX-512 and AVX2 builds
+// alike), without tying the order to the tile. (The vdpbf16ps tiles take one activation row's
+// weight rows one by one: dot_block_for.) More rows (compute-bound): tiles of 3 weight rows x 4
+// activation rows.
 static inline int64_t rows_per_block(int64_t M) { return M >= 4 ? 3 : 4; }
 
 template <typename W>
@@ -264,9 +266,9 @@ static void dot_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w
 }
 
 // One activation row: the weight rows one after another, so each thread reads one stream. Four
-// rows side by side (four streams 2-7 KB apart) read 12-16% slower on a Zen 4 VM, and batch-1
-// decode of mixtral-mini ran 52.8 against 64.3 t/s (A/B in one process, session 13). With 2-3
-// activation rows the shared activation loads win: batch-8 decode 158 against 146 t/s.
+// rows side by side (four streams 2-7 KB apart) read up to 16% slower on a Zen 4 VM, and batch-1
+// decode of mixtral-mini was 8-26% slower in four A/B runs within one process (session 13). With
+// 2-3 activation rows the shared activation loads win: batch-8 decode 158 against 146 t/s.
 static void dot_block_for(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                           int out_bf16, int64_t b) {
     if (M == 1) dot_block<4, 1>(x, M, K, w, N, y, out_bf16, b);
