@@ -73,8 +73,11 @@ static inline vq fma_q(vq a, vq b, vq c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vq fnma_q(vq a, vq b, vq c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
 static inline vq set1_q(float f) { return _mm512_set1_ps(f); }
 static inline float sum_q(vq v) { return _mm512_reduce_add_ps(v); }
+typedef __mmask16 words_mask;
+static inline words_mask mask_of(int64_t n) { return __mmask16(n >= 16 ? 0xffff : (1u << n) - 1); }
+static inline vi load_masked(const void* p, words_mask m) { return _mm512_maskz_loadu_epi32(m, p); }
 static inline vi load_words(const void* p, int64_t n) {  // 32-bit words [0, n), 0 beyond; never reads past n
-    return _mm512_maskz_loadu_epi32(__mmask16(n >= 16 ? 0xffff : (1u << n) - 1), p);
+    return load_masked(p, mask_of(n));
 }
 static inline vi spread(vi words, vi idx) { return _mm512_permutexvar_epi32(idx, words); }
 static inline vq bf16_low(vi w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
@@ -99,11 +102,13 @@ static inline vq fma_q(vq a, vq b, vq c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vq fnma_q(vq a, vq b, vq c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline vq set1_q(float f) { return _mm256_set1_ps(f); }
 static inline float sum_q(vq v) { return hsum8(v); }
-static inline vi load_words(const void* p, int64_t n) {
+typedef __m256i words_mask;
+static inline words_mask mask_of(int64_t n) {
     const vi lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const vi count = _mm256_set1_epi32(int(std::min<int64_t>(n, 8)));
-    return _mm256_maskload_epi32((const int*)p, _mm256_cmpgt_epi32(count, lane));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(n, 8))), lane);
 }
+static inline vi load_masked(const void* p, words_mask m) { return _mm256_maskload_epi32((const int*)p, m); }
+static inline vi load_words(const void* p, int64_t n) { return load_masked(p, mask_of(n)); }
 static inline vi spread(vi words, vi idx) { return _mm256_permutevar8x32_epi32(words, idx); }
 static inline vq bf16_low(vi w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
 static inline vq bf16_high(vi w) {
@@ -267,6 +272,9 @@ __attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const
     constexpr int64_t CH = INT4_W ? 2 * QB : QB;  // L.chunk, known to the compiler
     const int64_t Q = L.Q, S = L.S;
     const vi idx = load_i(L.idx);
+    // a whole chunk's scale-word mask, made once: GCC rebuilt it every chunk (8 scalar instructions
+    // in a 30-instruction loop), and hoisting it made the 1-row INT4 GEMV 3-18% faster (Zen 4 VM)
+    const words_mask per_chunk = mask_of(L.per);
     vq a[R][MB];  // a local copy: GCC otherwise stores acc back every chunk
     for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) a[r][j] = acc[r][j];
     for (int64_t c = c0; c < c1; c++, w += QB) {
@@ -275,12 +283,13 @@ __attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const
         if constexpr (INT4_W) {
             vi lo[R], hi[R];
             vq s[R];
-            const int64_t g0 = (c * CH) >> L.log_G, n = whole ? L.per : std::min(L.per, L.groups - g0);
+            const int64_t g0 = (c * CH) >> L.log_G;
+            const words_mask mask = whole ? per_chunk : mask_of(std::min(L.per, L.groups - g0));
             for (int r = 0; r < R; r++) {
                 const vi packed = load_i(w + r * stride);
                 lo[r] = low_nibbles(packed);
                 hi[r] = high_nibbles(packed);
-                s[r] = bf16_low(spread(load_words(words + r * L.groups + g0, n), idx));
+                s[r] = bf16_low(spread(load_masked(words + r * L.groups + g0, mask), idx));
             }
             for (int j = 0; j < MB; j++) {
                 const vi xe = load_i(xq + j * Q + c * CH), xo = load_i(xq + j * Q + c * CH + QB);
