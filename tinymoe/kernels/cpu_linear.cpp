@@ -244,8 +244,8 @@ static void dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
     }
 }
 
-// Weight rows [b R, b R + R), T at a time (T = R, or 1: the rows one after another).
-template <int R, int T = R>
+// Weight rows [b R, b R + R): in one tile, or (ROWWISE) one after another.
+template <int R, bool ROWWISE = false>
 static void dot_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                       int out_bf16, int64_t b) {
     const int64_t n0 = b * R;
@@ -253,7 +253,7 @@ static void dot_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w
     for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         const int64_t mc = std::min<int64_t>(MCHUNK, M - m0);
         const uint16_t* xm = x + m0 * K;
-        if (T == R && n0 + R <= N) dot_rows<R>(xm, mc, K, w, n0, acc);
+        if (!ROWWISE && n0 + R <= N) dot_rows<R>(xm, mc, K, w, n0, acc);
         else for (int64_t n = n0; n < N && n < n0 + R; n++) dot_rows<1>(xm, mc, K, w, n, acc + (n - n0) * mc);
         for (int64_t n = n0; n < N && n < n0 + R; n++)
             for (int64_t j = 0; j < mc; j++) {
@@ -271,7 +271,7 @@ static void dot_block(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w
 // 2-3 activation rows the shared activation loads win: batch-8 decode 158 against 146 t/s.
 static void dot_block_for(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, void* y,
                           int out_bf16, int64_t b) {
-    if (M == 1) dot_block<4, 1>(x, M, K, w, N, y, out_bf16, b);
+    if (M == 1) dot_block<4, true>(x, M, K, w, N, y, out_bf16, b);
     else if (rows_per_block(M) == 4) dot_block<4>(x, M, K, w, N, y, out_bf16, b);
     else dot_block<3>(x, M, K, w, N, y, out_bf16, b);
 }
