@@ -1,7 +1,7 @@
 """Decode tok/s of the embedded model idle and beside one busy neighbour, per thread count and
 OpenMP wait policy.
 
-    python bench/threads.py [--threads 1,2] [--tokens 64] [--runs 3]
+    python bench/threads.py [--threads 1,2] [--tokens 64] [--runs 3] [--model tiny] [--quant SPEC]
 
 Each row runs in a fresh process, since libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once,
 when torch first loads it. That process times greedy decode of one prompt (the median of --runs)
@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (label, environment): the OpenMP variables each row sets; the others are removed
 POLICIES = [("default", {}), ("active", {"OMP_WAIT_POLICY": "active"}),
             ("passive", {"OMP_WAIT_POLICY": "passive"}), ("spin=0", {"GOMP_SPINCOUNT": "0"}),
-            ("spin=1000", {"GOMP_SPINCOUNT": "1000"}), ("spin=10000", {"GOMP_SPINCOUNT": "10000"})]
+            ("spin=1000", {"GOMP_SPINCOUNT": "1000"}), ("spin=10000", {"GOMP_SPINCOUNT": "10000"}),
+            ("spin=30000", {"GOMP_SPINCOUNT": "30000"}), ("spin=100000", {"GOMP_SPINCOUNT": "100000"})]
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TINYMOE_WAIT_POLICY")
 
 CHILD = r"""
@@ -25,7 +26,7 @@ import json, statistics, subprocess, sys
 import torch
 from tinymoe import LLM, SamplingParams, Settings
 threads, tokens, runs = map(int, sys.argv[1:4])
-llm = LLM("tiny", settings=Settings(threads=threads))
+llm = LLM(sys.argv[4], quant=sys.argv[5] or None, settings=Settings(threads=threads))
 params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
 
 def rate():
@@ -43,10 +44,10 @@ print(json.dumps({"idle": idle, "busy": busy, "threads": torch.get_num_threads()
 """
 
 
-def measure(threads: int, env_vars: dict, tokens: int, runs: int) -> dict:
+def measure(threads: int, env_vars: dict, tokens: int, runs: int, model: str, quant: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
     env.update(env_vars, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens), str(runs)], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens), str(runs), model, quant], env=env,
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"threads={threads} {env_vars}: {done.stderr.strip().splitlines()[-1]}")
@@ -58,6 +59,8 @@ def main():
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens a run")
     ap.add_argument("--runs", type=int, default=3, help="runs a figure (the median)")
+    ap.add_argument("--model", default="tiny", help="model name or checkpoint dir (default: the embedded model)")
+    ap.add_argument("--quant", default="", help="--quant SPEC for the model")
     ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES),
                     help=f"comma-separated subset of {', '.join(p for p, _ in POLICIES)}")
     args = ap.parse_args()
@@ -71,7 +74,7 @@ def main():
         for label, env_vars in POLICIES:
             if label not in chosen:
                 continue
-            got = measure(threads, env_vars, args.tokens, args.runs)
+            got = measure(threads, env_vars, args.tokens, args.runs, args.model, args.quant)
             print(f"| {threads} | {label} | {got['idle']:.0f} | {got['busy']:.0f} | {got['busy'] / got['idle']:.2f} |",
                   flush=True)
 

@@ -28,8 +28,9 @@ EPS = 2.0 ** -24
 
 # (M, N, K): 1-3 rows (one weight row at a time), 4-20 (tiles of 4 rows, ragged), 64+ (more than
 # one pass of 64 rows); N not a multiple of the 2-3 weight rows of a unit; K 32, 96, 100 (int4
-# pads it to the group), 256, 384 and 1000 (int8: a tail shorter than one vector)
-SHAPES = [(1, 7, 32), (1, 300, 100), (2, 64, 96), (3, 5, 256), (4, 11, 384), (5, 37, 100), (8, 130, 64),
+# pads it to the group), 256, 384, 1000 (int8: a tail shorter than one vector) and 4500 (int4 with
+# one row: more than one batch of block products, cpu_quant.cpp's SEG)
+SHAPES = [(1, 7, 32), (1, 300, 100), (1, 9, 4500), (2, 64, 96), (3, 5, 256), (4, 11, 384), (5, 37, 100), (8, 130, 64),
           (13, 11, 1000), (16, 9, 96), (17, 20, 256), (20, 33, 384), (70, 13, 100)]
 FORMATS = [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)]
 
@@ -125,8 +126,9 @@ def test_native_dequantisation_is_dequantize_bit_for_bit(precision, group, K):
 
 @needs_native
 @pytest.mark.parametrize("precision,group", FORMATS, ids=[f"{p}-g{g}" for p, g in FORMATS])
-def test_a_row_does_not_depend_on_the_others_or_on_M(precision, group):
-    x, w = inputs(70, 29, 384, 3)
+@pytest.mark.parametrize("K", [384, 4500])
+def test_a_row_does_not_depend_on_the_others_or_on_M(precision, group, K):
+    x, w = inputs(70, 29, K, 3)
     qw = quantize(w, precision, group)
     with cpu_linear.bf16_instructions(False):  # the native kernel at every row count
         full = linear(x, qw)

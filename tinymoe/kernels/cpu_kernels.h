@@ -31,7 +31,7 @@ struct Matrix {
 // that row of x, never on M.
 struct Prepared {
     int64_t precision, M, K;
-    std::vector<float> f;
+    std::vector<float> f;     // BF16: the fp32 activations; INT4: the block scales, one a block
     std::vector<uint16_t> h;  // BF16 with bf16 activations on an AVX512-BF16 CPU: x as given
     std::vector<int8_t> q;
     std::vector<float> scale, sum;
