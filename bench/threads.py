@@ -1,5 +1,5 @@
-"""Decode tok/s of the embedded model idle and beside one busy neighbour, per thread count and
-OpenMP wait policy.
+"""Decode tok/s idle and beside one busy neighbour, per thread count (or auto: the engine's
+choice) and OpenMP wait policy.
 
     python bench/threads.py [--threads 1,2] [--tokens 64] [--runs 3] [--model tiny] [--quant SPEC]
 
@@ -14,18 +14,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (label, environment): the OpenMP variables each row sets; the others are removed
+# (label, environment): the OpenMP variables each row sets; the others are removed. --policies
+# also takes any spin=N (GOMP_SPINCOUNT=N: spin N rounds, then sleep).
 POLICIES = [("default", {}), ("active", {"OMP_WAIT_POLICY": "active"}),
             ("passive", {"OMP_WAIT_POLICY": "passive"}), ("spin=0", {"GOMP_SPINCOUNT": "0"}),
-            ("spin=1000", {"GOMP_SPINCOUNT": "1000"}), ("spin=10000", {"GOMP_SPINCOUNT": "10000"}),
-            ("spin=30000", {"GOMP_SPINCOUNT": "30000"}), ("spin=100000", {"GOMP_SPINCOUNT": "100000"})]
+            ("spin=1000", {"GOMP_SPINCOUNT": "1000"}), ("spin=10000", {"GOMP_SPINCOUNT": "10000"})]
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TINYMOE_WAIT_POLICY")
 
 CHILD = r"""
 import json, statistics, subprocess, sys
 import torch
 from tinymoe import LLM, SamplingParams, Settings
-threads, tokens, runs = map(int, sys.argv[1:4])
+threads = None if sys.argv[1] == "auto" else int(sys.argv[1])  # auto: the engine's thread governor
+tokens, runs = map(int, sys.argv[2:4])
 llm = LLM(sys.argv[4], quant=sys.argv[5] or None, settings=Settings(threads=threads))
 params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
 
@@ -44,7 +45,7 @@ print(json.dumps({"idle": idle, "busy": busy, "threads": torch.get_num_threads()
 """
 
 
-def measure(threads: int, env_vars: dict, tokens: int, runs: int, model: str, quant: str) -> dict:
+def measure(threads: str, env_vars: dict, tokens: int, runs: int, model: str, quant: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
     env.update(env_vars, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens), str(runs), model, quant], env=env,
@@ -56,7 +57,8 @@ def measure(threads: int, env_vars: dict, tokens: int, runs: int, model: str, qu
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--threads", default="1,2,auto",
+                    help="comma-separated thread counts; auto: the engine chooses (engine/cpu_share.py)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens a run")
     ap.add_argument("--runs", type=int, default=3, help="runs a figure (the median)")
     ap.add_argument("--model", default="tiny", help="model name or checkpoint dir (default: the embedded model)")
@@ -64,17 +66,21 @@ def main():
     ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES),
                     help=f"comma-separated subset of {', '.join(p for p, _ in POLICIES)}")
     args = ap.parse_args()
-    chosen = args.policies.split(",")
-    unknown = sorted(set(chosen) - {p for p, _ in POLICIES})
-    if unknown:
-        ap.error(f"unknown policy {', '.join(unknown)}")
+    known = dict(POLICIES)
+    chosen = []
+    for label in args.policies.split(","):
+        if label.startswith("spin=") and label[5:].isdigit():
+            known[label] = {"GOMP_SPINCOUNT": label[5:]}
+        elif label not in known:
+            ap.error(f"unknown policy {label!r}: use {', '.join(known)} or spin=N")
+        chosen.append(label)
     print("| threads | policy | idle t/s | busy t/s | ratio |")
     print("|---|---|---|---|---|")
-    for threads in (int(t) for t in args.threads.split(",")):
-        for label, env_vars in POLICIES:
-            if label not in chosen:
-                continue
-            got = measure(threads, env_vars, args.tokens, args.runs, args.model, args.quant)
+    for threads in args.threads.split(","):
+        if threads != "auto" and not (threads.isdigit() and int(threads) > 0):
+            ap.error(f"--threads {threads!r}: give positive counts or auto")
+        for label in chosen:
+            got = measure(threads, known[label], args.tokens, args.runs, args.model, args.quant)
             print(f"| {threads} | {label} | {got['idle']:.0f} | {got['busy']:.0f} | {got['busy'] / got['idle']:.2f} |",
                   flush=True)
 

@@ -70,8 +70,9 @@ BAD_ENV = [
     ("TINYMOE_CACHE", __file__, f"TINYMOE_CACHE={__file__!r} is not a folder"),
     ("TINYMOE_CPU_BF16", "2", "TINYMOE_CPU_BF16='2': use 0 (no bf16 instructions), 1 (bf16 instructions) or leave "
                               "it unset (detect)"),
-    ("TINYMOE_THREADS", "0", "TINYMOE_THREADS='0': use a positive integer (or leave it unset: torch's count)"),
-    ("TINYMOE_WAIT_POLICY", "spin", "TINYMOE_WAIT_POLICY='spin': use passive (the default) or active"),
+    ("TINYMOE_THREADS", "0", "TINYMOE_THREADS='0': use a positive integer (or leave it unset: the cores other work "
+                             "leaves free)"),
+    ("TINYMOE_WAIT_POLICY", "spinning", "TINYMOE_WAIT_POLICY='spinning': use passive, spin (the default) or active"),
 ]
 
 
@@ -117,7 +118,7 @@ BAD_FIELDS = [
     ({"cpu_bf16": 0}, TypeError, "Settings.cpu_bf16 takes True, False or None, not 0"),
     ({"cache_dir": None}, TypeError, "Settings.cache_dir takes a folder path, not None"),
     ({"threads": 0}, ValueError, "Settings.threads takes a positive integer or None, not 0"),
-    ({"wait_policy": None}, ValueError, "Settings.wait_policy takes 'passive' or 'active', not None"),
+    ({"wait_policy": None}, ValueError, "Settings.wait_policy takes 'passive', 'spin' or 'active', not None"),
     ({"kv_cache_bytes": 1.5}, ValueError, "Settings.kv_cache_bytes takes a positive integer, not 1.5"),
 ]
 

@@ -21,34 +21,37 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bad_threads_variable(value):
     with pytest.raises(ValueError) as e:
         Settings.from_env({"TINYMOE_THREADS": value})
-    assert str(e.value) == f"TINYMOE_THREADS={value!r}: use a positive integer (or leave it unset: torch's count)"
+    assert str(e.value) == (f"TINYMOE_THREADS={value!r}: use a positive integer (or leave it unset: the cores other "
+                            "work leaves free)")
 
 
-@pytest.mark.parametrize("value", ["Passive", "spin", "0"])
+@pytest.mark.parametrize("value", ["Passive", "spinning", "0"])
 def test_bad_wait_policy_variable(value):
     with pytest.raises(ValueError) as e:
         Settings.from_env({"TINYMOE_WAIT_POLICY": value})
-    assert str(e.value) == f"TINYMOE_WAIT_POLICY={value!r}: use passive (the default) or active"
+    assert str(e.value) == f"TINYMOE_WAIT_POLICY={value!r}: use passive, spin (the default) or active"
 
 
 def test_variables_and_fields():
-    assert Settings().wait_policy == "passive" and Settings().threads is None
+    assert Settings().wait_policy == "spin" and Settings().threads is None
     got = Settings.from_env({"TINYMOE_THREADS": "3", "TINYMOE_WAIT_POLICY": "active"})
     assert got == Settings(threads=3, wait_policy="active")
     assert Settings.from_env({"TINYMOE_THREADS": "", "TINYMOE_WAIT_POLICY": ""}) == Settings()
     with pytest.raises(ValueError) as e:
-        Settings(wait_policy="spin")
-    assert str(e.value) == "Settings.wait_policy takes 'passive' or 'active', not 'spin'"
+        Settings(wait_policy="sleep")
+    assert str(e.value) == "Settings.wait_policy takes 'passive', 'spin' or 'active', not 'sleep'"
 
 
 def test_omp_environment():
     assert omp_environment("passive", {}) == {"OMP_WAIT_POLICY": "passive"}
+    assert omp_environment("spin", {}) == {"GOMP_SPINCOUNT": "10000"}
+    assert omp_environment("spin", {"GOMP_SPINCOUNT": "300"}) == {}
     assert omp_environment("active", {"OMP_WAIT_POLICY": ""}) == {"OMP_WAIT_POLICY": "active"}
     assert omp_environment("passive", {"OMP_WAIT_POLICY": "active"}) == {}  # the user's choice wins
     assert omp_environment("passive", {"GOMP_SPINCOUNT": "1000"}) == {}
     with pytest.raises(ValueError) as e:
         omp_environment("busy", {})
-    assert str(e.value) == "Settings.wait_policy takes 'passive' or 'active', not 'busy'"
+    assert str(e.value) == "Settings.wait_policy takes 'passive', 'spin' or 'active', not 'busy'"
 
 
 def test_group_options_install(restored):
@@ -66,7 +69,7 @@ import os, sys
 class Watch:  # records the policy in the environment when torch (and so libgomp) is first imported
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not hasattr(self, "seen"):
-            self.seen = os.environ.get("OMP_WAIT_POLICY", "-")
+            self.seen = os.environ.get("OMP_WAIT_POLICY", "-") + "/" + os.environ.get("GOMP_SPINCOUNT", "-")
             print("AT_TORCH_IMPORT", self.seen, flush=True)
         return None
 sys.meta_path.insert(0, Watch())
@@ -77,9 +80,11 @@ main()
 
 
 @pytest.mark.parametrize("user, argv, seen", [
-    ({}, ["--threads", "1", "--wait-policy", "active", "models"], "active"),
-    ({}, ["--threads", "1", "models"], "passive"),
-    ({"OMP_WAIT_POLICY": "active"}, ["--wait-policy", "passive", "models"], "active"),  # the user's wins
+    ({}, ["--threads", "1", "--wait-policy", "active", "models"], "active/-"),
+    ({}, ["--threads", "1", "--wait-policy", "passive", "models"], "passive/-"),
+    ({}, ["--threads", "1", "models"], "-/10000"),
+    ({"OMP_WAIT_POLICY": "active"}, ["--wait-policy", "passive", "models"], "active/-"),  # the user's wins
+    ({"GOMP_SPINCOUNT": "5"}, ["models"], "-/5"),
 ])
 def test_entry_point_sets_the_policy_before_torch(user, argv, seen):
     env = {k: v for k, v in os.environ.items()

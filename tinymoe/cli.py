@@ -210,10 +210,12 @@ def _drop_oldest_turns(llm, messages: list[dict], keep: int) -> bool:
 @click.group(cls=Group)
 @click.option("--debug", is_flag=True, callback=_set_debug, is_eager=True, help="show tracebacks")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: TINYMOE_THREADS, else torch's count)")
-@click.option("--wait-policy", type=click.Choice(["passive", "active"]), default=None,
-              help="how idle OpenMP threads wait: passive sleeps, active spins (default: TINYMOE_WAIT_POLICY, "
-                   "else passive); OMP_WAIT_POLICY or GOMP_SPINCOUNT, if set, win")
+              help="CPU threads, fixed (default: TINYMOE_THREADS, else the cores less those other work keeps "
+                   "busy, re-checked every half second)")
+@click.option("--wait-policy", type=click.Choice(["passive", "spin", "active"]), default=None,
+              help="how idle OpenMP threads wait: passive sleeps at once, spin spins ~0.1-0.5 ms then sleeps, "
+                   "active spins (default: TINYMOE_WAIT_POLICY, else spin); OMP_WAIT_POLICY or GOMP_SPINCOUNT, "
+                   "if set, win")
 def cli(debug, threads, wait_policy):
     """tinymoe: a small inference engine for Mixture-of-Experts language models."""
     from dataclasses import replace

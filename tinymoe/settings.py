@@ -12,10 +12,13 @@ the engine read (built from the environment on its first call, not at import).
 `wait_policy` cannot be applied by `install`: libgomp (torch's OpenMP runtime, which the native
 library shares) reads OMP_WAIT_POLICY / GOMP_SPINCOUNT once, when `import torch` loads it. The
 `tinymoe` command exports it before any command imports torch (`omp_environment`; importing the
-package imports nothing); a library user sets
-OMP_WAIT_POLICY=passive in the environment before importing torch (or tinymoe). Spinning waits
-("active", or libgomp's default of spinning a while) make decode with 2+ threads collapse when
-another process is busy on a core (bench/threads.py); `threads` is applied by `install`.
+package imports nothing); a library user sets OMP_WAIT_POLICY or GOMP_SPINCOUNT before importing
+torch (or tinymoe). "spin" (the default) bridges the short gaps between a decode step's parallel
+regions without a sleep and wake-up each: batch-1 decode of mixtral-mini int4 ~1.25x faster than
+"passive" on a 2-vCPU VM (bench/threads.py, docs/benchmarks.md). Spinning threads make a 2-thread
+decode collapse when another process keeps a core busy, which the engine's thread count, unless
+fixed, avoids by stepping with fewer threads (engine/cpu_share.py); `threads` is applied by
+`install`.
 
 `native_isa` (TINYMOE_NATIVE_ISA) is what the native library is compiled for: "native" (this
 CPU's instructions, `-march=native`: AVX512-VNNI or AVX-VNNI integer dot products where the CPU
@@ -39,7 +42,9 @@ from pathlib import Path
 
 BACKENDS = ("triton", "torch", "auto")
 NATIVE_ISAS = ("native", "avx512", "avx2")  # what the native library is built for (native.ISA_FLAGS)
-WAIT_POLICIES = ("passive", "active")  # OMP_WAIT_POLICY: sleep, or spin, while waiting for work
+# how idle OpenMP threads wait for work: sleep at once, spin a while (~0.1-0.5 ms) then sleep, spin
+WAIT_POLICIES = ("passive", "spin", "active")
+SPIN_ROUNDS = "10000"  # "spin": GOMP_SPINCOUNT, enough to bridge the gaps inside a decode step
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: they win over wait_policy
 KV_CACHE_BYTES = 512 << 20
 
@@ -59,8 +64,9 @@ class Settings:
     native_step: bool = True        # the one-call decode step of that library (else per op)
     cache_dir: Path = field(default_factory=_default_cache)  # where the native library is built
     native_isa: str = "native"      # build it for this CPU, or "avx512" (no AVX512-BF16), "avx2" (AVX2 only)
-    threads: int | None = None      # torch's CPU threads, set on install (None: leave them)
-    wait_policy: str = "passive"    # OMP_WAIT_POLICY the `tinymoe` command exports (see above)
+    threads: int | None = None      # torch's CPU threads, set on install and fixed (None: an LLM on the CPU
+                                    # steps with the cores less those other work keeps busy, engine/cpu_share.py)
+    wait_policy: str = "spin"       # how the `tinymoe` command has libgomp wait (see above)
     cpu_bf16: bool | None = None    # take the paths of a CPU with bf16 instructions (None: its flags say)
     batch_invariant: bool = True    # CPU matmuls of any row count in the native fixed-order kernels
     kv_cache_bytes: int = KV_CACHE_BYTES  # KV cache budget of an LLM not given kv_cache_tokens
@@ -81,7 +87,7 @@ class Settings:
         if self.threads is not None and not _positive(self.threads):
             raise ValueError(f"Settings.threads takes a positive integer or None, not {self.threads!r}")
         if self.wait_policy not in WAIT_POLICIES:
-            raise ValueError(f"Settings.wait_policy takes 'passive' or 'active', not {self.wait_policy!r}")
+            raise ValueError(f"Settings.wait_policy takes 'passive', 'spin' or 'active', not {self.wait_policy!r}")
         if not _positive(self.kv_cache_bytes):
             raise ValueError(f"Settings.kv_cache_bytes takes a positive integer, not {self.kv_cache_bytes!r}")
 
@@ -130,13 +136,13 @@ class Settings:
         threads = env.get("TINYMOE_THREADS", "")
         if threads:
             if not (threads.isascii() and threads.isdigit() and int(threads) > 0):
-                raise ValueError(f"TINYMOE_THREADS={threads!r}: use a positive integer (or leave it unset: "
-                                 "torch's count)")
+                raise ValueError(f"TINYMOE_THREADS={threads!r}: use a positive integer (or leave it unset: the "
+                                 "cores other work leaves free)")
             given["threads"] = int(threads)
         policy = env.get("TINYMOE_WAIT_POLICY", "")
         if policy:
             if policy not in WAIT_POLICIES:
-                raise ValueError(f"TINYMOE_WAIT_POLICY={policy!r}: use passive (the default) or active")
+                raise ValueError(f"TINYMOE_WAIT_POLICY={policy!r}: use passive, spin (the default) or active")
             given["wait_policy"] = policy
         return cls(**given)
 
@@ -145,9 +151,11 @@ def omp_environment(wait_policy: str, environ=None) -> dict:
     """The variables to export so libgomp waits by `wait_policy`: none if `environ` (default
     os.environ) already sets OMP_WAIT_POLICY or GOMP_SPINCOUNT. Useful only before torch loads."""
     if wait_policy not in WAIT_POLICIES:
-        raise ValueError(f"Settings.wait_policy takes 'passive' or 'active', not {wait_policy!r}")
+        raise ValueError(f"Settings.wait_policy takes 'passive', 'spin' or 'active', not {wait_policy!r}")
     env = os.environ if environ is None else environ
-    return {} if any(env.get(var) for var in OMP_VARS) else {"OMP_WAIT_POLICY": wait_policy}
+    if any(env.get(var) for var in OMP_VARS):
+        return {}
+    return {"GOMP_SPINCOUNT": SPIN_ROUNDS} if wait_policy == "spin" else {"OMP_WAIT_POLICY": wait_policy}
 
 
 _installed: Settings | None = None

@@ -11,6 +11,7 @@ import torch
 
 from ..settings import Settings, current as current_settings, install as install_settings
 from .block_manager import BlockManager
+from .cpu_share import ThreadGovernor
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .sampler import pick_logprobs, sample, token_logprobs
@@ -219,6 +220,11 @@ class LLM:
             self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
             self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
             self.runner = ModelRunner(model, num_blocks, block_size, ranks)
+            # threads not fixed (Settings.threads None), one process on the CPU: fewer while other
+            # work keeps cores busy (cpu_share.py)
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            self._governor = (ThreadGovernor(torch.get_num_threads())
+                              if self.settings.threads is None and ranks is None and on_cpu else None)
             if ranks is not None and ranks.rank == 0:
                 weakref.finalize(self, ranks.close, True)
             self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
@@ -353,6 +359,8 @@ class LLM:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not place any request (KV cache too small?)")
             return []
+        if self._governor is not None and (n := self._governor.threads()) != torch.get_num_threads():
+            torch.set_num_threads(n)  # a row's bits do not depend on the thread count
         logits, seqs = self.runner.run(batch)
         self.scheduler.advance(batch)
         if seqs:

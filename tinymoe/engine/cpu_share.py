@@ -1,0 +1,57 @@
+"""How many CPU threads the engine steps with when the user has not fixed them: this machine's
+cores minus the cores other work keeps busy, measured from /proc/stat over the last half second.
+
+Why: the kernels split every matmul across the threads and wait for the last one. When another
+process (or the hypervisor: /proc/stat's steal time) keeps a core busy, the thread that shares it
+runs at a fraction of its speed and every step waits for it; one thread fewer is then faster
+(mixtral-mini int4 batch-1 decode beside a busy `while True` process: 2 threads 106 t/s, 1 thread
+124, against 151 idle with 2; docs/benchmarks.md, bench/threads.py). Others' load is every CPU's
+busy time (user, nice, system, irq, softirq, steal) less this process's own (/proc/self/stat),
+so our own threads, spinning or working, never count against us.
+
+`ThreadGovernor.threads()` is called once a step; it reads the two files at most every
+`interval` seconds and returns the thread count to use. Without /proc (not Linux) it keeps
+`cores`.
+"""
+import os
+import time
+
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal of /proc/stat's "cpu" line
+
+
+def _ticks() -> tuple[int, int] | None:
+    """(busy ticks of all CPUs, this process's ticks), or None where /proc cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            cpu = f.readline().split()[1:]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return None
+    return sum(int(cpu[i]) for i in _BUSY_FIELDS), int(own[11]) + int(own[12])  # utime, stime
+
+
+class ThreadGovernor:
+    """The thread count for a machine of `cores` CPUs shared with other work: `cores` minus the
+    others' busy cores, rounded up from 0.4 of a core (a core 40% busy slows its thread as much as
+    losing it), at least 1."""
+
+    def __init__(self, cores: int, interval: float = 0.5, clock=time.monotonic, ticks=_ticks,
+                 ticks_per_second: int | None = None):
+        self.cores, self.interval, self._clock, self._ticks = cores, interval, clock, ticks
+        self._hz = ticks_per_second or os.sysconf("SC_CLK_TCK")
+        self._chosen = cores
+        self._last = (clock(), ticks())
+
+    def threads(self) -> int:
+        now = self._clock()
+        if now - self._last[0] < self.interval:
+            return self._chosen
+        sample = self._ticks()
+        then, before = self._last
+        self._last = (now, sample)
+        if sample is None or before is None:
+            return self._chosen
+        others = ((sample[0] - before[0]) - (sample[1] - before[1])) / self._hz / (now - then)
+        self._chosen = max(1, self.cores - int(max(0.0, others) + 0.6))
+        return self._chosen
