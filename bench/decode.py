@@ -25,6 +25,17 @@ SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hid
              max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 
+def fix_threads(threads: int | None = None) -> int:
+    """Install settings with the thread count fixed (default: torch's current one), so the engine's
+    thread governor (engine/cpu_share.py) does not change it mid-measurement; returns it."""
+    from dataclasses import replace
+
+    from tinymoe import settings
+    threads = threads or torch.get_num_threads()
+    settings.install(replace(settings.current(), threads=threads))
+    return threads
+
+
 def write_checkpoint(path: Path) -> Path:
     from transformers import MixtralConfig, MixtralForCausalLM
     torch.manual_seed(0)
@@ -121,8 +132,7 @@ def main():
     ap.add_argument("--engines", default="tinymoe,transformers")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    fix_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     engines = args.engines.split(",")
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from decode import write_checkpoint
+from decode import fix_threads, write_checkpoint
 
 from tinymoe import LLM, settings
 from tinymoe.engine.sampling_params import SamplingParams
@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--gemv", type=shape_list, help="NxK[,NxK...]: time the 1-row GEMV core, not a model")
     ap.add_argument("--precision", choices=["bf16", "int8", "int4"], default="int4", help="with --gemv")
     args = ap.parse_args()
+    fix_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         libs = {"A": build(sources_at(args.base), tmp / "a.so"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from decode import write_checkpoint
+from decode import fix_threads, write_checkpoint
 
 
 def step_times(llm, prompts, params, rounds: int) -> dict[str, float]:
@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--quant", default="none", help="comma-separated load_model quant specs; none = bf16")
     args = ap.parse_args()
+    fix_threads()
     from tinymoe.engine import LLM, SamplingParams
     from tinymoe.models.quantize import parse_quant
     specs = [q.strip() for q in args.quant.split(",")]

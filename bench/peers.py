@@ -220,7 +220,8 @@ def main(argv=None):
     a = parse_args(argv)
     import torch
     from tinymoe import settings
-    torch.set_num_threads(THREADS)
+    import decode  # bench/decode.py
+    decode.fix_threads(THREADS)
     invariant = settings.current().batch_invariant
     prompts = np.random.RandomState(1).randint(3, 32000, size=(8, PROMPT)).tolist()
     mem, _ = peer("membw.py")

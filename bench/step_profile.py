@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from decode import write_checkpoint
+from decode import fix_threads, write_checkpoint
 
 import tinymoe.kernels.native as native_module
 
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     args = ap.parse_args()
+    fix_threads()
     lib = native_module.native()
     if lib is None:
         raise SystemExit("the native library is unavailable here (no compiler or no AVX2)")
