@@ -2,17 +2,20 @@
 shared peer checkpoints (mixtral-mini, deepseek-3L), in one run, each against its own limit.
 
     python bench/peers.py [--engines tinymoe,llama.cpp,transformers] [--precisions bf16,int8,int4]
-                          [--models mixtral-mini,deepseek-3L] [--batches 1,8] [--runs 3]
+                          [--models mixtral-mini,deepseek-3L] [--batches 1,8] [--runs 1] [--rounds 3]
 
 The protocol of /work/shared/peers/README.md: the same 128-id prompts
 (numpy RandomState(1).randint(3, 32000, (8, 128)), row 0 at batch 1, rows 0-7 at batch 8),
 greedy, EOS ignored, 64 decode steps after the prefill's token, median of --runs after a warm-up,
-2 threads, one engine at a time. tinymoe is bench/decode.py's measurement (LLM with quant=);
+2 threads (fixed), one engine at a time. The whole list of rows runs --rounds times over, each
+round measuring the bandwidth first: this host's speed drifts by +-20% over minutes, so every
+figure is the median over rounds, and the tinymoe / llama.cpp ratios (printed after the table) are
+the median and range of the ratios within each round. tinymoe is bench/decode.py's measurement (LLM with quant=);
 llama.cpp is the shared llama_bench.py (--fa 1), transformers the shared hf_bench.py
 (--impl grouped_mm --cache static; it has no DeepSeek-MoE v1 class, so mixtral-mini only).
 
 Limits: the read bandwidth is the shared membw.py's (2 threads, 2 GiB fp32 sum, best of 7),
-measured at the start of this run. "limit" is limits.py / limits_deepseek.py at that bandwidth
+the median of the rounds' measurements. "limit" is limits.py / limits_deepseek.py at that bandwidth
 (weight bytes of one decode step at 2 / 1 / 0.5 bytes a parameter, scales excluded; batch 8
 reads the expected union of experts under uniform routing). "own" is the same bandwidth over the
 bytes the engine's own weights take for one step: llama.cpp the GGUF's (the shared gguf_bytes.py,
@@ -88,14 +91,15 @@ def parse_args(argv=None):
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=1, help="runs of a row within a round (their median)")
+    ap.add_argument("--rounds", type=int, default=3, help="times the whole list of rows runs (the median)")
     a = ap.parse_args(argv)
     a.engines = csv(a.engines, ENGINES, "engine", ap)
     a.precisions = csv(a.precisions, PRECISIONS, "precision", ap)
     a.models = csv(a.models, MODELS, "model", ap)
     a.batches = csv(a.batches, ("1", "8"), "batch", ap, int)  # the protocol's prompts and limits
-    if a.runs < 1:
-        ap.error(f"--runs must be at least 1, got {a.runs}")
+    if a.runs < 1 or a.rounds < 1:
+        ap.error(f"--runs and --rounds must be at least 1, got {a.runs} and {a.rounds}")
     rows = rows_of(a)
     if not rows:
         ap.error("nothing to run: transformers runs only bf16 on mixtral-mini")
@@ -216,51 +220,83 @@ def summary(lines):
     return s["prefill_tps"]["median"], s["decode_tps"]["median"]
 
 
+def measure_row(model: str, engine: str, prec: str, a, prompts) -> tuple[dict, dict, str]:
+    """{batch: (prefill t/s, decode t/s)}, {batch: the engine's own bytes a step}, its weights' name."""
+    model_dir = PEERS / "models" / model
+    if engine == "tinymoe":
+        speeds, own = run_tinymoe(model_dir, prec, a.batches, a.runs, prompts)
+        return speeds, own, prec
+    if engine == "llama.cpp":
+        f = gguf_path(model, prec)
+        speeds = {b: summary(peer("llama_bench.py", f, "--batch", b, "--fa", 1, "--reps", a.runs)[0])
+                  for b in a.batches}
+        return speeds, gguf_step_bytes(f, a.batches), LLAMA_TYPE[prec].upper()
+    speeds = {b: summary(peer("hf_bench.py", model_dir, "--impl", "grouped_mm", "--cache", "static",
+                              "--batch", b, "--reps", a.runs)[0]) for b in a.batches}
+    return speeds, None, "bf16"
+
+
+def ratio_lines(per_round: list[dict], a) -> list[str]:
+    """tinymoe / llama.cpp decode at the same precision and batch: median (range) of the rounds' ratios."""
+    lines = []
+    for model in a.models:
+        for prec in a.precisions:
+            cells = []
+            for b in a.batches:
+                r = [rnd[(model, "tinymoe", prec)][b][1] / rnd[(model, "llama.cpp", prec)][b][1]
+                     for rnd in per_round if (model, "tinymoe", prec) in rnd and (model, "llama.cpp", prec) in rnd]
+                if r:
+                    cells.append(f"b{b} {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
+            if cells:
+                lines.append(f"{model} {prec}: tinymoe / llama.cpp decode " + ", ".join(cells))
+    return lines
+
+
 def main(argv=None):
     a = parse_args(argv)
-    import torch
     from tinymoe import settings
     import decode  # bench/decode.py
     decode.fix_threads(THREADS)
     invariant = settings.current().batch_invariant
     prompts = np.random.RandomState(1).randint(3, 32000, size=(8, PROMPT)).tolist()
-    mem, _ = peer("membw.py")
-    bw = mem[-1]["t2_read_2GiB_fp32_sum"]["best_GBps"]
-    print(f"read bandwidth {bw:.1f} GB/s (membw.py, 2 threads); {THREADS} threads; prompt {PROMPT}, "
-          f"decode {NEW}, median of {a.runs}; tinymoe batch_invariant={invariant}", file=sys.stderr, flush=True)
+    rows = rows_of(a)
+    per_round, bandwidths, own, weights = [], [], {}, {}
+    for rnd in range(a.rounds):
+        mem, _ = peer("membw.py")
+        bandwidths.append(mem[-1]["t2_read_2GiB_fp32_sum"]["best_GBps"])
+        print(f"round {rnd + 1} of {a.rounds}: read bandwidth {bandwidths[-1]:.1f} GB/s (membw.py, 2 threads); "
+              f"{THREADS} threads; prompt {PROMPT}, decode {NEW}, median of {a.runs}; "
+              f"tinymoe batch_invariant={invariant}", file=sys.stderr, flush=True)
+        speeds = {}
+        for row in rows:
+            speeds[row], own[row], weights[row] = measure_row(*row, a, prompts)
+            print(f"  {row[0]} {row[1]} {weights[row]}: " + ", ".join(
+                f"b{b} prefill {speeds[row][b][0]:.0f} decode {speeds[row][b][1]:.1f}" for b in a.batches),
+                file=sys.stderr, flush=True)
+        per_round.append(speeds)
+    bw = statistics.median(bandwidths)
     limits = {}
     for model in a.models:
         lines, _ = peer(*LIMITS[model], bw)
         limits.update(lines[-1])
     results = []
-    for model, engine, prec in rows_of(a):
-        model_dir = PEERS / "models" / model
+    for row in rows:
+        model, engine, prec = row
         nominal = limits[f"{model}/{prec}"]
         nominal_bytes = {1: nominal["bytes_per_token"], 8: nominal["bytes_per_step_b8"]}
-        if engine == "tinymoe":
-            speeds, own = run_tinymoe(model_dir, prec, a.batches, a.runs, prompts)
-            weights = prec
-        elif engine == "llama.cpp":
-            f = gguf_path(model, prec)
-            speeds = {b: summary(peer("llama_bench.py", f, "--batch", b, "--fa", 1, "--reps", a.runs)[0])
-                      for b in a.batches}
-            own, weights = gguf_step_bytes(f, a.batches), LLAMA_TYPE[prec].upper()
-        else:
-            speeds = {b: summary(peer("hf_bench.py", model_dir, "--impl", "grouped_mm", "--cache", "static",
-                                      "--batch", b, "--reps", a.runs)[0]) for b in a.batches}
-            own, weights = nominal_bytes, "bf16"
-        row = {"model": model, "engine": engine, "weights": weights, "bandwidth_GBps": bw}
+        step_bytes = own[row] or nominal_bytes
+        result = {"model": model, "engine": engine, "weights": weights[row], "bandwidth_GBps": bw}
         for b in a.batches:
-            prefill, decode = speeds[b]
-            own_limit = b * bw * 1e9 / own[b]
-            row[f"b{b}"] = dict(prefill_tps=prefill, decode_tps=decode, bytes_per_step=own[b],
-                                own_limit_tps=own_limit, share_of_own_limit=decode / own_limit,
-                                limit_tps=b * bw * 1e9 / nominal_bytes[b])
-        results.append(row)
-        print(f"  {model} {engine} {weights}: " + ", ".join(
-            f"b{b} prefill {row[f'b{b}']['prefill_tps']:.0f} decode {row[f'b{b}']['decode_tps']:.1f}"
-            for b in a.batches), file=sys.stderr, flush=True)
-    print(json.dumps({"bandwidth_GBps": bw, "runs": a.runs, "tinymoe_batch_invariant": invariant, "rows": results}))
+            prefill = statistics.median(rnd[row][b][0] for rnd in per_round)
+            decode_tps = statistics.median(rnd[row][b][1] for rnd in per_round)
+            own_limit = b * bw * 1e9 / step_bytes[b]
+            result[f"b{b}"] = dict(prefill_tps=prefill, decode_tps=decode_tps, bytes_per_step=step_bytes[b],
+                                   own_limit_tps=own_limit, share_of_own_limit=decode_tps / own_limit,
+                                   limit_tps=b * bw * 1e9 / nominal_bytes[b])
+        results.append(result)
+    ratios = ratio_lines(per_round, a)
+    print(json.dumps({"bandwidth_GBps": bw, "bandwidths_GBps": bandwidths, "runs": a.runs, "rounds": a.rounds,
+                      "tinymoe_batch_invariant": invariant, "rows": results, "ratios": ratios}))
     print()
     head = "| model | engine | weights | prefill b1 t/s |"
     for b in a.batches:
@@ -274,6 +310,9 @@ def main(argv=None):
             c = r[f"b{b}"]
             line += (f" {c['decode_tps']:.1f} | {c['limit_tps']:.1f} | {c['own_limit_tps']:.1f} |"
                      f" {c['share_of_own_limit']:.2f} |")
+        print(line)
+    print()
+    for line in ratios:
         print(line)
 
 

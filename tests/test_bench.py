@@ -194,7 +194,10 @@ def test_peers_and_quality_refuse_bad_arguments_in_one_line(capsys, tmp_path, mo
     assert _arg_error(peers, ["--engines", "tinymoe,vllm"], capsys) == \
         "peers.py: error: unknown engine vllm (valid: tinymoe, llama.cpp, transformers)"
     assert _arg_error(peers, ["--batches", "1,4"], capsys) == "peers.py: error: unknown batch 4 (valid: 1, 8)"
-    assert _arg_error(peers, ["--runs", "0"], capsys) == "peers.py: error: --runs must be at least 1, got 0"
+    assert _arg_error(peers, ["--runs", "0"], capsys) == \
+        "peers.py: error: --runs and --rounds must be at least 1, got 0 and 3"
+    assert _arg_error(peers, ["--rounds", "0"], capsys) == \
+        "peers.py: error: --runs and --rounds must be at least 1, got 1 and 0"
     assert _arg_error(peers, ["--engines", "transformers", "--precisions", "int8"], capsys) == \
         "peers.py: error: nothing to run: transformers runs only bf16 on mixtral-mini"
     # missing peer files name the set-up step that makes them
