@@ -80,8 +80,9 @@ def csv(text, valid, what, ap, convert=str):
 
 
 def rows_of(a) -> list[tuple[str, str, str]]:
-    """(model, engine, precision) in run order; transformers only bf16 and only on Mixtral."""
-    return [(m, e, p) for m in a.models for e in a.engines for p in a.precisions
+    """(model, engine, precision) in run order, the engines of one precision next to each other (the
+    ratios compare neighbours in time); transformers only bf16 and only on Mixtral."""
+    return [(m, e, p) for m in a.models for p in a.precisions for e in a.engines
             if e != "transformers" or (p == "bf16" and m == "mixtral-mini")]
 
 

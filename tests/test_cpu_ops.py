@@ -71,8 +71,11 @@ def test_store_kv_writes_strided_rows_into_their_slots():
 
 @needs_native
 # the last case is long enough for two threads, so one sequence's KV heads are split among them
+# (H / KV query heads a KV head: 4, 1, 8, 4, 3 (a head at a time), 2 and 1 with head sizes of 12 and
+# 12 vectors, not whole passes of 8 / G)
 @pytest.mark.parametrize("B,H,KV,hd,lens", [(1, 16, 4, 64, [160]), (3, 4, 4, 32, [1, 17, 40]),
-                                            (2, 8, 1, 128, [33, 5]), (1, 16, 4, 128, [600])])
+                                            (2, 8, 1, 128, [33, 5]), (1, 16, 4, 128, [600]), (1, 6, 2, 64, [70]),
+                                            (2, 8, 4, 96, [50, 20]), (1, 2, 2, 96, [40])])
 def test_paged_decode_matches_float64(B, H, KV, hd, lens):
     torch.manual_seed(4)
     bs = 16

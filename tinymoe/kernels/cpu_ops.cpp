@@ -74,6 +74,50 @@ void store_kv_bf16(const uint16_t* k, int64_t k_stride, const uint16_t* v, int64
     }
 }
 
+}  // extern "C"
+
+// acc[j][c0 * 8 + i] += p[j * L + t] * v_t[c0 * 8 + i] over the L tokens t, for G query heads and
+// CW vectors of 8 values (i < 8 CW) of one KV head's rows (at v_cache + slot * row + off), with the
+// G x CW sums in registers: the same fmas in token order as one at a time through memory, so the
+// same sums, without a store and reload per fma: one sequence 1.3-1.6x faster at 128-2048 tokens
+// (16 heads over 4 or 16 KV heads of 64, one thread, A/B in one process, Zen 4 VM, session 14).
+template <int G, int CW>
+static void weigh_values(const uint16_t* v_cache, const int32_t* table, int64_t L, int64_t block_size, int64_t row,
+                         int64_t off, const float* p, float* acc, int64_t hd) {
+    __m256 a[G][CW];
+    for (int j = 0; j < G; j++) for (int c = 0; c < CW; c++) a[j][c] = _mm256_loadu_ps(acc + j * hd + c * 8);
+    for (int64_t t0 = 0; t0 < L; t0 += block_size) {
+        const uint16_t* base = v_cache + int64_t(table[t0 / block_size]) * block_size * row + off;
+        const int64_t n = L - t0 < block_size ? L - t0 : block_size;
+        if (t0 + block_size < L) {  // blocks are scattered: ask for the next one's rows now
+            const uint16_t* next = v_cache + int64_t(table[t0 / block_size + 1]) * block_size * row + off;
+            for (int64_t i = 0; i < block_size; i++) _mm_prefetch((const char*)(next + i * row), _MM_HINT_T0);
+        }
+        for (int64_t i = 0; i < n; i++) {
+            __m256 v[CW];
+            for (int c = 0; c < CW; c++) v[c] = load8(base + i * row + c * 8);
+            for (int j = 0; j < G; j++) {
+                const __m256 w = _mm256_set1_ps(p[j * L + t0 + i]);
+                for (int c = 0; c < CW; c++) a[j][c] = _mm256_fmadd_ps(w, v[c], a[j][c]);
+            }
+        }
+    }
+    for (int j = 0; j < G; j++) for (int c = 0; c < CW; c++) _mm256_storeu_ps(acc + j * hd + c * 8, a[j][c]);
+}
+
+// weigh_values for the G query heads of KV head g (p, acc: the first of them), 8 / G vectors a
+// pass when G is 1, 2, 4 or 8, else a head at a time.
+template <int G>
+static void weigh_group(const uint16_t* v_cache, const int32_t* table, int64_t L, int64_t block_size, int64_t row,
+                        int64_t off, const float* p, float* acc, int64_t hd) {
+    constexpr int CW = 8 / G;
+    const int64_t V8 = hd / 8;
+    int64_t c = 0;
+    for (; c + CW <= V8; c += CW) weigh_values<G, CW>(v_cache, table, L, block_size, row, off + c * 8, p, acc + c * 8, hd);
+    for (; c < V8; c++) weigh_values<G, 1>(v_cache, table, L, block_size, row, off + c * 8, p, acc + c * 8, hd);
+}
+
+extern "C" {
 // One query token per sequence b (q row at q + b * q_stride, [H, hd]) attends to its
 // context_lens[b] cached tokens through block_tables[b] (caches [blocks, block_size, KV, hd]).
 // Scores, softmax and the weighted sum in fp32; out [B, H, hd] rounded once. A task is one
@@ -144,16 +188,20 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
                 total[j] += sj[t];
             }
         }
-        each_row(v_cache, [&](int64_t t, const uint16_t* vr) {
-            for (int64_t g = 0; g < per; g++)
-                for (int64_t c = 0; c < V8; c++) {
-                    const __m256 v = load8(vr + g * hd + c * 8);
-                    for (int64_t j = g * G; j < (g + 1) * G; j++) {
-                        float* a = &acc[j * hd + c * 8];
-                        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[j * L + t]), v, _mm256_loadu_ps(a)));
-                    }
-                }
-        });
+        for (int64_t g = 0; g < per; g++) {
+            const int64_t off = (g0 + g) * hd;
+            const float* p = &scores[g * G * L];
+            float* a = &acc[g * G * hd];
+            switch (G) {
+                case 1: weigh_group<1>(v_cache, table, L, block_size, row, off, p, a, hd); break;
+                case 2: weigh_group<2>(v_cache, table, L, block_size, row, off, p, a, hd); break;
+                case 4: weigh_group<4>(v_cache, table, L, block_size, row, off, p, a, hd); break;
+                case 8: weigh_group<8>(v_cache, table, L, block_size, row, off, p, a, hd); break;
+                default:
+                    for (int64_t j = 0; j < G; j++)
+                        weigh_group<1>(v_cache, table, L, block_size, row, off, p + j * L, a + j * hd, hd);
+            }
+        }
         for (int64_t j = 0; j < heads; j++)
             for (int64_t c = 0; c < V8; c++)
                 store8(o + j * hd + c * 8, _mm256_div_ps(_mm256_loadu_ps(&acc[j * hd + c * 8]), _mm256_set1_ps(total[j])));
