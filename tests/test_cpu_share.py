@@ -78,6 +78,16 @@ def test_without_proc_it_keeps_the_cores():
     assert g.threads() == 2
 
 
+def test_only_the_cpus_we_may_run_on_count():
+    stat = ("cpu  900 0 900 100 0 0 0 0 0 0\n"
+            "cpu0 100 1 10 50 7 2 3 4 40 0\n"  # busy: user nice system irq softirq steal; not idle, iowait, guest
+            "cpu1 200 0 20 50 0 0 0 0 0 0\n"
+            "cpu2 600 0 870 0 0 0 0 0 0 0\n"
+            "intr 12345 0 0\nctxt 99\n")
+    assert cpu_share.busy_ticks(stat, {0, 1}) == (100 + 1 + 10 + 2 + 3 + 4) + (200 + 20)
+    assert cpu_share.busy_ticks(stat, {2}) == 1470
+
+
 def test_reads_this_machine():
     busy, ours = cpu_share._ticks()  # Linux CI: both files are there
     assert busy >= ours >= 0

@@ -5,9 +5,10 @@ Why: the kernels split every matmul across the threads and wait for the last one
 process (or the hypervisor: /proc/stat's steal time) keeps a core busy, the thread that shares it
 runs at a fraction of its speed and every step waits for it; one thread fewer is then faster
 (mixtral-mini int4 batch-1 decode beside a busy `while True` process: 2 threads 106 t/s, 1 thread
-124, against 151 idle with 2; docs/benchmarks.md, bench/threads.py). Others' load is every CPU's
-busy time (user, nice, system, irq, softirq, steal) less this process's own (/proc/self/stat),
-so our own threads, spinning or working, never count against us.
+124, against 151 idle with 2; docs/benchmarks.md, bench/threads.py). Others' load is the busy
+time (user, nice, system, irq, softirq, steal) of the CPUs this process may run on (its
+affinity: a container's neighbours on the rest of the host do not count) less this process's
+own (/proc/self/stat), so our own threads, spinning or working, never count against us.
 
 `ThreadGovernor.threads()` is called once a step; it reads the two files at most every
 `interval` seconds and returns the thread count to use. Without /proc (not Linux) it keeps
@@ -16,19 +17,31 @@ so our own threads, spinning or working, never count against us.
 import os
 import time
 
-_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal of /proc/stat's "cpu" line
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal of a /proc/stat "cpuN" line
+
+
+def busy_ticks(stat: str, cpus: set[int]) -> int:
+    """The busy ticks of the CPUs `cpus` in /proc/stat's text: only the CPUs this process may run
+    on, so other work on the rest of a larger host (another container's) does not count."""
+    total = 0
+    for line in stat.splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            total += sum(int(fields[i]) for i in _BUSY_FIELDS)
+    return total
 
 
 def _ticks() -> tuple[int, int] | None:
-    """(busy ticks of all CPUs, this process's ticks), or None where /proc cannot be read."""
+    """(busy ticks of this process's CPUs, this process's ticks), or None where /proc cannot be read."""
     try:
         with open("/proc/stat") as f:
-            cpu = f.readline().split()[1:]
+            stat = f.read()
         with open("/proc/self/stat") as f:
             own = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    except (OSError, IndexError):
+        cpus = os.sched_getaffinity(0)
+    except (OSError, IndexError, AttributeError):
         return None
-    return sum(int(cpu[i]) for i in _BUSY_FIELDS), int(own[11]) + int(own[12])  # utime, stime
+    return busy_ticks(stat, cpus), int(own[11]) + int(own[12])  # utime, stime
 
 
 class ThreadGovernor:
