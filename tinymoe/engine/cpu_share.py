@@ -46,13 +46,13 @@ def _ticks() -> tuple[int, int] | None:
 
 class ThreadGovernor:
     """The thread count for a machine of `cores` CPUs shared with other work: `cores` minus the
-    others' busy cores, rounded up from 0.4 of a core (a core 40% busy slows its thread as much as
-    losing it), at least 1."""
+    others' busy cores, rounded up from 0.4 of a core (a chosen threshold, not a measured
+    crossover: only a fully busy neighbour was measured), at least 1."""
 
     def __init__(self, cores: int, interval: float = 0.5, clock=time.monotonic, ticks=_ticks,
                  ticks_per_second: int | None = None):
         self.cores, self.interval, self._clock, self._ticks = cores, interval, clock, ticks
-        self._hz = ticks_per_second or os.sysconf("SC_CLK_TCK")
+        self._hz = ticks_per_second or (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
         self._chosen = cores
         self._last = (clock(), ticks())
 
