@@ -1,7 +1,7 @@
 """Decode tok/s idle and beside one busy neighbour, per thread count (or auto: the engine's
 choice) and OpenMP wait policy.
 
-    python bench/threads.py [--threads 1,2] [--tokens 64] [--runs 3] [--model tiny] [--quant SPEC]
+    python bench/threads.py [--threads 1,2,auto] [--tokens 64] [--runs 3] [--model tiny] [--quant SPEC]
 
 Each row runs in a fresh process, since libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once,
 when torch first loads it. That process times greedy decode of one prompt (the median of --runs)

@@ -22,7 +22,7 @@ class Machine:
         self.ours += round(ours * seconds * HZ)
         self.busy += round((ours + others) * seconds * HZ)
 
-    def governor(self, cores, interval=0.5):
+    def governor(self, cores, interval=0.5):  # cores None: torch's count
         return ThreadGovernor(cores, interval, clock=lambda: self.now, ticks=lambda: (self.busy, self.ours),
                               ticks_per_second=HZ)
 
@@ -91,6 +91,19 @@ def test_only_the_cpus_we_may_run_on_count():
 def test_reads_this_machine():
     busy, ours = cpu_share._ticks()  # Linux CI: both files are there
     assert busy >= ours >= 0
+
+
+def test_a_new_governor_starts_from_the_count_before_any_governor_lowered_it(restored, monkeypatch):
+    torch.set_num_threads(2)
+    m = Machine()
+    first = m.governor(None)
+    assert first.cores == first.threads() == 2  # within the first interval: the cores
+    m.run(0.6, ours=1.5, others=1)
+    first.apply()
+    assert torch.get_num_threads() == 1
+    assert ThreadGovernor().cores == 2  # not the 1 the busy neighbour left behind
+    torch.set_num_threads(3)  # the user's own change wins
+    assert ThreadGovernor().cores == 3
 
 
 @pytest.mark.parametrize("fixed", [None, 1])

@@ -213,7 +213,7 @@ def _drop_oldest_turns(llm, messages: list[dict], keep: int) -> bool:
               help="CPU threads, fixed (default: TINYMOE_THREADS, else the cores less those other work keeps "
                    "busy, re-checked every half second)")
 @click.option("--wait-policy", type=click.Choice(["passive", "spin", "active"]), default=None,
-              help="how idle OpenMP threads wait: passive sleeps at once, spin spins ~0.1-0.5 ms then sleeps, "
+              help="how idle OpenMP threads wait: passive sleeps at once, spin spins 10000 rounds then sleeps, "
                    "active spins (default: TINYMOE_WAIT_POLICY, else spin); OMP_WAIT_POLICY or GOMP_SPINCOUNT, "
                    "if set, win")
 def cli(debug, threads, wait_policy):

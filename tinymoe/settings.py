@@ -42,7 +42,7 @@ from pathlib import Path
 
 BACKENDS = ("triton", "torch", "auto")
 NATIVE_ISAS = ("native", "avx512", "avx2")  # what the native library is built for (native.ISA_FLAGS)
-# how idle OpenMP threads wait for work: sleep at once, spin a while (~0.1-0.5 ms) then sleep, spin
+# how idle OpenMP threads wait for work: sleep at once, spin SPIN_ROUNDS rounds then sleep, spin
 WAIT_POLICIES = ("passive", "spin", "active")
 SPIN_ROUNDS = "10000"  # "spin": GOMP_SPINCOUNT, enough to bridge the gaps inside a decode step
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # set by the user: they win over wait_policy

@@ -10,12 +10,24 @@ time (user, nice, system, irq, softirq, steal) of the CPUs this process may run 
 affinity: a container's neighbours on the rest of the host do not count) less this process's
 own (/proc/self/stat), so our own threads, spinning or working, never count against us.
 
-`ThreadGovernor.threads()` is called once a step; it reads the two files at most every
-`interval` seconds and returns the thread count to use. Without /proc (not Linux) it keeps
-`cores`.
+`ThreadGovernor.apply()` is called once a step: `threads()` reads the two files at most every
+`interval` seconds, and torch's thread count is set when it changes. Without /proc (not Linux) it
+keeps `cores`. torch's count is process-wide, so a governor starts from the count as it was before
+any governor changed it: an engine made while an earlier one stepped with fewer threads still gets
+them all back.
 """
 import os
 import time
+
+import torch
+
+_changed: tuple[int, int] | None = None  # (torch's count before a governor changed it, the count last set)
+
+
+def _cores() -> int:
+    """torch's thread count, as it was before a governor lowered it (unless changed since)."""
+    now = torch.get_num_threads()
+    return _changed[0] if _changed is not None and now == _changed[1] else now
 
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal of a /proc/stat "cpuN" line
 
@@ -49,11 +61,11 @@ class ThreadGovernor:
     others' busy cores, rounded up from 0.4 of a core (a chosen threshold, not a measured
     crossover: only a fully busy neighbour was measured), at least 1."""
 
-    def __init__(self, cores: int, interval: float = 0.5, clock=time.monotonic, ticks=_ticks,
+    def __init__(self, cores: int | None = None, interval: float = 0.5, clock=time.monotonic, ticks=_ticks,
                  ticks_per_second: int | None = None):
-        self.cores, self.interval, self._clock, self._ticks = cores, interval, clock, ticks
+        self.cores, self.interval, self._clock, self._ticks = cores or _cores(), interval, clock, ticks
         self._hz = ticks_per_second or (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
-        self._chosen = cores
+        self._chosen = self.cores
         self._last = (clock(), ticks())
 
     def threads(self) -> int:
@@ -68,3 +80,11 @@ class ThreadGovernor:
         others = ((sample[0] - before[0]) - (sample[1] - before[1])) / self._hz / (now - then)
         self._chosen = max(1, self.cores - int(max(0.0, others) + 0.6))
         return self._chosen
+
+    def apply(self) -> None:
+        """Set torch's thread count to `threads()` if it differs (a row's bits do not depend on it)."""
+        global _changed
+        n = self.threads()
+        if n != torch.get_num_threads():
+            _changed = (_cores(), n)
+            torch.set_num_threads(n)

@@ -223,8 +223,7 @@ class LLM:
             # threads not fixed (Settings.threads None), one process on the CPU: fewer while other
             # work keeps cores busy (cpu_share.py)
             on_cpu = next(model.parameters()).device.type == "cpu"
-            self._governor = (ThreadGovernor(torch.get_num_threads())
-                              if self.settings.threads is None and ranks is None and on_cpu else None)
+            self._governor = ThreadGovernor() if self.settings.threads is None and ranks is None and on_cpu else None
             if ranks is not None and ranks.rank == 0:
                 weakref.finalize(self, ranks.close, True)
             self._seqs: dict[int, Sequence] = {}  # unfinished requests by id
@@ -359,8 +358,8 @@ class LLM:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not place any request (KV cache too small?)")
             return []
-        if self._governor is not None and (n := self._governor.threads()) != torch.get_num_threads():
-            torch.set_num_threads(n)  # a row's bits do not depend on the thread count
+        if self._governor is not None:
+            self._governor.apply()
         logits, seqs = self.runner.run(batch)
         self.scheduler.advance(batch)
         if seqs:

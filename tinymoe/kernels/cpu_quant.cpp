@@ -182,7 +182,6 @@ struct Layout {
     int64_t DB;             // INT4: block scales per activation row as prepare stores them unspread (whole vectors)
     int64_t log_G, per;     // INT4: log2 G (no division in the inner loop), scale words a chunk
     int64_t row_bytes;      // of the weights' codes
-    alignas(64) int32_t idx[VF];  // INT4: lane -> scale word of its group within a chunk
 };
 
 static Layout layout(const Matrix& w, int64_t K) {
@@ -198,7 +197,6 @@ static Layout layout(const Matrix& w, int64_t K) {
     L.GP = (L.groups + VF - 1) / VF * VF;
     L.DB = L.int4 ? (L.Q / 32 + VF - 1) / VF * VF : 0;
     L.row_bytes = L.int4 ? L.KP / 2 : K;
-    for (int l = 0; l < VF; l++) L.idx[l] = L.int4 ? int(l / 4 * 32 / L.G) : 0;
     for (L.log_G = 0; L.int4 && (int64_t(1) << L.log_G) < L.G;) L.log_G++;
     L.per = L.int4 ? std::max<int64_t>(1, L.chunk / L.G) : 0;
     return L;
@@ -292,7 +290,7 @@ __attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const
                                                          const Layout& L) {
     constexpr int64_t CH = INT4_W ? 2 * QB : QB;  // L.chunk, known to the compiler
     const int64_t Q = L.Q, S = L.S;
-    const vi idx = load_i(L.idx);
+    const vi idx = lane_index_shifted(L.log_G - 3);  // INT4: lane (4 a block of 32) -> scale word of its group
     // a whole chunk's scale-word mask, made once: GCC rebuilt it every chunk (8 scalar instructions
     // in a 30-instruction loop), and hoisting it made the 1-row INT4 GEMV 3-18% faster (Zen 4 VM)
     const words_mask per_chunk = mask_of(L.per);
