@@ -2,7 +2,7 @@
 
     python bench/native_ab.py --base REV [--model DIR] [--quant SPEC] [--batch 1] [--tokens 64]
                               [--rounds 7]
-    python bench/native_ab.py --base REV --gemv 4x14336,64x1024 [--precision int4] [--rounds 7]
+    python bench/native_ab.py --base REV --gemv 4x14336,64x1024 [--precision int4] [--rows 1] [--rounds 7]
 
 A is the library built from the kernel sources of git revision REV (tinymoe/kernels/*.cpp, *.h),
 B from the working tree; both with the flags the engine uses (native.FLAGS and this machine's
@@ -14,9 +14,9 @@ bench/decode.py's Mixtral-shaped random checkpoint is written to a temp dir. The
 must match between the revisions (native.check_abi says where it does not).
 
 --gemv: the core's speed instead of the model's. Each N x K weight (pick it to stay in L2, and
-large enough that the ~1 us ctypes call is small beside it) times one bf16 activation row on one
-thread, the two builds alternating call by call, 100 x --rounds calls each: the median as ns per
-64 bytes of weight codes, A / B, and whether both builds gave the same bits.
+large enough that the ~1 us ctypes call is small beside it) times --rows bf16 activation rows
+(default 1) on one thread, the two builds alternating call by call, 100 x --rounds calls each: the
+median as ns per 64 bytes of weight codes, A / B, and whether both builds gave the same bits.
 """
 import argparse
 import ctypes
@@ -64,8 +64,9 @@ def use(lib: Path) -> None:
         raise SystemExit(f"{lib}: the native library did not load")
 
 
-def gemv_core(libs: dict[str, Path], shapes: list[tuple[int, int]], precision: str, rounds: int) -> None:
-    """A 1-row GEMV on one thread through both builds, alternating call by call: a noisy host's
+def gemv_core(libs: dict[str, Path], shapes: list[tuple[int, int]], precision: str, rounds: int,
+              rows: int = 1) -> None:
+    """An M-row GEMV on one thread through both builds, alternating call by call: a noisy host's
     slow phases (seconds long here) then fall on both alike."""
     bound = {}
     for name, lib in libs.items():
@@ -77,17 +78,17 @@ def gemv_core(libs: dict[str, Path], shapes: list[tuple[int, int]], precision: s
         w = w.bfloat16() if precision == "bf16" else quantize(w, precision)
         m = cpu_linear.matrix(w)
         code_bytes = N * K * 2 if precision == "bf16" else w.q.numel()
-        x = torch.randn(1, K).bfloat16()
-        ys = {k: torch.empty(1, N) for k in libs}
+        x = torch.randn(rows, K).bfloat16()
+        ys = {k: torch.empty(rows, N) for k in libs}
         ns = {k: [] for k in libs}
         for i in range(rounds * 100):
             for name, lib in sorted(bound.items(), reverse=i % 2 == 1):  # each build first every other time
                 start = time.perf_counter_ns()
-                lib.linear_matrix(x.data_ptr(), 1, 1, K, ctypes.byref(m), N, ys[name].data_ptr(), 0, 1)
+                lib.linear_matrix(x.data_ptr(), 1, rows, K, ctypes.byref(m), N, ys[name].data_ptr(), 0, 1)
                 ns[name].append((time.perf_counter_ns() - start) / (code_bytes / 64))
         a, b = (statistics.median(ns[k]) for k in ("A", "B"))
         same = torch.equal(ys["A"], ys["B"])
-        print(f"{precision} {N} x {K}, 1 row, 1 thread, median of {rounds * 100} calls each: A {a:.2f} ns, "
+        print(f"{precision} {N} x {K}, {rows} row(s), 1 thread, median of {rounds * 100} calls each: A {a:.2f} ns, "
               f"B {b:.2f} ns a 64 B of codes, A / B {a / b:.2f}; {'same bits' if same else 'RESULTS DIFFER'}")
 
 
@@ -108,6 +109,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--gemv", type=shape_list, help="NxK[,NxK...]: time the 1-row GEMV core, not a model")
     ap.add_argument("--precision", choices=["bf16", "int8", "int4"], default="int4", help="with --gemv")
+    ap.add_argument("--rows", type=int, default=1, help="with --gemv: activation rows")
     args = ap.parse_args()
     fix_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +117,7 @@ def main():
         libs = {"A": build(sources_at(args.base), tmp / "a.so"),
                 "B": build({p.name: p.read_bytes() for p in native.SOURCES + native.HEADERS}, tmp / "b.so")}
         if args.gemv:
-            return gemv_core(libs, args.gemv, args.precision, args.rounds)
+            return gemv_core(libs, args.gemv, args.precision, args.rounds, args.rows)
         use(libs["A"])
         model = args.model or write_checkpoint(tmp / "model")
         llm = LLM(model, quant=args.quant)

@@ -1,6 +1,6 @@
 """The native int8 / int4 matmul (tinymoe/kernels/cpu_quant.cpp, through cpu_linear.linear with a
 QWeight) against float64: a reference that quantises the activations as the kernel does (int8 per
-block of 32 inputs, d = max|x| / 127 in fp32, round to nearest even), held to a bound from fp32
+block of 32 inputs, `block_order`, d = max|x| / 127 in fp32, round to nearest even), held to a bound from fp32
 summation, and plain dequantize(), held to the bound the activation rounding allows. Also the
 Python routes (the native kernel, or dequantised to bf16 and torch's GEMM: each forced, and the
 rule `cpu_linear.quant_native` that picks one), bad inputs, and the same file again in a
@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +36,39 @@ SHAPES = [(1, 7, 32), (1, 300, 100), (1, 9, 4500), (2, 64, 96), (3, 5, 256), (4,
 FORMATS = [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)]
 
 
-def activations(x: torch.Tensor, kp: int) -> tuple[np.ndarray, np.ndarray]:
+def block_order(qw: QWeight) -> np.ndarray:
+    """The inputs of each activation block the kernel quantises, [blocks, 32] indices into the
+    zero-padded row: int4 32 consecutive inputs; int8 the 4 inputs each lane of a vector covers in
+    each of 8 consecutive weight vectors (64 bytes with AVX-512, 32 on the AVX2 / AVX-VNNI paths)."""
+    if qw.precision == "int4":
+        return np.arange(-(-qw.padded_cols // 32) * 32).reshape(-1, 32)
+    vector = 64 if cpu_linear.isa() == "avx512-vnni" else 32
+    groups = -(-qw.cols // (8 * vector))
+    return np.arange(groups * 8 * vector).reshape(groups, 8, vector // 4, 4).transpose(0, 2, 1, 3).reshape(-1, 32)
+
+
+def activations(x: torch.Tensor, qw: QWeight) -> tuple[np.ndarray, np.ndarray]:
     """x [M, K] as the kernel quantises it: (x_q float64 [M, K], d per input float64 [M, K])."""
     xf = x.float().numpy()
     M, K = xf.shape
-    padded = np.zeros((M, -(-kp // 32) * 32), np.float32)
+    order = block_order(qw)
+    padded = np.zeros((M, order.size), np.float32)
     padded[:, :K] = xf
-    blocks = padded.reshape(M, -1, 32)
+    blocks = padded[:, order]  # [M, blocks, 32]
     d = np.abs(blocks).max(-1) / np.float32(127)  # fp32 division, as the kernel
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(d[..., None] > 0, np.rint(blocks / d[..., None]), 0)  # rint: to nearest even
     assert np.abs(q).max() <= 127
-    xq = (q * d[..., None].astype(np.float64)).reshape(M, -1)[:, :K]
-    return xq, np.repeat(d.astype(np.float64), 32, axis=1)[:, :K]
+    xq, dq = np.empty((M, order.size)), np.empty((M, order.size))
+    xq[:, order] = q * d[..., None].astype(np.float64)
+    dq[:, order] = np.broadcast_to(d[..., None], blocks.shape)
+    return xq[:, :K], dq[:, :K]
 
 
 def references(x: torch.Tensor, qw: QWeight):
     """(y of x_q . w, the sum of |terms| that y's fp32 rounding errors scale with, and x . w)."""
     K = qw.cols
-    xq, _ = activations(x, qw.padded_cols)
+    xq, _ = activations(x, qw)
     w = dequantize(qw, torch.float64).numpy()
     if qw.precision == "int4":  # the kernel sums (q scale) and (zero - 8 scale) terms apart
         codes = unpack_int4(qw.q).double().numpy()[:, :K]
@@ -67,7 +82,7 @@ def references(x: torch.Tensor, qw: QWeight):
 
 def activation_bound(x: torch.Tensor, qw: QWeight) -> np.ndarray:
     """|x . w - x_q . w| <= sum_i |x_i - x_q,i| |w_i|, |x_i - x_q,i| <= d / 2 (plus the fp32 x / d)."""
-    _, d = activations(x, qw.padded_cols)
+    _, d = activations(x, qw)
     return (d * (0.5 + 1e-5)) @ np.abs(dequantize(qw, torch.float64).numpy()).T
 
 
@@ -278,12 +293,13 @@ def test_the_avx2_build_passes_this_file():
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler here")
 def test_the_avx_vnni_path_compiles():
-    """No CPU here has AVX-VNNI without AVX-512: at least the compiler checks that path."""
+    """No CPU here has AVX-VNNI without AVX-512: at least the compiler and assembler check that path."""
     source = Path(native.__file__).with_name("cpu_quant.cpp")
     flags = [f for f in native.FLAGS if f not in ("-shared", "-fPIC")] + ["-mno-avx512f", "-mavxvnni"]
     done = subprocess.run([os.environ.get("CXX", "g++"), *flags, "-fsyntax-only", "-dM", "-E", str(source)],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "#define QUANT_ISA \"avx-vnni\"" in done.stdout, done.stderr[-2000:]
-    done = subprocess.run([os.environ.get("CXX", "g++"), *flags, "-fsyntax-only", str(source)],
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:  # assembled too: the kernel's inline asm is VEX-encoded there
+        done = subprocess.run([os.environ.get("CXX", "g++"), *flags, "-c", str(source), "-o", f"{tmp}/q.o"],
+                              capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

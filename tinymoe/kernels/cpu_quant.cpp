@@ -8,22 +8,28 @@
 // zero - 8 scale, added once per row. So y = x_q . w exactly up to fp32 rounding, x_q the
 // dequantised activations.
 //
+// Which 32 inputs form a block follows the lanes. INT4: 32 consecutive inputs (its weight scales
+// change every group of 32-128 inputs, so a lane's integer sum cannot run further). INT8, whose
+// scale is one a weight row: lane l's 4 inputs in each of GV = 8 consecutive weight vectors, so a
+// lane adds its integer products over 8 vectors before one conversion and one fma (GV * QB inputs,
+// VF blocks, a group). A block's inputs thus depend on the vector width: the AVX-512 and AVX2
+// builds round the activations differently (both tested against their own float64 reference).
+//
 // vpdpbusd and maddubs multiply unsigned by signed bytes. INT4 codes (0..15) are the unsigned
 // side as they are. INT8 weights are signed. With VNNI and 1-3 activation rows, w + 128 (one xor)
-// is the unsigned side and each lane starts from -128 times the sum of its 4 activation codes,
-// which prepare_quant stores beside the codes once per call: two instructions per weight vector
-// fewer than correcting by the weights' sums. With 4 or more (tiles: a weight vector's correction
-// is shared by 4 activation rows, and the lane sums cost registers), the activations are stored
-// + 128 and each lane starts from -128 times the sum of its weights. Both give the same int32.
+// is the unsigned side and each lane starts from -128 times the sum of its block's activation
+// codes, which prepare_quant stores beside the codes once per call. With 4 or more (tiles: the
+// weights' side is shared by 4 activation rows), the activations are stored + 128 and 128 times
+// the sum of the lane's weights is taken off at the block's end. Both give the same int32.
 // On AVX2, where maddubs saturates its 16-bit pair sums, |w| times x with w's sign keeps every
 // pair within 2 * 127 * 127.
 //
 // INT4 bytes hold inputs 2j (low nibble) and 2j + 1 (high): a vector of packed bytes splits into
 // its low and high nibbles with two ands and a shift, so the activations are stored permuted to
 // match (per chunk of 2 QB inputs: the even ones, then the odd ones) instead of the weights
-// being interleaved back. Either way 32-bit lane l of a dot product covers inputs of one block,
-// and the block scales are stored spread to the lanes (8 a block for INT8, 4 for INT4); INT4 keeps
-// them once more, one a block, for the 1-row GEMV (int4_one_row).
+// being interleaved back. Lane l of a dot product then covers inputs of one block, and the block
+// scales are stored spread to the lanes (4 a block), and once more, one a block, for the 1-row
+// GEMV (int4_one_row).
 //
 // The tiles and the streaming follow the bf16 kernel's (cpu_linear.cpp): 1-3 activation rows
 // take FR weight rows at a time (sharing the activations' loads), prefetched PREFETCH bytes
@@ -62,18 +68,35 @@ static inline vi zero_i() { return _mm512_setzero_si512(); }
 static inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
 static inline vi high_nibbles(vi v) { return low_nibbles(_mm512_srli_epi16(v, 4)); }
 static inline vi dpbusd(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
-static inline vi plus_128(vi w) { return _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80))); }
-static inline vi neg128_sum(vi w) {
-    return _mm512_sub_epi32(zero_i(), dpbusd(zero_i(), _mm512_set1_epi8(char(0x80)), w));
+// dpbusd into an accumulator that lives across chunks, in asm: with the intrinsic GCC 12 moved each
+// of a 3 x 4 INT8 tile's accumulators to another register and back every chunk (24 moves beside 15
+// vpdpbusd), which made the 16-row tile 1.2-1.3x slower than with acc kept in place (Zen 4 VM,
+// session 15). INT4's dot products start from zero every chunk and keep the intrinsic.
+static inline vi dpbusd_into(vi acc, vi u, vi s) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+    return acc;
 }
+static inline vi plus_128(vi w) { return _mm512_xor_si512(w, _mm512_set1_epi8(char(0x80))); }
+static inline vi add_128_sum(vi acc, vi w) { return dpbusd_into(acc, _mm512_set1_epi8(char(0x80)), w); }
+static inline vi sub_i(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static inline vq to_f(vi v) { return _mm512_cvtepi32_ps(v); }
 static inline vq load_q(const float* p) { return _mm512_loadu_ps(p); }
 static inline vq zero_q() { return _mm512_setzero_ps(); }
 static inline vq mul_q(vq a, vq b) { return _mm512_mul_ps(a, b); }
+static inline vq div_q(vq a, vq b) { return _mm512_div_ps(a, b); }
 static inline vq fma_q(vq a, vq b, vq c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vq fnma_q(vq a, vq b, vq c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
 static inline vq set1_q(float f) { return _mm512_set1_ps(f); }
 static inline float sum_q(vq v) { return _mm512_reduce_add_ps(v); }
+// sum_q of a[0..3] into out[0..3], adding in sum_q's order (so the same bits) four vectors at a time
+static inline void sum4_q(const vq* a, float* out) {
+    const vq s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0xEE), _mm512_shuffle_f32x4(a[0], a[1], 0x44));
+    const vq s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0xEE), _mm512_shuffle_f32x4(a[2], a[3], 0x44));
+    vq t = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0xDD), _mm512_shuffle_f32x4(s01, s23, 0x88));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t)));
+}
 typedef __mmask16 words_mask;
 static inline words_mask mask_of(int64_t n) { return __mmask16(n >= 16 ? 0xffff : (1u << n) - 1); }
 static inline vi load_masked(const void* p, words_mask m) { return _mm512_maskz_loadu_epi32(m, p); }
@@ -86,6 +109,26 @@ static inline vq bf16_high(vi w) {
     return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
 }
 static inline void store_q(float* p, vq v) { _mm512_storeu_ps(p, v); }
+static inline vq abs_max(vq m, vq v) { return _mm512_max_ps(m, _mm512_abs_ps(v)); }
+// each 4 consecutive lanes' max / sum, in all 4 of them
+static inline vq quad_max(vq v) {
+    v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xB1));
+    return _mm512_max_ps(v, _mm512_permute_ps(v, 0x4E));
+}
+static inline vi quad_sum(vi v) {
+    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));
+    return _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));
+}
+static inline vi add_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline void store_i(void* p, vi v) { _mm512_storeu_si512(p, v); }
+// x / d rounded to nearest even (0 where d is 0), as VF bytes (+ 128 when `offset`)
+static inline vi codes_of(vq x, vq d) {
+    return _mm512_maskz_cvtps_epi32(_mm512_cmp_ps_mask(d, zero_q(), _CMP_GT_OQ), _mm512_div_ps(x, d));
+}
+static inline void store_codes(int8_t* p, vi codes, bool offset) {
+    const __m128i b = _mm512_cvtepi32_epi8(codes);
+    _mm_storeu_si128((__m128i*)p, offset ? _mm_xor_si128(b, _mm_set1_epi8(char(0x80))) : b);
+}
 static inline vi lane_index_shifted(int64_t n) {  // lane l -> l >> n
     return _mm512_srl_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm_cvtsi64_si128(n));
 }
@@ -103,14 +146,25 @@ static inline vi load_i(const void* p) { return _mm256_loadu_si256((const __m256
 static inline vi zero_i() { return _mm256_setzero_si256(); }
 static inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
 static inline vi high_nibbles(vi v) { return low_nibbles(_mm256_srli_epi16(v, 4)); }
+static inline vi sub_i(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 static inline vq to_f(vi v) { return _mm256_cvtepi32_ps(v); }
 static inline vq load_q(const float* p) { return _mm256_loadu_ps(p); }
 static inline vq zero_q() { return _mm256_setzero_ps(); }
 static inline vq mul_q(vq a, vq b) { return _mm256_mul_ps(a, b); }
+static inline vq div_q(vq a, vq b) { return _mm256_div_ps(a, b); }
 static inline vq fma_q(vq a, vq b, vq c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vq fnma_q(vq a, vq b, vq c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline vq set1_q(float f) { return _mm256_set1_ps(f); }
 static inline float sum_q(vq v) { return hsum8(v); }
+static inline void sum4_q(const vq* a, float* out) {  // as AVX-512's: hsum8's order, four at a time
+    const vq s01 = _mm256_add_ps(_mm256_permute2f128_ps(a[0], a[1], 0x20), _mm256_permute2f128_ps(a[0], a[1], 0x31));
+    const vq s23 = _mm256_add_ps(_mm256_permute2f128_ps(a[2], a[3], 0x20), _mm256_permute2f128_ps(a[2], a[3], 0x31));
+    vq t01 = _mm256_add_ps(s01, _mm256_permute_ps(s01, 0x4E)), t23 = _mm256_add_ps(s23, _mm256_permute_ps(s23, 0x4E));
+    t01 = _mm256_add_ps(t01, _mm256_permute_ps(t01, 0xB1));
+    t23 = _mm256_add_ps(t23, _mm256_permute_ps(t23, 0xB1));
+    const __m256 picked = _mm256_permutevar8x32_ps(_mm256_unpacklo_ps(t01, t23), _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+    _mm_storeu_ps(out, _mm256_castps256_ps128(picked));
+}
 typedef __m256i words_mask;
 static inline words_mask mask_of(int64_t n) {
     const vi lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -124,6 +178,26 @@ static inline vq bf16_high(vi w) {
     return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
 }
 static inline void store_q(float* p, vq v) { _mm256_storeu_ps(p, v); }
+static inline vq abs_max(vq m, vq v) { return _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
+static inline vq quad_max(vq v) {
+    v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xB1));
+    return _mm256_max_ps(v, _mm256_permute_ps(v, 0x4E));
+}
+static inline vi quad_sum(vi v) {
+    v = _mm256_add_epi32(v, _mm256_shuffle_epi32(v, 0xB1));
+    return _mm256_add_epi32(v, _mm256_shuffle_epi32(v, 0x4E));
+}
+static inline vi add_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline void store_i(void* p, vi v) { _mm256_storeu_si256((__m256i*)p, v); }
+static inline vi codes_of(vq x, vq d) {
+    const vi keep = _mm256_castps_si256(_mm256_cmp_ps(d, zero_q(), _CMP_GT_OQ));
+    return _mm256_and_si256(_mm256_cvtps_epi32(_mm256_div_ps(x, d)), keep);
+}
+static inline void store_codes(int8_t* p, vi codes, bool offset) {  // |codes| <= 127: the packs never saturate
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    const __m128i b = _mm_packs_epi16(words, words);
+    _mm_storel_epi64((__m128i*)p, offset ? _mm_xor_si128(b, _mm_set1_epi8(char(0x80))) : b);
+}
 static inline vi lane_index_shifted(int64_t n) {  // lane l -> l >> n
     return _mm256_srl_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm_cvtsi64_si128(n));
 }
@@ -134,10 +208,12 @@ static inline vq blocks_to_lanes(const float* p, vi idx) {
 #if defined(__AVXVNNI__)
 #define QUANT_ISA "avx-vnni"
 static inline vi dpbusd(vi acc, vi u, vi s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
-static inline vi plus_128(vi w) { return _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80))); }
-static inline vi neg128_sum(vi w) {
-    return _mm256_sub_epi32(zero_i(), dpbusd(zero_i(), _mm256_set1_epi8(char(0x80)), w));
+static inline vi dpbusd_into(vi acc, vi u, vi s) {  // as AVX-512's, VEX-encoded (no AVX-512 here)
+    asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "xm"(s));
+    return acc;
 }
+static inline vi plus_128(vi w) { return _mm256_xor_si256(w, _mm256_set1_epi8(char(0x80))); }
+static inline vi add_128_sum(vi acc, vi w) { return dpbusd_into(acc, _mm256_set1_epi8(char(0x80)), w); }
 #else
 #define QUANT_ISA "avx2"
 #define NO_VNNI 1
@@ -150,8 +226,9 @@ constexpr int VF = QB / 4;  // 32-bit lanes of a dot product = fp32 lanes of its
 #ifdef NO_VNNI
 constexpr bool VNNI = false;
 template <bool SUMS> static inline vi int8_aux(vi w) { return _mm256_abs_epi8(w); }
-template <bool SUMS> static inline vi int8_dot(vi x, vi w, vi abs_w, vi) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+template <bool SUMS> static inline vi int8_add(vi acc, vi x, vi w, vi abs_w) {
+    const vi dot = _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, dot);
 }
 // two halves' pair sums (at most 2 * 15 * 127 each) add in 16 bits without saturating
 static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) {
@@ -160,24 +237,26 @@ static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) {
 }
 #else
 constexpr bool VNNI = true;
-// SUMS (1-3 activation rows): the lane's sum of (w + 128) x, started from -128 sum(x); else (the
-// tiles, where a weight vector meets 4 activation rows) of (x + 128) w, started from -128 sum(w).
-// Either way sum(w x) exactly.
-template <bool SUMS> static inline vi int8_aux(vi w) { return SUMS ? plus_128(w) : neg128_sum(w); }
-template <bool SUMS> static inline vi int8_dot(vi x, vi w, vi aux, vi neg128_sum_x) {
-    return SUMS ? dpbusd(neg128_sum_x, aux, x) : dpbusd(aux, x, w);
+// SUMS (1-3 activation rows): the lane adds (w + 128) x, having started from -128 sum(x) of its
+// block; else (the tiles, where a weight vector meets 4 activation rows) (x + 128) w, and 128 sum(w)
+// is taken off at the block's end. Either way sum(w x) exactly.
+template <bool SUMS> static inline vi int8_aux(vi w) { return SUMS ? plus_128(w) : w; }
+template <bool SUMS> static inline vi int8_add(vi acc, vi x, vi w, vi aux) {
+    return SUMS ? dpbusd_into(acc, aux, x) : dpbusd_into(acc, x, w);
 }
 static inline vi int4_dot(vi lo, vi x_even, vi hi, vi x_odd) { return dpbusd(dpbusd(zero_i(), lo, x_even), hi, x_odd); }
 #endif
 
 constexpr int MCHUNK = 64;  // activation rows per pass over a unit's weight rows
+constexpr int GV = 8;       // INT8: weight vectors one activation block spans (4 inputs a lane each)
 
 // Sizes of one matrix's rows and of their prepared activations.
 struct Layout {
     bool int4;
     int64_t K, KP;   // inputs, and as the weights store them (INT4: padded to the group)
     int64_t chunk;   // inputs per weight vector: QB (INT8) or 2 QB (INT4)
-    int64_t Q, S;    // prepared codes and spread scales per activation row
+    int64_t Q, S;    // prepared codes and scales (INT4: spread to the lanes) per activation row
+    int64_t NG;      // INT8: groups of GV weight vectors, VF activation blocks each
     int64_t G, groups, GP;  // INT4: group, groups per row, group sums per activation row (whole vectors)
     int64_t DB;             // INT4: block scales per activation row as prepare stores them unspread (whole vectors)
     int64_t log_G, per;     // INT4: log2 G (no division in the inner loop), scale words a chunk
@@ -192,7 +271,8 @@ static Layout layout(const Matrix& w, int64_t K) {
     L.KP = L.int4 ? (K + L.G - 1) / L.G * L.G : K;
     L.chunk = L.int4 ? 2 * QB : QB;
     L.Q = (L.KP + L.chunk - 1) / L.chunk * L.chunk;
-    L.S = L.Q / 32 * (L.int4 ? 4 : 8);
+    L.NG = (L.Q / QB + GV - 1) / GV;
+    L.S = L.int4 ? L.Q / 32 * 4 : L.NG * VF;
     L.groups = L.int4 ? L.KP / L.G : 0;
     L.GP = (L.groups + VF - 1) / VF * VF;
     L.DB = L.int4 ? (L.Q / 32 + VF - 1) / VF * VF : 0;
@@ -202,71 +282,114 @@ static Layout layout(const Matrix& w, int64_t K) {
     return L;
 }
 
-// One block of 32 values -> int8 codes, their sum and the scale d (0 for an all-zero block).
-static inline float quantise_block(const float* v, int32_t* q, int32_t& total) {
+// INT4's activation block: 32 consecutive values v -> int8 codes round(v / d) (to nearest even), the
+// even-numbered inputs' codes to even[0..15] and the odd ones' to odd[0..15] (int4_chunks' order),
+// their sum, and d = max|v| / 127 (0, and codes 0, for an all-zero block). AVX2 instructions, for
+// either build.
+static inline float quantise_int4_block(const float* v, int8_t* even, int8_t* odd, int32_t& total) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(v));
     for (int i = 8; i < 32; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-    float lanes[8];
-    _mm256_storeu_ps(lanes, a);
-    float amax = 0.f;
-    for (const float l : lanes) amax = std::max(amax, l);
-    const float d = amax / 127.f;
-    total = 0;
-    if (!(d > 0.f)) {
-        std::memset(q, 0, 32 * sizeof(int32_t));
-        return 0.f;
+    a = _mm256_max_ps(a, _mm256_permute2f128_ps(a, a, 1));  // the max in every lane
+    a = _mm256_max_ps(a, _mm256_permute_ps(a, 0x4E));
+    a = _mm256_max_ps(a, _mm256_permute_ps(a, 0xB1));
+    const __m256 d = _mm256_div_ps(a, _mm256_set1_ps(127.f));
+    const __m256i keep = _mm256_castps_si256(_mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_GT_OQ));
+    __m256i c[4], sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        c[i] = _mm256_and_si256(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(v + 8 * i), d)), keep);
+        sum = _mm256_add_epi32(sum, c[i]);
     }
-    for (int i = 0; i < 32; i += 8)  // round to nearest even (the default rounding mode)
-        _mm256_storeu_si256((__m256i*)(q + i),
-                            _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(d))));
-    for (int i = 0; i < 32; i++) total += q[i];
-    return d;
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+    // |codes| <= 127, so the packs never saturate; they interleave the 128-bit halves, the permute
+    // puts the 32 codes back in order, the shuffle takes each half's even then odd bytes
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i split = _mm256_shuffle_epi8(
+        bytes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m256i halves = _mm256_permute4x64_epi64(split, 0xD8);  // evens, then odds
+    _mm_storeu_si128((__m128i*)even, _mm256_castsi256_si128(halves));
+    _mm_storeu_si128((__m128i*)odd, _mm256_extracti128_si256(halves, 1));
+    return _mm256_cvtss_f32(d);
+}
+
+// INT8's activation blocks follow the kernel's lanes: block (g, l) is the 4 inputs lane l of each of
+// group g's GV weight vectors covers (inputs (g GV + v) QB + 4 l + i, v < GV, i < 4), so a lane adds
+// its integer products over GV vectors and converts and scales them once. INT4's are 32 consecutive
+// inputs (its weight scales change every group of 32-128 inputs).
+static void prepare_int8_row(const float* x, const Layout& L, bool offset, int8_t* q, float* scale,
+                             int32_t* lane_sums) {
+    constexpr int P = QB / VF;  // float vectors of one weight vector's inputs; each holds VF / 4 lanes' 4 inputs
+    alignas(64) float d_lanes[VF];
+    alignas(64) int32_t sum_lanes[VF];
+    for (int64_t g = 0; g < L.NG; g++) {
+        const float* xg = x + g * GV * QB;  // x is zero-padded to whole groups
+        vq d[P];
+        vi total[P];
+        for (int p = 0; p < P; p++) {
+            vq m = zero_q();
+            for (int v = 0; v < GV; v++) m = abs_max(m, load_q(xg + v * QB + p * VF));
+            d[p] = div_q(quad_max(m), set1_q(127.f));  // fp32 division, as quantise_block
+            total[p] = zero_i();
+        }
+        for (int v = 0; v < GV; v++)
+            for (int p = 0; p < P; p++) {
+                const vi codes = codes_of(load_q(xg + v * QB + p * VF), d[p]);
+                total[p] = add_i(total[p], codes);
+                if ((g * GV + v) * QB < L.Q) store_codes(q + (g * GV + v) * QB + p * VF, codes, offset);
+            }
+        for (int p = 0; p < P; p++) {
+            store_q(d_lanes, d[p]);
+            store_i(sum_lanes, quad_sum(total[p]));
+            for (int i = 0; i < VF / 4; i++) {
+                scale[g * VF + p * VF / 4 + i] = d_lanes[4 * i];
+                if (lane_sums) lane_sums[g * VF + p * VF / 4 + i] = -128 * sum_lanes[4 * i];
+            }
+        }
+    }
+}
+
+static inline float value_at(const void* x, int x_bf16, int64_t i) {  // x[i], fp32 or bf16
+    return x_bf16 ? bf(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
 
 void prepare_quant(const void* x, int x_bf16, int64_t M, int64_t K, const Matrix& w, Prepared& out) {
     const Layout L = layout(w, K);
-    const int per = L.int4 ? 4 : 8;
     const bool lane_sums = VNNI && !L.int4 && M < 4, offset = VNNI && !L.int4 && M >= 4;
     out.precision = w.precision;
     out.M = M;
     out.K = K;
     // INT4: the blocks' scales once more, one a block (int4_one_row)
     out.f.assign(L.int4 ? M * L.DB : 0, 0.f);
-    // codes (offset: + 128, as unsigned bytes); then (lane_sums) per row its Q / 4 lanes' int32 sums
-    out.q.assign(M * L.Q * (lane_sums ? 2 : 1), int8_t(offset ? 0x80 : 0));
+    // codes (offset: + 128, as unsigned bytes); then (lane_sums) per row its blocks' -128 sum(codes), int32
+    out.q.assign(M * L.Q + (lane_sums ? M * L.S * 4 : 0), int8_t(offset ? 0x80 : 0));
     out.scale.assign(M * L.S, 0.f);
     out.sum.assign(L.int4 ? M * L.GP : 0, 0.f);
+    std::vector<float> row(L.int4 ? 0 : L.NG * GV * QB, 0.f);  // INT8: a row zero-padded to whole groups
     float v[32];
-    int32_t q[32];
     for (int64_t m = 0; m < M; m++) {
         int8_t* qm = &out.q[m * L.Q];
+        if (!L.int4) {
+            for (int64_t k = 0; k < K; k++) row[k] = value_at(x, x_bf16, m * K + k);
+            int32_t* sums = lane_sums ? reinterpret_cast<int32_t*>(&out.q[M * L.Q]) + m * L.S : nullptr;
+            prepare_int8_row(row.data(), L, offset, qm, &out.scale[m * L.S], sums);
+            continue;
+        }
         for (int64_t b = 0; b * 32 < L.KP; b++) {
             const int64_t k0 = b * 32, n = std::min<int64_t>(32, std::max<int64_t>(0, K - k0));
-            for (int64_t i = 0; i < n; i++)
-                v[i] = x_bf16 ? bf(static_cast<const uint16_t*>(x)[m * K + k0 + i])
-                              : static_cast<const float*>(x)[m * K + k0 + i];
+            for (int64_t i = 0; i < n; i++) v[i] = value_at(x, x_bf16, m * K + k0 + i);
             for (int64_t i = n; i < 32; i++) v[i] = 0.f;
             int32_t total;
-            const float d = quantise_block(v, q, total);
-            for (int j = 0; j < per; j++) out.scale[m * L.S + b * per + j] = d;
-            if (L.int4) {
-                out.f[m * L.DB + b] = d;  // a chunk of 2 QB inputs holds its even inputs, then its odd ones
-                int8_t* chunk = qm + k0 / (2 * QB) * (2 * QB) + k0 % (2 * QB) / 2;
-                for (int i = 0; i < 32; i += 2) {
-                    chunk[i / 2] = int8_t(q[i]);
-                    chunk[QB + i / 2] = int8_t(q[i + 1]);
-                }
-                out.sum[m * L.GP + k0 / L.G] += d * float(total);
-            } else {
-                for (int i = 0; i < 32; i++) qm[k0 + i] = int8_t(offset ? q[i] + 128 : q[i]);
-            }
+            int8_t* chunk = qm + k0 / (2 * QB) * (2 * QB) + k0 % (2 * QB) / 2;  // its even inputs, then its odd ones
+            const float d = quantise_int4_block(v, chunk, chunk + QB, total);
+            for (int j = 0; j < 4; j++) out.scale[m * L.S + b * 4 + j] = d;
+            out.f[m * L.DB + b] = d;
+            out.sum[m * L.GP + k0 / L.G] += d * float(total);
         }
-        if (lane_sums)
-            for (int64_t i = 0; i < L.Q; i += 4) {
-                const int32_t neg = -128 * (qm[i] + qm[i + 1] + qm[i + 2] + qm[i + 3]);
-                std::memcpy(&out.q[(M + m) * L.Q + i], &neg, 4);
-            }
     }
 }
 
@@ -280,17 +403,16 @@ int64_t quant_units_per_chunk(const Matrix& w, int64_t M, int64_t K) {
     return std::max<int64_t>(1, (256 << 10) / (quant_unit_rows(M) * bytes));
 }
 
-// Chunks [c0, c1) of R weight rows into acc: weight row r's chunk c at w + r * stride + (c - c0)
-// QB, its INT4 scale words at words + r * groups. `whole`: every chunk's groups lie in the row
-// (all but a row's zero-padded tail). Always inlined: acc stays in registers.
-template <bool INT4_W, int R, int MB, bool SUMS>
-__attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const uint8_t* w, int64_t stride,
-                                                         const uint32_t* words, int64_t c0, int64_t c1, bool whole,
-                                                         const int8_t* xq, const int8_t* xs, const float* xd,
-                                                         const Layout& L) {
-    constexpr int64_t CH = INT4_W ? 2 * QB : QB;  // L.chunk, known to the compiler
+// INT4: chunks [c0, c1) of R weight rows into acc: weight row r's chunk c at w + r * stride + (c - c0)
+// QB, its scale words at words + r * groups. `whole`: every chunk's groups lie in the row (all but a
+// row's zero-padded tail). Always inlined: acc stays in registers.
+template <int R, int MB>
+__attribute__((always_inline)) static inline void int4_chunks(vq (&acc)[R][MB], const uint8_t* w, int64_t stride,
+                                                              const uint32_t* words, int64_t c0, int64_t c1, bool whole,
+                                                              const int8_t* xq, const float* xd, const Layout& L) {
+    constexpr int64_t CH = 2 * QB;  // L.chunk, known to the compiler
     const int64_t Q = L.Q, S = L.S;
-    const vi idx = lane_index_shifted(L.log_G - 3);  // INT4: lane (4 a block of 32) -> scale word of its group
+    const vi idx = lane_index_shifted(L.log_G - 3);  // lane (4 a block of 32) -> scale word of its group
     // a whole chunk's scale-word mask, made once: GCC rebuilt it every chunk (8 scalar instructions
     // in a 30-instruction loop), and hoisting it made the 1-row INT4 GEMV 3-18% faster (Zen 4 VM)
     const words_mask per_chunk = mask_of(L.per);
@@ -299,39 +421,88 @@ __attribute__((always_inline)) static inline void chunks(vq (&acc)[R][MB], const
     for (int64_t c = c0; c < c1; c++, w += QB) {
         if (whole)
             for (int r = 0; r < R; r++) _mm_prefetch((const char*)w + r * stride + PREFETCH, PREFETCH_HINT);
-        if constexpr (INT4_W) {
-            vi lo[R], hi[R];
-            vq s[R];
-            const int64_t g0 = (c * CH) >> L.log_G;
-            const words_mask mask = whole ? per_chunk : mask_of(std::min(L.per, L.groups - g0));
-            for (int r = 0; r < R; r++) {
-                const vi packed = load_i(w + r * stride);
-                lo[r] = low_nibbles(packed);
-                hi[r] = high_nibbles(packed);
-                s[r] = bf16_low(spread(load_masked(words + r * L.groups + g0, mask), idx));
-            }
-            for (int j = 0; j < MB; j++) {
-                const vi xe = load_i(xq + j * Q + c * CH), xo = load_i(xq + j * Q + c * CH + QB);
-                const vq d = load_q(xd + j * S + c * VF);
-                for (int r = 0; r < R; r++)
-                    a[r][j] = fma_q(to_f(int4_dot(lo[r], xe, hi[r], xo)), mul_q(d, s[r]), a[r][j]);
-            }
-        } else {
-            vi wv[R], aux[R];
-            for (int r = 0; r < R; r++) {
-                wv[r] = load_i(w + r * stride);
-                aux[r] = int8_aux<SUMS>(wv[r]);
-            }
-            for (int j = 0; j < MB; j++) {
-                const vi xv = load_i(xq + j * Q + c * CH);
-                const vi sums = SUMS ? load_i(xs + j * Q + c * CH) : xv;
-                const vq d = load_q(xd + j * S + c * VF);
-                for (int r = 0; r < R; r++)
-                    a[r][j] = fma_q(to_f(int8_dot<SUMS>(xv, wv[r], aux[r], sums)), d, a[r][j]);
-            }
+        vi lo[R], hi[R];
+        vq s[R];
+        const int64_t g0 = (c * CH) >> L.log_G;
+        const words_mask mask = whole ? per_chunk : mask_of(std::min(L.per, L.groups - g0));
+        for (int r = 0; r < R; r++) {
+            const vi packed = load_i(w + r * stride);
+            lo[r] = low_nibbles(packed);
+            hi[r] = high_nibbles(packed);
+            s[r] = bf16_low(spread(load_masked(words + r * L.groups + g0, mask), idx));
+        }
+        for (int j = 0; j < MB; j++) {
+            const vi xe = load_i(xq + j * Q + c * CH), xo = load_i(xq + j * Q + c * CH + QB);
+            const vq d = load_q(xd + j * S + c * VF);
+            for (int r = 0; r < R; r++)
+                a[r][j] = fma_q(to_f(int4_dot(lo[r], xe, hi[r], xo)), mul_q(d, s[r]), a[r][j]);
         }
     }
     for (int r = 0; r < R; r++) for (int j = 0; j < MB; j++) acc[r][j] = a[r][j];
+}
+
+// INT8: chunks [c0, c1) of R weight rows (w + r * stride + (c - c0) QB) into the lanes' integer
+// sums s; on VNNI tiles also into sum_w, 128 times each weight row's lane sums. `whole` as
+// int4_chunks. Always inlined, with local copies: the sums stay in registers.
+template <int R, int MB, bool SUMS>
+__attribute__((always_inline)) static inline void int8_chunks(vi (&s)[R][MB], vi (&sum_w)[R], const uint8_t* w,
+                                                              int64_t stride, int64_t c0, int64_t c1, bool whole,
+                                                              const int8_t* xq, int64_t Q) {
+    vi t[R][MB], u[R];
+    for (int r = 0; r < R; r++) {
+        u[r] = sum_w[r];
+        for (int j = 0; j < MB; j++) t[r][j] = s[r][j];
+    }
+    for (int64_t c = c0; c < c1; c++, w += QB) {
+        if (whole)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char*)w + r * stride + PREFETCH, PREFETCH_HINT);
+        vi wv[R], aux[R];
+        for (int r = 0; r < R; r++) {
+            wv[r] = load_i(w + r * stride);
+            aux[r] = int8_aux<SUMS>(wv[r]);
+            if constexpr (VNNI && !SUMS) u[r] = add_128_sum(u[r], wv[r]);
+        }
+        for (int j = 0; j < MB; j++) {
+            const vi xv = load_i(xq + j * Q + c * QB);
+            for (int r = 0; r < R; r++) t[r][j] = int8_add<SUMS>(t[r][j], xv, wv[r], aux[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        sum_w[r] = u[r];
+        for (int j = 0; j < MB; j++) s[r][j] = t[r][j];
+    }
+}
+
+// INT8: R weight rows (row_bytes apart) times MB activation rows into acc. A lane adds its integer
+// products over a group's GV weight vectors (one activation block), then converts them and scales
+// them by the block's d once: per weight vector and activation row one integer dot product instead
+// of a dot product, a conversion and an fma. The row's last bytes are zero-padded to a whole vector
+// (the activations are too).
+template <int R, int MB, bool SUMS>
+static void int8_rows(vq (&acc)[R][MB], const uint8_t* w, int64_t row_bytes, const int8_t* xq, const int32_t* xs,
+                      const float* xd, const Layout& L) {
+    const int64_t full = row_bytes / QB, rest = row_bytes % QB, n = full + (rest != 0);
+    alignas(64) uint8_t tail[R][QB];
+    if (rest)
+        for (int r = 0; r < R; r++) {
+            std::memset(tail[r], 0, QB);
+            std::memcpy(tail[r], w + r * row_bytes + full * QB, rest);
+        }
+    for (int64_t c0 = 0, g = 0; c0 < n; c0 += GV, g++) {
+        vi s[R][MB], sum_w[R];
+        for (int r = 0; r < R; r++) {
+            sum_w[r] = zero_i();
+            for (int j = 0; j < MB; j++) s[r][j] = SUMS ? load_i(xs + j * L.S + g * VF) : zero_i();
+        }
+        const int64_t c1 = std::min(n, c0 + GV), f1 = std::min(full, c1);
+        int8_chunks<R, MB, SUMS>(s, sum_w, w + c0 * QB, row_bytes, c0, f1, true, xq, L.Q);
+        if (f1 < c1) int8_chunks<R, MB, SUMS>(s, sum_w, tail[0], QB, full, full + 1, false, xq, L.Q);
+        for (int j = 0; j < MB; j++) {
+            const vq d = load_q(xd + j * L.S + g * VF);
+            for (int r = 0; r < R; r++)
+                acc[r][j] = fma_q(to_f(VNNI && !SUMS ? sub_i(s[r][j], sum_w[r]) : s[r][j]), d, acc[r][j]);
+        }
+    }
 }
 
 constexpr int64_t SEG = 32;  // chunks a batch of int4_one_row's block products (4 KB of AVX-512 weights)
@@ -378,19 +549,27 @@ static void tile(const Prepared& x, const Matrix& w, const Layout& L, int64_t n0
     const uint8_t* rows = static_cast<const uint8_t*>(w.data) + n0 * L.row_bytes;
     const uint32_t* words = INT4_W ? reinterpret_cast<const uint32_t*>(w.scales) + n0 * L.groups : nullptr;
     const int8_t* xq = &x.q[m * L.Q];
-    const int8_t* xs = SUMS && !INT4_W ? &x.q[(x.M + m) * L.Q] : nullptr;  // the lanes' -128 sums
     const float* xd = &x.scale[m * L.S];
-    const int64_t full = L.row_bytes / QB, rest = L.row_bytes % QB;
-    if constexpr (INT4_W && R == 1 && MB == 1) int4_one_row(acc[0][0], rows, words, full, xq, &x.f[m * L.DB], L);
-    else chunks<INT4_W, R, MB, SUMS>(acc, rows, L.row_bytes, words, 0, full, true, xq, xs, xd, L);
-    if (rest) {  // the row's last bytes, zero-padded to a whole vector (the activations are too)
-        alignas(64) uint8_t tail[R][QB] = {};
-        for (int r = 0; r < R; r++) std::memcpy(tail[r], rows + r * L.row_bytes + full * QB, rest);
-        chunks<INT4_W, R, MB, SUMS>(acc, tail[0], QB, words, full, full + 1, false, xq, xs, xd, L);
+    if constexpr (!INT4_W) {
+        const int32_t* xs = SUMS ? reinterpret_cast<const int32_t*>(&x.q[x.M * L.Q]) + m * L.S : nullptr;  // -128 sums
+        int8_rows<R, MB, SUMS>(acc, rows, L.row_bytes, xq, xs, xd, L);
+    } else {
+        const int64_t full = L.row_bytes / QB, rest = L.row_bytes % QB;
+        if constexpr (R == 1 && MB == 1) int4_one_row(acc[0][0], rows, words, full, xq, &x.f[m * L.DB], L);
+        else int4_chunks<R, MB>(acc, rows, L.row_bytes, words, 0, full, true, xq, xd, L);
+        if (rest) {  // the row's last bytes, zero-padded to a whole vector (the activations are too)
+            alignas(64) uint8_t tail[R][QB] = {};
+            for (int r = 0; r < R; r++) std::memcpy(tail[r], rows + r * L.row_bytes + full * QB, rest);
+            int4_chunks<R, MB>(acc, tail[0], QB, words, full, full + 1, false, xq, xd, L);
+        }
     }
+    float sums[R][MB];
+    for (int r = 0; r < R; r++)
+        if constexpr (MB == 4) sum4_q(acc[r], sums[r]);
+        else for (int j = 0; j < MB; j++) sums[r][j] = sum_q(acc[r][j]);
     for (int r = 0; r < R; r++)
         for (int j = 0; j < MB; j++) {
-            float total = sum_q(acc[r][j]);
+            float total = sums[r][j];
             if constexpr (INT4_W) {  // + sum over groups of (zero - 8 scale) * the group's activation sum
                 vq z = zero_q();
                 const vq eight = set1_q(8.f);
