@@ -1,8 +1,8 @@
 """Expert parallelism measured: per router, the straggler the ranks really see, beside the model.
 
     python bench/ep.py [--models tiny,tiny-deepseek] [--routers topk,laser,budget,rnq,laser+rnq,balanced]
-                       [--ranks 2] [--batch 64] [--repeats 3] [--combine-batches 1,8,64,256]
-                       [--placement contiguous]
+                       [--ranks 2] [--batch 64] [--rounds 5] [--repeats 1] [--combine-batches 1,8,64,256]
+                       [--placement contiguous] [--parts routers,combine,collectives]
 
 Part 1, per model: `tinymoe bench --ep G` at one batch (teacher-forced decode passes of B
 windows of the held-out text, one CPU thread per rank), every router in one launch so that the
@@ -11,13 +11,18 @@ rank), the ranks' mean and max expert busy time, the straggler ratio (median ove
 of max / mean busy) beside the modelled I_dev of the same passes, and the model's max busy time
 (docs/routing.md section 9, alpha and beta fitted on one rank's experts). The calibration is
 made once per model with the loads of laser and budget recorded, so `laser+rnq` sizes its
-replicas for laser's loads. `--repeats N` (default 3) launches it all N times and gives each
-column's median, with "vs top-k" the median (and range) of the ratio within each launch: on a
-shared 2-core VM one launch's ratios move by ~15%. The plans' notes give their expert bytes.
-Part 2: the two combines of experts/parallel.py (all-gather of the assignment rows, all-reduce
-of a zeroed [T, k, D]) at several batch sizes, top-k, same model: the `auto` rule's evidence.
-Part 3: the collectives alone (gloo here): median time of all_gather and all_reduce from 1 KiB
-to 8 MiB a rank, fitted as latency + bytes / bandwidth (docs/scaling.md's alpha and beta).
+replicas for laser's loads. Each launch measures its routers `--rounds` times over in turn
+(a router's passes take about a second), and "vs top-k" is the median (and range) over rounds
+of top-k's ep_step_ms in the same round over the router's: on a shared 2-core VM timings
+minutes apart move by ~15%, more than routers differ. A row with a plan or options runs in a
+launch of its own with its own top-k. `--repeats N` launches it all N times. The plans' notes
+give their expert bytes.
+Part 2: the combines of experts/parallel.py at several batch sizes, top-k, same model: the
+all-gather of the assignment rows through shared memory (the default on one host) and through
+the process group (gloo; TINYMOE_EP_SHM=0), and the all-reduce of a zeroed [T, k, D].
+Part 3: the collectives alone: median time of gloo's all_gather and all_reduce from 1 KiB to
+4 MiB a rank, and of the shared-memory all-gather, each fitted as latency + bytes / bandwidth
+(docs/scaling.md's alpha and beta).
 """
 import argparse
 import os
@@ -45,27 +50,29 @@ def parse_row(spec: str) -> tuple[str, dict, str | None]:
     return name, opts, plan or None
 
 
-def bench(model, specs, ranks, batch, tokens, calib, placement, combine=None, gen_len=32):
-    """Rows of `tinymoe bench --ep ranks` for the row specs: plain router names in one launch,
-    each with options or a plan in a launch of its own (bench runs one plan a launch), labelled
-    by their spec."""
+def bench(model, specs, ranks, batch, tokens, calib, placement, rounds=1, combine=None, gen_len=32):
+    """Rows of `tinymoe bench --ep ranks` for the row specs, the routers measured `rounds` times
+    over in turn in each launch: plain router names in one launch, each with options or a plan
+    in a launch of its own (bench runs one plan a launch) beside that launch's own top-k, labelled
+    by their spec. -> (a list of rows per launch, the plans' notes)."""
     notes = []
 
     def launch(names, plan=None, opts=None, label=None):
         out = run_spmd(ranks, "tinymoe.benchmark:run_ranked", dict(
             model=model, routers=names, batches=[batch], tokens=tokens, prompt_len=64, gen_len=gen_len,
             calib=calib, min_sequences=batch, engine=False, placement=placement, plan=plan,
-            combine=combine, router_opts=opts))
+            combine=combine, router_opts=opts, rounds=rounds, reference=True))
         notes.extend(f"{label}:{n.partition(':')[2]}" if label else n for n in out["notes"])
         return out["rows"]
-    rows = launch([s for s in specs if parse_row(s) == (s, {}, None)])
+    launches = [launch([s for s in specs if parse_row(s) == (s, {}, None)])]
     for spec in specs:
         name, opts, plan = parse_row(spec)
         if (opts, plan) != ({}, None):
-            row = next(x for x in launch([name], plan, opts, spec) if x.router != "topk" or name == "topk")
-            row.router = spec
-            rows.append(row)
-    return rows, notes
+            rows = launch([name], plan, opts, spec)
+            for row in rows:
+                row.router = row.router if row.router == "topk" and name != "topk" else spec
+            launches.append(rows)
+    return launches, notes
 
 
 def calibration_routers(specs) -> list:
@@ -75,30 +82,42 @@ def calibration_routers(specs) -> list:
     return [(r, planned.get(r, {})) for r in ("laser", "budget") if r in ROUTERS]
 
 
-def medians(launches):
-    """One row per router from several launches: each measured field's median over the launches,
-    and `vs_topk`, the median of each launch's top-k ep_step_ms over the router's (a ratio within
-    one launch first: launches minutes apart differ by more than routers do)."""
+def medians(launches, specs):
+    """One row per spec: each measured field's median over its launches and rounds, and
+    `vs_topk`, the median (and range) over those of the same round's top-k ep_step_ms over the
+    spec's (top-k of the spec's own launch): rounds seconds apart share the host's slow phases,
+    launches minutes apart do not."""
     out = []
-    for i, first in enumerate(launches[0]):
-        runs = [rows[i] for rows in launches]
-        ratios = [next(r for r in rows if r.router == "topk").ep_step_ms / rows[i].ep_step_ms for rows in launches]
+    for spec in specs:
+        runs, ratios = [], []
+        for rows in launches:
+            reference = {r.round: r for r in rows if r.router == "topk"}
+            for r in rows:
+                if r.router == spec:
+                    runs.append(r)
+                    ratios.append(reference[r.round].ep_step_ms / r.ep_step_ms)
         fields = {k: statistics.median(getattr(r, k) for r in runs) for k in
                   ("i_agg", "i_dev", "straggler", "busy_max_ms", "busy_max_model_ms", "ep_step_ms")}
-        out.append(dict(router=first.router, ppl_delta_pct=first.ppl_delta_pct, vs_topk=statistics.median(ratios),
-                        vs_topk_range=(min(ratios), max(ratios)), **fields))
+        out.append(dict(router=spec, ppl_delta_pct=runs[0].ppl_delta_pct, vs_topk=statistics.median(ratios),
+                        vs_topk_range=(min(ratios), max(ratios)), samples=len(ratios), **fields))
     return out
 
 
 def collectives(ranks, sizes, reps=20):
-    """Each rank: median seconds of all_gather and all_reduce of `sizes` bytes (bf16), per size."""
+    """Each rank: median seconds of gloo's all_gather and all_reduce and of the shared-memory
+    all-gather (experts/exchange.py; sizes that fit a slot) of `sizes` bytes (bf16), per size."""
     import torch
     import torch.distributed as dist
     out = {}
+    shared = ranks.group.shared
     for n in sizes:
         x = torch.zeros(max(1, n // 2), dtype=torch.bfloat16)
         parts = [torch.empty_like(x) for _ in range(ranks.world)]
-        for name, op in (("allgather", lambda: dist.all_gather(parts, x)), ("allreduce", lambda: dist.all_reduce(x))):
+        ops = [("allgather", lambda: dist.all_gather(parts, x)), ("allreduce", lambda: dist.all_reduce(x))]
+        if shared is not None and shared.fits(n):
+            rows = x.view(1, -1)
+            ops.append(("shared", lambda: shared.all_gather(rows, [1] * ranks.world)))
+        for name, op in ops:
             op()
             times = []
             for _ in range(reps):
@@ -126,7 +145,9 @@ def main():
     ap.add_argument("--combine-batches", default="1,8,64,256")
     ap.add_argument("--placement", default="contiguous")
     ap.add_argument("--parts", default="routers,combine,collectives")
-    ap.add_argument("--repeats", type=int, default=3, help="launches of part 1; the table gives medians")
+    ap.add_argument("--rounds", type=int, default=5, help="part 1: the routers measured this many times over in turn, "
+                                                           "each launch; the table gives medians")
+    ap.add_argument("--repeats", type=int, default=1, help="launches of part 1")
     args = ap.parse_args()
     parts = args.parts.split(",")
     routers = [r for r in args.routers.split(",") if parse_row(r)[0] in ROUTERS or r == "rnq"]
@@ -138,14 +159,14 @@ def main():
         calib = calibrate(load_model(model), tokens[:16384], seq_len=128, routers=calibration_routers(routers))
         launches, notes = [], []
         for _ in range(args.repeats):
-            rows, notes = bench(model, routers, args.ranks, args.batch, tokens, calib, args.placement)
-            launches.append(rows)
+            rows, notes = bench(model, routers, args.ranks, args.batch, tokens, calib, args.placement, args.rounds)
+            launches.extend(rows)
         print(f"\n## {model}: {args.ranks} ranks, batch {args.batch}, placement {args.placement}, "
-              f"median of {args.repeats} launches\n")
+              f"medians over {args.repeats} launch(es) x {args.rounds} rounds\n")
         print("| router | I_agg | I_dev (modelled) | straggler (measured) | straggler / I_dev | busy max ms | "
               "busy max ms (modelled) | ep_step_ms | vs top-k (min-max) | ppl Δ % |")
         print("|" + "---|" * 10)
-        for r in medians(launches):
+        for r in medians(launches, routers):
             lo, hi = r["vs_topk_range"]
             print(f"| {r['router']} | {r['i_agg']:.3f} | {r['i_dev']:.3f} | {r['straggler']:.3f} | "
                   f"{r['straggler'] / r['i_dev']:.3f} | {r['busy_max_ms']:.2f} | {r['busy_max_model_ms']:.2f} | "
@@ -155,12 +176,17 @@ def main():
     model = args.models.split(",")[0]
     tokens = read_tokens(load_tokenizer(model), DATA)
     print(f"\n## combines, {model}, top-k, {args.ranks} ranks: ep_step_ms a decode pass\n")
-    print("| batch | allgather | allreduce | allreduce / allgather |")
-    print("|---|---|---|---|")
+    print("| batch | all-gather, shared memory | all-gather, gloo | all-reduce, gloo | gloo all-gather / shared |")
+    print("|---|---|---|---|---|")
     for B in [int(b) for b in args.combine_batches.split(",")] if "combine" in parts else []:
-        t = {c: bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", c, gen_len=16)[0][0].ep_step_ms
-             for c in ("allgather", "allreduce")}
-        print(f"| {B} | {t['allgather']:.2f} | {t['allreduce']:.2f} | {t['allreduce'] / t['allgather']:.2f} |")
+        t = {}
+        for key, combine, shm in (("shm", "allgather", "1"), ("gather", "allgather", "0"), ("reduce", "allreduce", "0")):
+            os.environ["TINYMOE_EP_SHM"] = shm  # read by every rank as it joins
+            t[key] = bench(model, ["topk"], args.ranks, B, tokens, None, "contiguous", rounds=3, combine=combine,
+                           gen_len=16)[0][0]
+            t[key] = statistics.median(r.ep_step_ms for r in t[key])
+        os.environ.pop("TINYMOE_EP_SHM")
+        print(f"| {B} | {t['shm']:.2f} | {t['gather']:.2f} | {t['reduce']:.2f} | {t['gather'] / t['shm']:.2f} |")
     if "collectives" not in parts:
         return
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent),
@@ -168,13 +194,17 @@ def main():
     sizes = [1 << i for i in range(10, 24, 2)]
     times = run_spmd(args.ranks, "ep:collectives", dict(sizes=sizes))
     print(f"\n## collectives alone ({args.ranks} ranks, bf16, median of 20): microseconds\n")
-    print("| bytes a rank | all_gather | all_reduce |")
-    print("|---|---|---|")
+    print("| bytes a rank | gloo all_gather | gloo all_reduce | shared-memory all-gather |")
+    print("|---|---|---|---|")
     for n in sizes:
-        print(f"| {n} | {1e6 * times[('allgather', n)]:.0f} | {1e6 * times[('allreduce', n)]:.0f} |")
-    for name in ("allgather", "allreduce"):
-        lat, bw = fit([(n, times[(name, n)]) for n in sizes])
-        print(f"{name}: latency {1e6 * lat:.0f} us, bandwidth {bw / 1e9:.2f} GB/s (smallest and largest message)")
+        shm = times.get(("shared", n))
+        print(f"| {n} | {1e6 * times[('allgather', n)]:.0f} | {1e6 * times[('allreduce', n)]:.0f} | "
+              f"{'-' if shm is None else f'{1e6 * shm:.0f}'} |")
+    for name in ("allgather", "allreduce", "shared"):
+        points = [(n, times[(name, n)]) for n in sizes if (name, n) in times]
+        if len(points) > 1:
+            lat, bw = fit(points)
+            print(f"{name}: latency {1e6 * lat:.0f} us, bandwidth {bw / 1e9:.2f} GB/s (smallest and largest message)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the decoded positions, so accuracy is measured in the same routing regime as bal
 and decode t/s come from the engine's LLM when there is one, else from this driver."""
 import csv
 import io
+import itertools
 import json
 import math
 import time
@@ -51,6 +52,7 @@ class Row:
     busy_max_ms: float | None = None
     busy_max_model_ms: float | None = None
     straggler: float | None = None
+    round: int = 0  # which of run()'s `rounds` measured it
 
 
 class StaticCache:
@@ -139,7 +141,7 @@ def engine_throughput(model, name, calib, opts, prompts: torch.Tensor, gen_len: 
 def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, prompt_len: int = 64,
         gen_len: int = 32, devices: int = 4, calib=None, router_opts: dict | None = None,
         min_sequences: int = 16, engine: bool = True, progress: bool = False, plan=None,
-        ranks=None, placement: str = "contiguous") -> dict:
+        ranks=None, placement: str = "contiguous", rounds: int = 1, reference: bool = False) -> dict:
     """The whole bench; top-k always runs as the reference. Every router in `routers` runs under
     `plan` if given (rows say "laser+rnq"). With `progress`, a bar on stderr counts the model's
     forward passes. Returns {"rows": [Row], "prefill": [dict], "heat": {router: [layers, E]},
@@ -147,7 +149,13 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
 
     `ranks` (an engine.parallel.Ranks; every rank runs this same call, see `run_ranked`) spreads
     the experts over the ranks by `placement`: I_dev and the modelled speedup are then over the
-    ranks as placed, and each row gains the measured EP_KEYS."""
+    ranks as placed, and each row gains the measured EP_KEYS. `rounds` > 1 measures the routers
+    that many times over in turn, a row per router and round (`Row.round`): timings a round
+    apart share a noisy host's slow phases (bench/ep.py compares routers within a round).
+    `reference` returns top-k's rows too when `routers` lacks it (the plain top-k every run
+    measures first: the within-round reference of a row under a plan)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds takes a whole number of 1 or more, not {rounds!r}")
     opts = check_routers(routers, router_opts or {}, plan)
     blocks = list(model.moe_blocks())
     if not blocks:
@@ -163,57 +171,58 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     source = tokens.repeat(math.ceil(need / tokens.numel())) if tokens.numel() < need else tokens
     wanted = [label(r, plan) for r in routers]
     names = ["topk"] + [r for r in routers if label(r, plan) != "topk"]
-    rounds = {B: max(1, math.ceil(min_sequences / B)) for B in batches}
+    windows = {B: max(1, math.ceil(min_sequences / B)) for B in batches}  # batches of windows a router
 
     out, prefill, heat, notes = [], [], {}, {}
-    passes = sum(len(names) * rounds[B] * gen_len for B in batches)  # a round: 1 prefill, gen_len - 1 decodes
+    passes = rounds * sum(len(names) * windows[B] * gen_len for B in batches)  # 1 prefill, gen_len - 1 decodes
     with bar(total=passes, desc="bench", unit="pass", disable=not progress) as counter:
-        for B in batches:
-            seqs = _windows(source, B * rounds[B], prompt_len + gen_len)
-            for i, name in enumerate(names):
-                with_plan = plan if i else None  # the first is the plain top-k reference
-                tag = label(name, with_plan)
-                install(model, name, calib, plan=with_plan, **opts.get(name, {}))
-                if "plan" in blocks[0].ctx.state:
-                    notes[tag] = _plan_note(tag, blocks)
-                rec = LoadRecorder().attach(model)
-                parts = []
-                if ranks is not None:
-                    ranks.group.timings = []
-                try:
-                    for r in range(rounds[B]):  # small batches: several rounds, so enough tokens are scored
-                        rows = seqs[r * B:(r + 1) * B]
-                        parts.append(decode_teacher_forced(model, rows, prompt_len, rec, counter.update))
-                finally:
-                    rec.detach(model)
-                nll, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-                t_pre, t_dec = sum(p[2] for p in parts), sum(p[3] for p in parts)
-                flats = [p[4] for p in parts if p[4] is not None]
-                flat = sum(flats) / len(flats) if flats else None
-                dec = rec.summary("decode", devices, alpha, beta)
-                measured = {}
-                if ranks is not None:
-                    measured = ep_measured(ranks, len(blocks))
-                    measured["busy_max_model_ms"] = 1e3 * dec["ep_time"] / max(dec["passes"], 1)
-                if i == 0:
-                    ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
-                if tag not in wanted:
-                    continue
-                speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
-                                          gen_len, with_plan) if engine else None
-                if speed is None:  # no engine: the bench driver's own timings
-                    n = rounds[B] * B
-                    speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
-                ppl = perplexity(nll)
-                out.append(Row(tag, B, *speed,
-                               dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
-                               dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
-                               float((top == ref_top).float().mean()),
-                               ref_time / dec["ep_time"] if dec["ep_time"] else math.nan, **measured))
-                prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
-                                **rec.summary("prefill", devices, alpha, beta)})
-                if B == max(batches):
-                    heat[tag] = _heat(rec, model)
+        for B, turn, (i, name) in itertools.product(batches, range(rounds), enumerate(names)):
+            seqs = _windows(source, B * windows[B], prompt_len + gen_len)  # the same in every round
+            with_plan = plan if i else None  # the first is the plain top-k reference
+            tag = label(name, with_plan)
+            install(model, name, calib, plan=with_plan, **opts.get(name, {}))
+            if "plan" in blocks[0].ctx.state:
+                notes[tag] = _plan_note(tag, blocks)
+            rec = LoadRecorder().attach(model)
+            parts = []
+            if ranks is not None:
+                ranks.group.timings = []
+            try:
+                for r in range(windows[B]):  # small batches: several, so enough tokens are scored
+                    rows = seqs[r * B:(r + 1) * B]
+                    parts.append(decode_teacher_forced(model, rows, prompt_len, rec, counter.update))
+            finally:
+                rec.detach(model)
+            nll, top = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            t_pre, t_dec = sum(p[2] for p in parts), sum(p[3] for p in parts)
+            flats = [p[4] for p in parts if p[4] is not None]
+            flat = sum(flats) / len(flats) if flats else None
+            dec = rec.summary("decode", devices, alpha, beta)
+            measured = {}
+            if ranks is not None:
+                measured = ep_measured(ranks, len(blocks))
+                measured["busy_max_model_ms"] = 1e3 * dec["ep_time"] / max(dec["passes"], 1)
+            if i == 0:
+                ref_ppl, ref_top, ref_time = perplexity(nll), top, dec["ep_time"]
+            if tag not in wanted and not (reference and i == 0):
+                continue
+            speed = engine_throughput(model, name, calib, opts.get(name, {}), seqs[:B, :prompt_len],
+                                      gen_len, with_plan) if engine else None
+            if speed is None:  # no engine: the bench driver's own timings
+                n = windows[B] * B
+                speed = n * prompt_len / t_pre, n * (gen_len - 1) / t_dec if gen_len > 1 else math.nan
+            ppl = perplexity(nll)
+            out.append(Row(tag, B, *speed,
+                           dec.get("i_agg", math.nan), dec.get("i_dev", math.nan), dec.get("gini", math.nan),
+                           dec.get("minmax", math.nan), flat, ppl, 100 * (ppl / ref_ppl - 1),
+                           float((top == ref_top).float().mean()),
+                           ref_time / dec["ep_time"] if dec["ep_time"] else math.nan, **measured, round=turn))
+            if turn:
+                continue
+            prefill.append({"router": tag, "batch": B, "tokens": B * prompt_len,
+                            **rec.summary("prefill", devices, alpha, beta)})
+            if B == max(batches):
+                heat[tag] = _heat(rec, model)
     install(model, "topk")
     return {"rows": out, "prefill": prefill, "heat": heat, "alpha": alpha, "beta": beta, "devices": devices,
             "notes": list(notes.values()), "layers": [b.ctx.layer for b in blocks]}

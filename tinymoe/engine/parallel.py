@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..experts.exchange import SharedRows
 from ..experts.parallel import ExpertGroup, ExpertShard
 from ..experts.placement import parse_placement
 
@@ -158,7 +159,10 @@ def _init(rank: int, world: int, addr: str, port: int) -> ExpertGroup:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    return ExpertGroup(rank, world, combine=os.environ.get("TINYMOE_EP_COMBINE") or "auto")
+    group = ExpertGroup(rank, world, combine=os.environ.get("TINYMOE_EP_COMBINE") or "auto")
+    if os.environ.get("TINYMOE_EP_SHM", "1") != "0":
+        group.shared = SharedRows.create(rank, world, timeout_s=TIMEOUT_S)
+    return group
 
 
 def check_world(world) -> int:

@@ -10,11 +10,13 @@ order of their copy ids, rounding to the model's dtype after each term, exactly 
 single-process op sums them (`kernels/moe_cpu.py`); so the result is the single process's
 whenever the expert op's rows do not depend on how many rows it was given.
 
-Two combines, the same result: `allgather` (each rank's rows, padded to the largest rank's
-count; every rank knows every rank's count from the routing, so no sizes are exchanged) and
-`allreduce` (each rank's rows in a zeroed [T, k, D], summed: exact, as every element is non-zero
-on one rank at most; twice the bytes, one collective without padding). `auto` picks by the
-number of assignments (`bench/ep.py` measures both).
+Two combines, the same result: `allgather` (each rank's rows; every rank knows every rank's
+count from the routing, so no sizes are exchanged) and `allreduce` (each rank's rows in a zeroed
+[T, k, D], summed: exact, as every element is non-zero on one rank at most; twice the bytes, one
+collective without padding). `auto` picks by the number of assignments (`bench/ep.py` measures
+both). The all-gather goes through shared memory when the ranks share a host (`exchange.py`,
+ExpertGroup.shared; TINYMOE_EP_SHM=0 turns it off), else through the process group, each rank's
+rows padded to the largest rank's count.
 """
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.moe_op import moe_experts
+from .exchange import SharedRows
 from .placement import place
 
 COMBINES = ("auto", "allgather", "allreduce")
@@ -44,12 +47,32 @@ class ExpertGroup:
     pg: object = None
     combine: str = "auto"
     timings: list | None = field(default=None, repr=False)
+    shared: SharedRows | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"unknown combine {self.combine!r}; valid: {', '.join(COMBINES)}")
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} outside a group of {self.world}")
+
+    def all_gather(self, rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Every rank's rows ([counts[r], D] each), in rank order: through shared memory when the
+        ranks share a host and the largest share fits, else the process group's all-gather of
+        the shares padded to the largest (every rank knows every count, so none are sent)."""
+        width = max(counts)
+        if self.shared is not None and self.shared.fits(width * rows.shape[1] * rows.element_size()):
+            return self.shared.all_gather(rows, counts)
+        padded = rows.new_zeros(width, rows.shape[1])
+        padded[:rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.pg)
+        return [part[:n] for part, n in zip(parts, counts)]
+
+    def barrier(self) -> None:
+        if self.shared is not None:
+            self.shared.barrier()
+        else:
+            dist.barrier(group=self.pg)
 
 
 class ExpertShard:
@@ -73,47 +96,44 @@ class ExpertShard:
         others), `local_copies` the ExpertCopies of this rank's copies."""
         g = self.group
         if g.timings is not None:  # measured from when every rank is here: what came before
-            dist.barrier(group=g.pg)  # (routing, attention) is replicated, not the straggler
+            g.barrier()            # (routing, attention) is replicated, not the straggler
         start = time.perf_counter()
         T, k = phys.shape
         D = x.shape[1]
-        owner = copy_rank[phys]                                    # [T, k]
-        flat_owner = owner.reshape(-1)
-        mine = (flat_owner == g.rank).nonzero().flatten()        # this rank's assignments, token-major
+        flat_owner = copy_rank[phys].reshape(-1)                   # [T k]
+        order = torch.argsort(flat_owner, stable=True)             # rank-major, token-major within a rank
+        counts = torch.bincount(flat_owner, minlength=g.world).tolist()
+        begin = sum(counts[:g.rank])
+        mine = order[begin:begin + counts[g.rank]]                 # this rank's assignments, token-major
         if mine.numel():
             local = local_index[phys.reshape(-1)[mine]]
             rows = moe_experts(x[mine // k], local[:, None], weights.reshape(-1)[mine][:, None], local_copies)
         else:  # no assignment here this pass: nothing to compute, an empty share of the combine
             rows = x.new_zeros(0, D)
         busy = time.perf_counter() - start
-        counts = torch.bincount(flat_owner, minlength=g.world)
         method = g.combine
         if method == "auto":
-            method = "allreduce" if T * k < ALLREDUCE_BELOW else "allgather"
-        terms = torch.zeros(T * k, D, dtype=x.dtype, device=x.device)
+            method = "allreduce" if T * k < ALLREDUCE_BELOW and g.shared is None else "allgather"
         if method == "allreduce":
-            terms[mine] = rows
-            dist.all_reduce(terms, group=g.pg)
+            every = torch.zeros(T * k, D, dtype=x.dtype, device=x.device)   # in assignment order
+            every[mine] = rows
+            dist.all_reduce(every, group=g.pg)
+            position = torch.arange(T * k, device=x.device)
         else:
-            width = int(counts.max())
-            padded = torch.zeros(width, D, dtype=x.dtype, device=x.device)
-            padded[:rows.shape[0]] = rows
-            gathered = [torch.empty_like(padded) for _ in range(g.world)]
-            dist.all_gather(gathered, padded, group=g.pg)
-            order = torch.argsort(flat_owner, stable=True)         # rank-major, token-major within a rank
-            terms[order] = torch.cat([part[:n] for part, n in zip(gathered, counts.tolist())])
-        out = _sum_in_copy_order(terms.view(T, k, D), phys)
+            every = torch.cat(g.all_gather(rows, counts))          # in `order`
+            position = torch.empty_like(order)
+            position[order] = torch.arange(T * k, device=x.device)
+        out = _sum_in_copy_order(every, position.view(T, k), phys)
         if g.timings is not None:
             g.timings.append((busy, time.perf_counter() - start, int(mine.numel())))
         return out
 
 
-def _sum_in_copy_order(terms: torch.Tensor, phys: torch.Tensor) -> torch.Tensor:
-    """terms [T, k, D] -> [T, D]: each token's terms added in ascending copy id, rounding after
-    each add (the single-process op's order)."""
-    order = torch.argsort(phys, dim=1, stable=True)
-    terms = terms.gather(1, order[:, :, None].expand_as(terms))
-    out = terms[:, 0].clone()
-    for j in range(1, terms.shape[1]):
-        out += terms[:, j]
+def _sum_in_copy_order(rows: torch.Tensor, position: torch.Tensor, phys: torch.Tensor) -> torch.Tensor:
+    """Each token's k rows (token t's assignment j at rows[position[t, j]]) -> [T, D], added in
+    ascending copy id, rounding after each add (the single-process op's order)."""
+    at = position.gather(1, torch.argsort(phys, dim=1, stable=True))
+    out = rows[at[:, 0]]
+    for j in range(1, at.shape[1]):
+        out += rows[at[:, j]]
     return out

@@ -129,6 +129,11 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
 int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
                      const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
                      const RouteBuffers* buffers, int threads);
+// Shared-memory all-gather steps (cpu_shm.cpp, experts/exchange.py): copy `bytes` from src to dst,
+// then store `value` to *counter (release); wait until counters[i * stride] >= value for every
+// i < n (acquire): 1, or 0 after timeout_us microseconds.
+void shm_publish(void* dst, const void* src, int64_t bytes, int64_t* counter, int64_t value);
+int shm_wait(const int64_t* counters, int64_t n, int64_t stride, int64_t value, int64_t timeout_us);
 // The layout of the structs and the values of the enums above, as the compiler sees them: entry
 // i is names[i] ("DecodeLayer", "DecodeLayer.qkv", "Routing.DENSE", ...) with values[2i],
 // values[2i + 1] = 0 and the struct's size, a field's offset and size, or an enum's value and 0.

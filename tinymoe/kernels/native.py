@@ -1,6 +1,7 @@
 """The native CPU library: `cpu_linear.cpp` (bf16 matmul and the matmul interface),
 `cpu_quant.cpp` (int8 / int4 matmul), `cpu_moe.cpp` (the experts of a MoE layer), `cpu_ops.cpp`
-(the small per-layer ops) and `cpu_decode.cpp` (the one-call decode step), with their shared
+(the small per-layer ops), `cpu_decode.cpp` (the one-call decode step) and `cpu_shm.cpp` (the
+ordering steps of expert parallelism's shared-memory all-gather), with their shared
 helpers in `cpu_simd.h`, built into one shared object on first use and loaded with ctypes.
 
 Its ABI has one source, `cpu_kernels.h`: the ctypes bindings of every entry point are generated
@@ -34,7 +35,8 @@ import torch
 from .. import settings
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_linear.cpp", "cpu_quant.cpp", "cpu_moe.cpp", "cpu_ops.cpp", "cpu_decode.cpp")]
+           for name in ("cpu_linear.cpp", "cpu_quant.cpp", "cpu_moe.cpp", "cpu_ops.cpp", "cpu_decode.cpp",
+                        "cpu_shm.cpp")]
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 HEADERS = [Path(__file__).with_name("cpu_simd.h"), HEADER]
 # no FMA contraction of plain C arithmetic: a*b - c*d rounds as torch computes it (the kernels
