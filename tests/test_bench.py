@@ -91,6 +91,13 @@ def test_bench_rows_and_balance(setup, tmp_path):
     assert (tmp_path / "heat.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("rounds", [0, 1.5, True, "2"])
+def test_bench_rounds_must_be_a_whole_number(setup, rounds):
+    _, _, model, tokens = setup
+    with pytest.raises(ValueError, match="rounds takes a whole number of 1 or more"):
+        benchmark.run(model, ["topk"], [1], tokens, rounds=rounds, engine=False)
+
+
 def test_multiple_choice_reads_arc_and_mmlu_shapes(setup, tmp_path):
     _, path, model, _ = setup
     f = tmp_path / "mc.jsonl"

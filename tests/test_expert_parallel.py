@@ -163,8 +163,11 @@ def test_bench_measures_every_rank(tiny_calib):
     from tinymoe.evaluation import read_tokens
     tokens = read_tokens(load_tokenizer("tiny"), "tinymoe/assets/data/heldout.txt")[:2048]
     res = run_spmd(2, "tinymoe.benchmark:run_ranked", dict(
-        model="tiny", routers=["topk", "balanced"], batches=[8], tokens=tokens, prompt_len=8, gen_len=4,
-        calib=tiny_calib, min_sequences=8, engine=False))
+        model="tiny", routers=["balanced"], batches=[8], tokens=tokens, prompt_len=8, gen_len=4,
+        calib=tiny_calib, min_sequences=8, engine=False, rounds=2, reference=True))
+    # both routers in each of the two rounds, in turn; top-k (the reference) without being asked for
+    assert [(r.router, r.round) for r in res["rows"]] == [("topk", 0), ("balanced", 0), ("topk", 1), ("balanced", 1)]
+    assert [r.ppl for r in res["rows"][:2]] == [r.ppl for r in res["rows"][2:]]  # the same windows each round
     rows = {r.router: r for r in res["rows"]}
     for r in rows.values():
         assert r.busy_max_ms >= r.busy_mean_ms > 0
