@@ -2,8 +2,9 @@
 of this host: every rank's rows arrive, over many calls (the two slots used by turns), empty
 shares and shares too large for a slot (the process group's all-gather instead) included; the
 same rows as the process group's all-gather; a rank that exits is noticed at once; no file is
-left in /dev/shm; and TINYMOE_EP_SHM=0 turns it off. The functions below run on every rank
-(`run_spmd` imports this file on the started rank: PYTHONPATH holds tests/)."""
+left in /dev/shm; and TINYMOE_EP_SHM=0 turns it off. Also each rank's CPUs of its own
+(engine/parallel.py `_pin`). The functions below run on every rank (`run_spmd` imports this
+file on the started rank: PYTHONPATH holds tests/)."""
 import glob
 import os
 import time
@@ -87,3 +88,20 @@ def test_tinymoe_ep_shm_0_uses_the_process_group(monkeypatch):
     monkeypatch.setenv("TINYMOE_EP_SHM", "0")
     out = run_spmd(2, "test_ep_exchange:gather_calls", dict(calls=3))
     assert not out["shared"] and out["ok"]
+
+
+def cpus(ranks) -> list:
+    return ranks.gather(sorted(os.sched_getaffinity(0)))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+@pytest.mark.parametrize("pin", ["1", "0"])
+def test_each_rank_gets_cpus_of_its_own_and_the_caller_its_own_back(monkeypatch, pin):
+    monkeypatch.setenv("TINYMOE_EP_PIN", pin)
+    before = sorted(os.sched_getaffinity(0))
+    got = run_spmd(2, "test_ep_exchange:cpus", {})
+    if pin == "1" and len(before) >= 2:
+        assert got == [[before[0]], [before[1]]]
+    else:
+        assert got == [before, before]
+    assert sorted(os.sched_getaffinity(0)) == before

@@ -43,8 +43,9 @@ class Ranks:
     """One expert-parallel run seen from this rank: its `group` (an ExpertGroup) and, on rank 0
     of a run tinymoe started, the worker processes."""
 
-    def __init__(self, group: ExpertGroup, procs=()):
+    def __init__(self, group: ExpertGroup, procs=(), affinity=None):
         self.group, self.procs, self.closed = group, list(procs), False
+        self.affinity = affinity  # this process's CPUs before `_pin` narrowed them (None: not pinned)
 
     @property
     def rank(self) -> int:
@@ -120,6 +121,8 @@ class Ranks:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.affinity is not None:
+            os.sched_setaffinity(0, self.affinity)
 
 
 @contextmanager
@@ -199,7 +202,21 @@ def start(world: int, target: str, payload: dict, threads: int = 1) -> Ranks:
         for p in procs:
             p.kill()
         raise ParallelError(f"expert parallelism could not start {world} ranks: {e}") from e
-    return Ranks(group, procs)
+    return Ranks(group, procs, _pin(0, world, threads))  # after the start: the ranks inherit every CPU
+
+
+def _pin(rank: int, world: int, threads: int):
+    """Give rank `rank` CPUs of its own, [rank * threads, (rank + 1) * threads) of the CPUs this
+    process may use, when there are enough for every rank (TINYMOE_EP_PIN=0: never): a rank's
+    threads then never wait behind another rank's. -> the CPUs before, or None if not pinned."""
+    if os.environ.get("TINYMOE_EP_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    before = os.sched_getaffinity(0)
+    cpus = sorted(before)
+    if world * threads > len(cpus):
+        return None
+    os.sched_setaffinity(0, cpus[rank * threads:(rank + 1) * threads])
+    return before
 
 
 def shard_model(model, ranks: Ranks, placement: str = "contiguous", calib=None) -> None:
@@ -251,7 +268,9 @@ def _call(target: str, ranks: Ranks, payload: dict):
 
 def _worker() -> None:
     rank, world, addr, port, target, payload = pickle.loads(sys.stdin.buffer.read())
-    torch.set_num_threads(int(os.environ.get("TINYMOE_THREADS", "1")))
+    threads = int(os.environ.get("TINYMOE_THREADS", "1"))
+    torch.set_num_threads(threads)
+    _pin(rank, world, threads)
     ranks = Ranks(_init(rank, world, addr, port))
     if target == "llm":
         from .llm import LLM
