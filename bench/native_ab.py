@@ -1,12 +1,12 @@
 """Two builds of the native CPU library, A/B in one process: decode tokens/s of the same model.
 
-    python bench/native_ab.py --base REV [--model DIR] [--quant SPEC] [--batch 1] [--tokens 64]
-                              [--rounds 7]
+    python bench/native_ab.py --base REV [--files F.cpp,...] [--model DIR] [--quant SPEC] [--batch 1]
+                              [--tokens 64] [--rounds 7]
     python bench/native_ab.py --base REV --gemv 4x14336,64x1024 [--precision int4] [--rows 1] [--rounds 7]
 
-A is the library built from the kernel sources of git revision REV (tinymoe/kernels/*.cpp, *.h),
-B from the working tree; both with the flags the engine uses (native.FLAGS and this machine's
-Settings.native_isa). One model is loaded once; each round times `LLM.generate` (greedy, a
+A is the library built from the kernel sources of git revision REV (tinymoe/kernels/*.cpp, *.h;
+with --files only those, the others as in the working tree), B from the working tree; both with
+the flags the engine uses (native.FLAGS and this machine's Settings.native_isa). One model is loaded once; each round times `LLM.generate` (greedy, a
 16-token prompt per sequence, --tokens new tokens, EOS ignored) once with A loaded, then once
 with B, so a noisy host's slow phases fall on both. Prints each build's median tokens/s over the
 rounds after the first, B / A, and whether every round gave the same tokens. Without --model,
@@ -50,10 +50,16 @@ def build(sources: dict[str, bytes], out: Path) -> Path:
     return out
 
 
-def sources_at(rev: str) -> dict[str, bytes]:
+def sources_at(rev: str, files: list[str] | None = None) -> dict[str, bytes]:
+    """The kernel sources and headers, `files` (default: all) as at `rev`, the rest as in the
+    working tree (a file added since `rev` then needs its header from the working tree too)."""
     names = [p.name for p in native.SOURCES + native.HEADERS]
+    unknown = set(files or ()) - set(names)
+    if unknown:
+        raise SystemExit(f"--files: {', '.join(sorted(unknown))} is not a kernel source; they are {', '.join(names)}")
     return {n: subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:tinymoe/kernels/{n}"], check=True,
-                              capture_output=True).stdout for n in names}
+                              capture_output=True).stdout if files is None or n in files
+            else (REPO / "tinymoe" / "kernels" / n).read_bytes() for n in names}
 
 
 def use(lib: Path) -> None:
@@ -102,6 +108,8 @@ def shape_list(text: str) -> list[tuple[int, int]]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="git revision of build A")
+    ap.add_argument("--files", help="the kernel files build A takes from --base, e.g. cpu_quant.cpp "
+                                    "(default: all; the others come from the working tree)")
     ap.add_argument("--model", help="checkpoint dir (default: bench/decode.py's random Mixtral shape)")
     ap.add_argument("--quant", help="--quant SPEC for the model (int8, int4, ...)")
     ap.add_argument("--batch", type=int, default=1)
@@ -114,7 +122,7 @@ def main():
     fix_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        libs = {"A": build(sources_at(args.base), tmp / "a.so"),
+        libs = {"A": build(sources_at(args.base, args.files.split(",") if args.files else None), tmp / "a.so"),
                 "B": build({p.name: p.read_bytes() for p in native.SOURCES + native.HEADERS}, tmp / "b.so")}
         if args.gemv:
             return gemv_core(libs, args.gemv, args.precision, args.rounds, args.rows)
