@@ -76,6 +76,8 @@ class SharedRows:
     def all_gather(self, rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """rows [counts[rank], D] of this rank -> every rank's rows, in rank order (views of the
         shared slots, valid until this rank's next call but one). Each rank's rows must fit."""
+        if not self.fits(rows.numel() * rows.element_size()):
+            raise ValueError(f"{rows.numel() * rows.element_size()} bytes do not fit a {SLOT_BYTES}-byte slot")
         self.calls += 1
         turn, width = self.calls % 2, rows.shape[1]
         rows = rows.contiguous()
