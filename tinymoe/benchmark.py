@@ -172,12 +172,13 @@ def run(model, routers: list[str], batches: list[int], tokens: torch.Tensor, pro
     wanted = [label(r, plan) for r in routers]
     names = ["topk"] + [r for r in routers if label(r, plan) != "topk"]
     windows = {B: max(1, math.ceil(min_sequences / B)) for B in batches}  # batches of windows a router
+    seqs_of = {B: _windows(source, B * windows[B], prompt_len + gen_len) for B in batches}  # the same each round
 
     out, prefill, heat, notes = [], [], {}, {}
     passes = rounds * sum(len(names) * windows[B] * gen_len for B in batches)  # 1 prefill, gen_len - 1 decodes
     with bar(total=passes, desc="bench", unit="pass", disable=not progress) as counter:
         for B, turn, (i, name) in itertools.product(batches, range(rounds), enumerate(names)):
-            seqs = _windows(source, B * windows[B], prompt_len + gen_len)  # the same in every round
+            seqs = seqs_of[B]
             with_plan = plan if i else None  # the first is the plain top-k reference
             tag = label(name, with_plan)
             install(model, name, calib, plan=with_plan, **opts.get(name, {}))

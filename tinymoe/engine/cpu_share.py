@@ -29,6 +29,7 @@ def _cores() -> int:
     now = torch.get_num_threads()
     return _changed[0] if _changed is not None and now == _changed[1] else now
 
+
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal of a /proc/stat "cpuN" line
 
 
