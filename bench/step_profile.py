@@ -1,7 +1,7 @@
 """Where a tinymoe decode step goes: time in each native CPU call, in routing, and the rest.
 
     python bench/step_profile.py [--batch 1] [--router topk] [--prompt-len 128] [--decode-tokens 32]
-                                 [--model DIR]
+                                 [--model DIR] [--quant SPEC] [--threads N]
 
 Same checkpoint as bench/decode.py (written to a temp dir without --model). Every call into the
 native library (`tinymoe.kernels.native`) and every Python routing call (`MoEBlock.route`: gate,
@@ -59,8 +59,10 @@ def main():
     ap.add_argument("--router", default="topk")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--quant", default=None, help="--quant SPEC for the model (int8, int4, ...)")
+    ap.add_argument("--threads", type=int, default=None, help="fixed thread count (default: torch's)")
     args = ap.parse_args()
-    fix_threads()
+    fix_threads(args.threads)
     lib = native_module.native()
     if lib is None:
         raise SystemExit("the native library is unavailable here (no compiler or no AVX2)")
@@ -91,7 +93,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else write_checkpoint(Path(tmp) / "mixtral-mini")
         llm = LLM(str(path), router=args.router, dtype="bfloat16", max_num_seqs=64, max_batch_tokens=8192,
-                  prefix_caching=False)
+                  prefix_caching=False, quant=args.quant)
         torch.manual_seed(0)
         prompts = torch.randint(3, 32000, (args.batch, args.prompt_len)).tolist()
         for warm_up in (True, False):

@@ -1,5 +1,7 @@
 """The one-call decode step (models/native_decode.py + kernels/cpu_decode.cpp) against the per-op
 path it replaces: the same logits and the same K/V writes, bit for bit, step by step."""
+import sys
+
 import checkpoints
 import pytest
 import torch
@@ -8,6 +10,7 @@ import tinymoe.engine.model_runner as model_runner
 from tinymoe import load_model, settings
 from tinymoe.engine import LLM, SamplingParams
 from tinymoe.experts.plan import Copy, ExpertPlan
+from tinymoe.kernels import cpu_linear
 from tinymoe.kernels.native import native
 from tinymoe.models import native_decode
 from tinymoe.routing.metrics import LoadRecorder
@@ -262,3 +265,50 @@ def test_quantised_weights_replaced_after_the_first_step_are_seen(tiny_mixtral):
     assert after != before and native_decode._described[model] is not first
     with settings.override(native_step=False):
         assert after == LLM(model, block_size=4).generate(prompts([9]), greedy)[0].token_ids
+
+
+@pytest.mark.parametrize("replaced", ["embeddings", "head"])
+def test_embeddings_and_head_replaced_after_the_first_step_are_seen(replaced, tiny_mixtral):
+    """The step reads the embeddings and the LM head itself: new storage for either is followed.
+    (A new prompt after the change: the prefix cache holds K/V computed from the old embeddings.)"""
+    model = load_model(tiny_mixtral, dtype="bfloat16")
+    llm = LLM(model, block_size=4)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm.generate(prompts([9]), greedy)
+    first = native_decode._described[model]
+    weight = model.model.embed_tokens.weight if replaced == "embeddings" else model.lm_head.weight
+    with torch.no_grad():
+        weight.data = weight.data.flip(0).clone()
+    after = llm.generate(prompts([9], seed=1), greedy)[0].token_ids
+    assert native_decode._described[model] is not first
+    with settings.override(native_step=False):
+        assert after == LLM(model, block_size=4).generate(prompts([9], seed=1), greedy)[0].token_ids
+
+
+def test_the_head_runs_after_the_step_when_linear_would_not_take_it_natively(tiny_mixtral, monkeypatch):
+    """When kernels.linear would not run the LM head natively for these rows, the step leaves it to
+    model.logits: the same logits as the per-op path either way."""
+    model = load_model(tiny_mixtral, dtype="bfloat16", quant="int8")
+    llm = LLM(model, block_size=4)
+    real, declined = cpu_linear.supports, []
+
+    def not_inside_the_step(x, w):
+        if sys._getframe(1).f_code is native_decode.decode_step.__wrapped__.__code__:
+            declined.append(1)
+            return False
+        return real(x, w)
+    monkeypatch.setattr(cpu_linear, "supports", not_inside_the_step)
+    taken = checked_runner(llm, monkeypatch)
+    run_three(llm)
+    assert sum(taken) >= 12 and len(declined) == sum(taken)
+
+
+def test_a_token_outside_the_vocabulary_is_an_error_not_a_read_past_the_embeddings(tiny_mixtral):
+    model = load_model(tiny_mixtral, dtype="bfloat16")
+    cache = LLM(model, block_size=4).runner.cache
+    V = model.config.vocab_size
+    for bad in (V, -1):
+        with pytest.raises(ValueError, match=rf"token id outside \[0, {V}\)"):
+            native_decode.decode_step(model, torch.tensor([bad]), torch.tensor([0]), cache.k, cache.v,
+                                      torch.tensor([0]), torch.zeros(1, 1, dtype=torch.int32),
+                                      torch.ones(1, dtype=torch.int32), cache.scale)

@@ -130,21 +130,22 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: "StepInputs") -> torch.Tensor:
         """Hidden states [S, D] of the step's sampling rows (every row when `step.last_rows` is None)."""
-        s = step.layout
-        hidden = None
-        # decodes only: the whole step in one native call, when the model allows (not with its experts
-        # spread over ranks: the collectives run in Python)
-        if s.prefill_tables is None and getattr(self.model, "expert_ranks", None) is None:
-            c = self.cache
-            hidden = decode_step(self.model, step.ids, step.positions, c.k, c.v, s.slot_mapping, s.block_tables,
-                                 s.context_lens, c.scale)
-        if hidden is None:
-            self.cache.layout = s
-            try:
-                hidden = self.model.hidden_states(step.ids[None], step.positions[None], self.cache)[0]
-            finally:
-                self.cache.layout = None
+        self.cache.layout = step.layout
+        try:
+            hidden = self.model.hidden_states(step.ids[None], step.positions[None], self.cache)[0]
+        finally:
+            self.cache.layout = None
         return hidden if step.last_rows is None else hidden[step.last_rows]
+
+    def _one_call(self, step: "StepInputs") -> torch.Tensor | None:
+        """The logits of a decodes-only step from the one-call native step, when the model allows
+        (not with its experts spread over ranks: the collectives run in Python); else None."""
+        s, c = step.layout, self.cache
+        if s.prefill_tables is not None or self.ranks is not None or getattr(self.model, "expert_ranks", None):
+            return None
+        logits = decode_step(self.model, step.ids, step.positions, c.k, c.v, s.slot_mapping, s.block_tables,
+                             s.context_lens, c.scale)
+        return logits if logits is None or step.last_rows is None else logits[step.last_rows]
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -152,10 +153,8 @@ class ModelRunner:
         scheduled tokens reach their end (the ones that sample a token now), and those sequences.
         Under expert parallelism the other ranks get the step first and run the same forward."""
         step, sampled = self.pack(batch)
-        if self.ranks is None:
-            hidden = self.forward(step)
-        else:
-            hidden = self.ranks.step(self.forward, step)
-        if not sampled:
-            return None, sampled
-        return self.model.logits(hidden).float(), sampled
+        logits = self._one_call(step)
+        if logits is None:
+            hidden = self.forward(step) if self.ranks is None else self.ranks.step(self.forward, step)
+            logits = self.model.logits(hidden) if sampled else None
+        return (logits.float() if sampled else None), sampled

@@ -1,12 +1,13 @@
 // A whole decode step of a MoE transformer in one call (bf16 activations; every matrix but the
-// gate in any Precision): every layer's norms, fused q/k/v (with per-head q/k norms if the family
-// has them), rotary, K/V store, paged attention, o projection, routing (the family's top-k here,
-// or any router through a callback into Python) and experts, then the final norm. It chains the
-// library's own ops (cpu_kernels.h) in the order and with the roundings of
-// `Transformer.hidden_states`, so it computes what the per-op path computes; what it removes is
-// the ~15 Python and torch calls per layer around them, ~10 ms of a ~37 ms batch-1 step that
-// reads ~460 MB of weights (docs/DESIGN.md, "One-call decode"). models/native_decode.py decides
-// which models and batches take it; its structs and enums are declared in cpu_kernels.h.
+// gate in any Precision): the embedding rows, every layer's norms, fused q/k/v (with per-head
+// q/k norms if the family has them), rotary, K/V store, paged attention, o projection, routing
+// (the family's top-k here, or any router through a callback into Python) and experts, then the
+// final norm and the LM head. It chains the library's own ops (cpu_kernels.h) in the order and
+// with the roundings of `Transformer.hidden_states` and `logits`, so it computes what the per-op
+// path computes; what it removes is the ~15 Python and torch calls per layer around them, ~10 ms
+// of a ~37 ms batch-1 step that reads ~460 MB of weights (docs/DESIGN.md, "One-call decode").
+// models/native_decode.py decides which models and batches take it; its structs and enums are
+// declared in cpu_kernels.h.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -79,16 +80,24 @@ static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N,
 }
 
 extern "C" {
-// N tokens, one per sequence, each at the end of its sequence: x [N, D] their embeddings
-// (overwritten), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
+// N tokens, one per sequence, each at the end of its sequence: ids [N] (TOKEN_OUT_OF_RANGE unless in
+// [0, V)), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
 // K/V go to, tables [N, W] and lens [N] (each sequence's length including the new token) for
-// attention. out [N, D]: the final norm's output. `buffers` serve ROUTE_CALLBACK layers (N rows).
-int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
+// attention. out [N, D]: the final norm's output; logits [N, V] (bf16, as the per-op LM head
+// rounds them): the head's, when the model has one and logits is not null. `buffers` serve
+// ROUTE_CALLBACK layers (N rows).
+int decode_step_bf16(const DecodeModel* model, const int64_t* ids, int64_t N, const float* cos, const float* sin,
                      const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
-                     const RouteBuffers* buffers, int threads) {
+                     uint16_t* logits, const RouteBuffers* buffers, int threads) {
     const DecodeModel& M = *model;
     const int64_t D = M.D, H = M.H, KV = M.KV, hd = M.hd, qkv_width = (H + 2 * KV) * hd, qk_width = (H + KV) * hd;
-    std::vector<uint16_t> h(N * D), residual(N * D), qkv(N * qkv_width), qk(N * qk_width), attn(N * H * hd);
+    std::vector<uint16_t> x_(N * D), h(N * D), residual(N * D), qkv(N * qkv_width), qk(N * qk_width),
+        attn(N * H * hd);
+    uint16_t* x = x_.data();
+    for (int64_t n = 0; n < N; n++) {
+        if (ids[n] < 0 || ids[n] >= M.V) return TOKEN_OUT_OF_RANGE;
+        std::memcpy(x + n * D, M.embed + ids[n] * D, D * 2);
+    }
     for (int64_t l = 0; l < M.num_layers; l++) {
         const DecodeLayer& L = M.layers[l];
         if (l == 0) {  // the embeddings are the first residual
@@ -122,6 +131,7 @@ int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const flo
         }
     }
     rms_norm_bf16(x, residual.data(), M.final_norm, out, residual.data(), N, D, M.eps);
+    if (logits && M.head.data) linear_matrix(out, 1, N, D, &M.head, M.V, logits, 1, threads);
     return OK;
 }
 }
@@ -149,12 +159,14 @@ static const AbiEntry ABI[] = {
     ABI_FIELD(DecodeModel, KV), ABI_FIELD(DecodeModel, hd), ABI_FIELD(DecodeModel, E),
     ABI_FIELD(DecodeModel, top_k), ABI_FIELD(DecodeModel, I), ABI_FIELD(DecodeModel, renormalize),
     ABI_FIELD(DecodeModel, block_size), ABI_FIELD(DecodeModel, eps), ABI_FIELD(DecodeModel, scale),
-    ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, final_norm), ABI_FIELD(DecodeModel, route),
+    ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, embed), ABI_FIELD(DecodeModel, final_norm), ABI_FIELD(DecodeModel, route),
+    ABI_FIELD(DecodeModel, head), ABI_FIELD(DecodeModel, V),
     ABI_STRUCT(RouteBuffers),
     ABI_FIELD(RouteBuffers, hidden), ABI_FIELD(RouteBuffers, ids), ABI_FIELD(RouteBuffers, weights),
     ABI_ENUM(Precision, BF16), ABI_ENUM(Precision, INT8), ABI_ENUM(Precision, INT4),
     ABI_ENUM(Routing, DENSE), ABI_ENUM(Routing, ROUTE_TOPK), ABI_ENUM(Routing, ROUTE_CALLBACK),
     ABI_ENUM(Status, OK), ABI_ENUM(Status, ROUTE_FAILED), ABI_ENUM(Status, COPY_OUT_OF_RANGE),
+    ABI_ENUM(Status, TOKEN_OUT_OF_RANGE),
 };
 
 extern "C" int64_t decode_step_abi(const char** names, int64_t* values, int64_t n) {

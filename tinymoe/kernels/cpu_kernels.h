@@ -87,12 +87,15 @@ struct DecodeModel {
     int64_t num_layers, D, H, KV, hd, E, top_k, I, renormalize, block_size;
     float eps, scale;
     const DecodeLayer* layers;
+    const uint16_t* embed;       // the token embeddings [V, D]
     const uint16_t* final_norm;  // [D]
     RouteFn route;               // for ROUTE_CALLBACK layers
+    Matrix head;                 // the LM head [V, D], any Precision (data null: the caller computes the logits)
+    int64_t V;                   // the vocabulary
 };
 
 // What decode_step_bf16 returns.
-enum Status : int { OK = 0, ROUTE_FAILED = 1, COPY_OUT_OF_RANGE = 2 };
+enum Status : int { OK = 0, ROUTE_FAILED = 1, COPY_OUT_OF_RANGE = 2, TOKEN_OUT_OF_RANGE = 3 };
 
 extern "C" {
 // x [M, K] contiguous, fp32 or (x_bf16) bf16; w [N, K] contiguous; y [M, N] fp32 or bf16.
@@ -126,9 +129,9 @@ void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
                        int64_t H, int64_t KV, int64_t hd, int64_t block_size, float scale, uint16_t* out,
                        int threads);
 // A whole decode step (cpu_decode.cpp); returns a Status.
-int decode_step_bf16(const DecodeModel* model, uint16_t* x, int64_t N, const float* cos, const float* sin,
+int decode_step_bf16(const DecodeModel* model, const int64_t* ids, int64_t N, const float* cos, const float* sin,
                      const int64_t* slots, const int32_t* tables, int64_t W, const int32_t* lens, uint16_t* out,
-                     const RouteBuffers* buffers, int threads);
+                     uint16_t* logits, const RouteBuffers* buffers, int threads);
 // Shared-memory all-gather steps (cpu_shm.cpp, experts/exchange.py): copy `bytes` from src to dst,
 // then store `value` to *counter (release); wait until counters[i * stride] >= value for every
 // i < n (acquire): 1, or 0 after timeout_us microseconds.

@@ -95,7 +95,7 @@ def prototypes(header: str) -> dict[str, tuple]:
 # The decode step's structs and enums (cpu_kernels.h), for ctypes; check_abi holds them to it.
 BF16, INT8, INT4 = 0, 1, 2  # Precision
 DENSE, ROUTE_TOPK, ROUTE_CALLBACK = 0, 1, 2  # Routing
-ROUTE_FAILED, COPY_OUT_OF_RANGE = 1, 2  # Status (OK is 0)
+ROUTE_FAILED, COPY_OUT_OF_RANGE, TOKEN_OUT_OF_RANGE = 1, 2, 3  # Status (OK is 0)
 ROUTE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -115,7 +115,8 @@ class DecodeLayer(ctypes.Structure):
 class DecodeModel(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("D", _i64), ("H", _i64), ("KV", _i64), ("hd", _i64), ("E", _i64),
                 ("top_k", _i64), ("I", _i64), ("renormalize", _i64), ("block_size", _i64), ("eps", _f32),
-                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("final_norm", _ptr), ("route", ROUTE_FN)]
+                ("scale", _f32), ("layers", ctypes.POINTER(DecodeLayer)), ("embed", _ptr), ("final_norm", _ptr),
+                ("route", ROUTE_FN), ("head", Matrix), ("V", _i64)]
 
 
 class RouteBuffers(ctypes.Structure):
@@ -125,7 +126,8 @@ class RouteBuffers(ctypes.Structure):
 STRUCTS = (Matrix, DecodeLayer, DecodeModel, RouteBuffers)
 ENUMS = {"Precision.BF16": BF16, "Precision.INT8": INT8, "Precision.INT4": INT4,
          "Routing.DENSE": DENSE, "Routing.ROUTE_TOPK": ROUTE_TOPK, "Routing.ROUTE_CALLBACK": ROUTE_CALLBACK,
-         "Status.OK": 0, "Status.ROUTE_FAILED": ROUTE_FAILED, "Status.COPY_OUT_OF_RANGE": COPY_OUT_OF_RANGE}
+         "Status.OK": 0, "Status.ROUTE_FAILED": ROUTE_FAILED, "Status.COPY_OUT_OF_RANGE": COPY_OUT_OF_RANGE,
+         "Status.TOKEN_OUT_OF_RANGE": TOKEN_OUT_OF_RANGE}
 
 
 def abi_table(lib) -> dict[str, tuple[int, int]]:

@@ -1,8 +1,8 @@
-"""The one-call decode step: every layer of a decode batch in one native call
-(`kernels/cpu_decode.cpp`), for the models it covers; None otherwise, and the caller runs
-`Transformer.hidden_states`. Same arithmetic as that path (it chains the same native ops); what
-it saves is the Python and torch glue between them, a quarter of a batch-1 step (docs/DESIGN.md,
-"One-call decode").
+"""The one-call decode step: a decode batch from token ids to logits (embeddings, every layer,
+the LM head) in one native call (`kernels/cpu_decode.cpp`), for the models it covers; None
+otherwise, and the caller runs `Transformer.hidden_states` and `logits`. Same arithmetic as that
+path (it chains the same native ops); what it saves is the Python and torch glue between them, a
+quarter of a batch-1 step (docs/DESIGN.md, "One-call decode").
 
 Covered: bf16 models on the CPU with the native library (Mixtral, DeepSeek-MoE, Qwen3-MoE), their
 projections bf16 or quantised (`Linear.kernel_weight()` a QWeight) and their expert copies in any
@@ -21,7 +21,7 @@ from ..kernels.attention import native_head_dim
 from ..kernels.moe_cpu import copy_matrices
 # the decode step's structs and enums: cpu_kernels.h's, mirrored and checked at load in native.py
 from ..kernels.native import (COPY_OUT_OF_RANGE, DENSE, ROUTE_CALLBACK, ROUTE_FAILED, ROUTE_FN, ROUTE_TOPK,
-                              DecodeLayer, DecodeModel, Matrix, RouteBuffers, native)
+                              TOKEN_OUT_OF_RANGE, DecodeLayer, DecodeModel, Matrix, RouteBuffers, native)
 from ..kernels.quant import QWeight
 from ..routing.topk import TopK
 from .transformer import DenseMLP, Linear, MoEBlock, Transformer
@@ -69,8 +69,8 @@ class _PythonRouting:
 
 
 def _linears(model: Transformer) -> list[Linear]:
-    """Every projection the step reads (the LM head is not in the step)."""
-    out = []
+    """Every projection the step reads, the LM head included."""
+    out = [model.lm_head]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         out += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
@@ -83,8 +83,9 @@ def _linears(model: Transformer) -> list[Linear]:
     return out
 
 
-def _norms(model: Transformer) -> list[torch.Tensor]:
-    out = [model.model.norm.weight]
+def _tensors(model: Transformer) -> list[torch.Tensor]:
+    """The plain tensors the step reads: the embeddings and the norms' weights."""
+    out = [model.model.embed_tokens.weight, model.model.norm.weight]
     for layer in model.model.layers:
         out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         if layer.self_attn.qk_norm:
@@ -93,12 +94,12 @@ def _norms(model: Transformer) -> list[torch.Tensor]:
 
 
 class _Parts:
-    """The model's MoE blocks, norm weights and projections: the modules are fixed after
+    """The model's MoE blocks, plain tensors and projections: the modules are fixed after
     construction (their parameters and buffers may be replaced), so these lists are built once
     per model."""
 
     def __init__(self, model: Transformer):
-        self.blocks, self.norms, self.linears = model.moe_blocks(), _norms(model), _linears(model)
+        self.blocks, self.tensors, self.linears = model.moe_blocks(), _tensors(model), _linears(model)
 
 
 _parts = weakref.WeakKeyDictionary()
@@ -186,9 +187,11 @@ def _describe(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             fields.update(routing=DENSE, **_dense(block))
         layers[i] = DecodeLayer(**fields)
     routing = _PythonRouting(routed)
+    head = _matrix(model.lm_head.kernel_weight())
     desc = DecodeModel(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                        cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, int(cfg.renormalize), k_cache.shape[2],
-                       model.model.norm.eps, scale, layers, _at(model.model.norm.weight), routing.callback)
+                       model.model.norm.eps, scale, layers, _at(model.model.embed_tokens.weight),
+                       _at(model.model.norm.weight), routing.callback, head, model.lm_head.out_features)
     return desc, routing, keep + [layers]
 
 
@@ -202,7 +205,7 @@ _described = weakref.WeakKeyDictionary()
 def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
     parts = _parts_of(model)
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype) for w in parts.norms],
+           *[(w.data_ptr(), w.dtype) for w in parts.tensors],
            *[_weight_key(lin.kernel_weight()) for lin in parts.linears],
            *[(_routing(b), weakref.ref(b.experts.copies())) for b in parts.blocks])
     cached = _described.get(model)
@@ -220,7 +223,9 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
                 context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
     """N decode tokens, one per sequence: input_ids and positions [N], caches
     [layers, blocks, block_size, KV, hd], slot_mapping [N] (int64), block_tables [N, W] and
-    context_lens [N] (int32). Returns the final hidden states [N, D], or None when not covered."""
+    context_lens [N] (int32). Returns their logits [N, V] as `model.logits` gives them (bf16), or
+    None when not covered. The LM head runs inside the native call when `kernels.linear` would
+    run it natively for these rows too (else here, after it)."""
     if not covers(model, k_cache) or not cpu_linear.native_rows(len(input_ids)):
         return None  # (torch's GEMM takes the projections of this batch: the per-op path runs it)
     desc, routing = _description(model, k_cache, v_cache, scale)
@@ -228,15 +233,20 @@ def decode_step(model: Transformer, input_ids: torch.Tensor, positions: torch.Te
         return None
     N, cfg = len(input_ids), model.config
     buffers = routing.buffers(N, cfg.hidden_size, cfg.top_k) if routing.blocks else RouteBuffers()
-    x = model.model.embed_tokens(input_ids)
+    ids = input_ids.to(torch.int64).contiguous()
     cos, sin = model.rotary(positions)
     slots, tables, lens = slot_mapping.contiguous(), block_tables.contiguous(), context_lens.contiguous()
-    out = torch.empty_like(x)
-    status = native().decode_step_bf16(ctypes.byref(desc), x.data_ptr(), N, cos.data_ptr(), sin.data_ptr(),
+    out = torch.empty(N, cfg.hidden_size, dtype=torch.bfloat16)
+    native_head = cpu_linear.supports(out, model.lm_head.kernel_weight())
+    logits = torch.empty(N, desc.V, dtype=torch.bfloat16) if native_head else None
+    status = native().decode_step_bf16(ctypes.byref(desc), ids.data_ptr(), N, cos.data_ptr(), sin.data_ptr(),
                                        slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(),
-                                       out.data_ptr(), ctypes.byref(buffers), torch.get_num_threads())
+                                       out.data_ptr(), logits.data_ptr() if native_head else None,
+                                       ctypes.byref(buffers), torch.get_num_threads())
     if status == ROUTE_FAILED:
         raise routing.error
     if status == COPY_OUT_OF_RANGE:
         raise ValueError("a router chose expert copies outside its layer's plan")
-    return out
+    if status == TOKEN_OUT_OF_RANGE:
+        raise ValueError(f"decode_step: a token id outside [0, {desc.V})")
+    return logits if native_head else model.logits(out)
