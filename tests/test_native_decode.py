@@ -267,18 +267,24 @@ def test_quantised_weights_replaced_after_the_first_step_are_seen(tiny_mixtral):
         assert after == LLM(model, block_size=4).generate(prompts([9]), greedy)[0].token_ids
 
 
-@pytest.mark.parametrize("replaced", ["embeddings", "head"])
-def test_embeddings_and_head_replaced_after_the_first_step_are_seen(replaced, tiny_mixtral):
-    """The step reads the embeddings and the LM head itself: new storage for either is followed.
-    (A new prompt after the change: the prefix cache holds K/V computed from the old embeddings.)"""
+@pytest.mark.parametrize("how", ["data", "parameter"])
+@pytest.mark.parametrize("replaced", ["embeddings", "final norm", "head"])
+def test_weights_replaced_after_the_first_step_are_seen(replaced, how, tiny_mixtral):
+    """The step reads the embeddings, the norms and the LM head itself: new storage for any of
+    them, swapped in (.data) or as a new Parameter, is followed. (A new prompt after the change:
+    the prefix cache holds K/V computed from the old weights.)"""
     model = load_model(tiny_mixtral, dtype="bfloat16")
     llm = LLM(model, block_size=4)
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm.generate(prompts([9]), greedy)
     first = native_decode._described[model]
-    weight = model.model.embed_tokens.weight if replaced == "embeddings" else model.lm_head.weight
+    owner = {"embeddings": model.model.embed_tokens, "final norm": model.model.norm, "head": model.lm_head}[replaced]
     with torch.no_grad():
-        weight.data = weight.data.flip(0).clone()
+        new = owner.weight.data.flip(0).clone() if replaced != "final norm" else -owner.weight.data
+        if how == "data":
+            owner.weight.data = new
+        else:
+            owner.weight = torch.nn.Parameter(new, requires_grad=False)
     after = llm.generate(prompts([9], seed=1), greedy)[0].token_ids
     assert native_decode._described[model] is not first
     with settings.override(native_step=False):

@@ -83,23 +83,23 @@ def _linears(model: Transformer) -> list[Linear]:
     return out
 
 
-def _tensors(model: Transformer) -> list[torch.Tensor]:
-    """The plain tensors the step reads: the embeddings and the norms' weights."""
-    out = [model.model.embed_tokens.weight, model.model.norm.weight]
+def _weighted(model: Transformer) -> list[torch.nn.Module]:
+    """The modules whose plain `weight` the step reads: the embeddings and the norms."""
+    out = [model.model.embed_tokens, model.model.norm]
     for layer in model.model.layers:
-        out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        out += [layer.input_layernorm, layer.post_attention_layernorm]
         if layer.self_attn.qk_norm:
-            out += [layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight]
+            out += [layer.self_attn.q_norm, layer.self_attn.k_norm]
     return out
 
 
 class _Parts:
-    """The model's MoE blocks, plain tensors and projections: the modules are fixed after
-    construction (their parameters and buffers may be replaced), so these lists are built once
-    per model."""
+    """The model's MoE blocks, the modules of its plain weights and its projections: the modules
+    are fixed after construction (their parameters and buffers may be replaced, so they are read
+    from the modules each time), so these lists are built once per model."""
 
     def __init__(self, model: Transformer):
-        self.blocks, self.tensors, self.linears = model.moe_blocks(), _tensors(model), _linears(model)
+        self.blocks, self.weighted, self.linears = model.moe_blocks(), _weighted(model), _linears(model)
 
 
 _parts = weakref.WeakKeyDictionary()
@@ -205,7 +205,7 @@ _described = weakref.WeakKeyDictionary()
 def _description(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float):
     parts = _parts_of(model)
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape, scale,
-           *[(w.data_ptr(), w.dtype) for w in parts.tensors],
+           *[(m.weight.data_ptr(), m.weight.dtype) for m in parts.weighted],
            *[_weight_key(lin.kernel_weight()) for lin in parts.linears],
            *[(_routing(b), weakref.ref(b.experts.copies())) for b in parts.blocks])
     cached = _described.get(model)
