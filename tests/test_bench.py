@@ -196,6 +196,17 @@ def _arg_error(module, argv, capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_rev_ab_refuses_bad_arguments_in_one_line(capsys, tmp_path):
+    rev_ab = _bench_script("rev_ab")
+    assert _arg_error(rev_ab, ["--base", "no-such-rev"], capsys) == \
+        f"rev_ab.py: error: --base no-such-rev: not a revision of {rev_ab.REPO}"
+    assert _arg_error(rev_ab, ["--base", "HEAD", "--model", str(tmp_path)], capsys) == \
+        f"rev_ab.py: error: --model {tmp_path}: no config.json there"
+    assert _arg_error(rev_ab, ["--base", "HEAD", "--rounds", "0", "--seconds", "-1"], capsys) == \
+        "rev_ab.py: error: --seconds -1.0, --rounds 0: must be at least 1"
+    assert rev_ab.parse_args(["--base", "HEAD"]).rounds == 3
+
+
 def test_peers_and_quality_refuse_bad_arguments_in_one_line(capsys, tmp_path, monkeypatch):
     peers, quality = _bench_script("peers"), _bench_script("quality")
     assert _arg_error(peers, ["--engines", "tinymoe,vllm"], capsys) == \
