@@ -28,7 +28,8 @@ from dataclasses import replace
 import torch
 from tinymoe import settings
 from tinymoe.engine import LLM, SamplingParams
-path, quant, batch, tokens, threads, seconds = sys.argv[1], sys.argv[2] or None, *map(int, sys.argv[3:6]), float(sys.argv[6])
+path, quant, seconds = sys.argv[1], sys.argv[2] or None, float(sys.argv[6])
+batch, tokens, threads = map(int, sys.argv[3:6])
 torch.set_num_threads(threads)
 settings.install(replace(settings.current(), threads=threads))  # no thread governor mid-measurement
 llm = LLM(path, dtype="bfloat16", quant=quant, prefix_caching=False)

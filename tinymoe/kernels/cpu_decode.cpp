@@ -80,8 +80,8 @@ static Status moe(const DecodeModel& M, int64_t l, const uint16_t* h, int64_t N,
 }
 
 extern "C" {
-// N tokens, one per sequence, each at the end of its sequence: ids [N] (TOKEN_OUT_OF_RANGE unless in
-// [0, V)), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
+// N tokens, one per sequence, each at the end of its sequence: ids [N] (TOKEN_OUT_OF_RANGE unless
+// in [0, V)), cos/sin [N, hd / 2] fp32 at their positions, slots [N] the flat cache slots their
 // K/V go to, tables [N, W] and lens [N] (each sequence's length including the new token) for
 // attention. out [N, D]: the final norm's output; logits [N, V] (bf16, as the per-op LM head
 // rounds them): the head's, when the model has one and logits is not null. `buffers` serve
@@ -159,8 +159,8 @@ static const AbiEntry ABI[] = {
     ABI_FIELD(DecodeModel, KV), ABI_FIELD(DecodeModel, hd), ABI_FIELD(DecodeModel, E),
     ABI_FIELD(DecodeModel, top_k), ABI_FIELD(DecodeModel, I), ABI_FIELD(DecodeModel, renormalize),
     ABI_FIELD(DecodeModel, block_size), ABI_FIELD(DecodeModel, eps), ABI_FIELD(DecodeModel, scale),
-    ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, embed), ABI_FIELD(DecodeModel, final_norm), ABI_FIELD(DecodeModel, route),
-    ABI_FIELD(DecodeModel, head), ABI_FIELD(DecodeModel, V),
+    ABI_FIELD(DecodeModel, layers), ABI_FIELD(DecodeModel, embed), ABI_FIELD(DecodeModel, final_norm),
+    ABI_FIELD(DecodeModel, route), ABI_FIELD(DecodeModel, head), ABI_FIELD(DecodeModel, V),
     ABI_STRUCT(RouteBuffers),
     ABI_FIELD(RouteBuffers, hidden), ABI_FIELD(RouteBuffers, ids), ABI_FIELD(RouteBuffers, weights),
     ABI_ENUM(Precision, BF16), ABI_ENUM(Precision, INT8), ABI_ENUM(Precision, INT4),

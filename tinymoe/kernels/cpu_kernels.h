@@ -90,7 +90,7 @@ struct DecodeModel {
     const uint16_t* embed;       // the token embeddings [V, D]
     const uint16_t* final_norm;  // [D]
     RouteFn route;               // for ROUTE_CALLBACK layers
-    Matrix head;                 // the LM head [V, D], any Precision (data null: the caller computes the logits)
+    Matrix head;                 // the LM head [V, D], any Precision (data null: no logits)
     int64_t V;                   // the vocabulary
 };
 
