@@ -6,8 +6,8 @@
 
 A is the library built from the kernel sources of git revision REV (tinymoe/kernels/*.cpp, *.h;
 with --files only those, the others as in the working tree), B from the working tree; both with
-the flags the engine uses (native.FLAGS and this machine's Settings.native_isa). One model is loaded once; each round times `LLM.generate` (greedy, a
-16-token prompt per sequence, --tokens new tokens, EOS ignored) once with A loaded, then once
+the flags the engine uses (native.FLAGS and this machine's Settings.native_isa). One model is
+loaded once; each round times `LLM.generate` (greedy, a 16-token prompt per sequence, --tokens new tokens, EOS ignored) once with A loaded, then once
 with B, so a noisy host's slow phases fall on both. Prints each build's median tokens/s over the
 rounds after the first, B / A, and whether every round gave the same tokens. Without --model,
 bench/decode.py's Mixtral-shaped random checkpoint is written to a temp dir. The header's ABI
@@ -115,7 +115,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--gemv", type=shape_list, help="NxK[,NxK...]: time the 1-row GEMV core, not a model")
+    ap.add_argument("--gemv", type=shape_list, help="NxK[,NxK...]: time the matmul core (--rows rows), not a model")
     ap.add_argument("--precision", choices=["bf16", "int8", "int4"], default="int4", help="with --gemv")
     ap.add_argument("--rows", type=int, default=1, help="with --gemv: activation rows")
     args = ap.parse_args()

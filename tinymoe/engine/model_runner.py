@@ -141,7 +141,7 @@ class ModelRunner:
         """The logits of a decodes-only step from the one-call native step, when the model allows
         (not with its experts spread over ranks: the collectives run in Python); else None."""
         s, c = step.layout, self.cache
-        if s.prefill_tables is not None or self.ranks is not None or getattr(self.model, "expert_ranks", None):
+        if s.prefill_tables is not None or getattr(self.model, "expert_ranks", None) is not None:
             return None
         logits = decode_step(self.model, step.ids, step.positions, c.k, c.v, s.slot_mapping, s.block_tables,
                              s.context_lens, c.scale)
